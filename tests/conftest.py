@@ -1,0 +1,115 @@
+"""Fixtures for the real services: a Kafka broker, PostgreSQL, throwaway databases and topics.
+
+Services are started by the project's own scripts (docker/local/*.sh) unless
+KAFKA_BOOTSTRAP_SERVERS / RC_WORKER_TEST_POSTGRES_URL name running ones. When a service
+cannot be had, its tests skip on a developer's machine and fail in CI (CI=true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ROOT, Services, TopicSet, create_postgres_database, drop_postgres_database
+from worker.config import KafkaSettings
+from worker.kafka import create_topics
+from worker.persistence.store import Store
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def _unavailable(what: str, detail: str) -> None:
+    message = f"{what} is not available: {detail}"
+    if IN_CI:
+        pytest.fail(message + " (CI=true: a missing service fails the run)")
+    pytest.skip(message)
+
+
+def _start(script: str) -> str:
+    result = subprocess.run(
+        ["bash", str(ROOT / "docker" / "local" / script), "start"], capture_output=True, text=True, timeout=600, check=False
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{script} start exited {result.returncode}: {result.stderr[-2000:]}")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """The bootstrap address of a real Kafka broker."""
+    named = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if named:
+        return named
+    try:
+        return _start("kafka.sh")
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable("Kafka", str(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> str:
+    """A SQLAlchemy URL of a real PostgreSQL database whose user may create databases."""
+    named = os.environ.get("RC_WORKER_TEST_POSTGRES_URL")
+    if named:
+        return named
+    try:
+        return _start("postgres.sh")
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        _unavailable("PostgreSQL", str(exc))
+        raise
+
+
+@pytest.fixture
+def services(kafka_bootstrap: str) -> Services:
+    """Addresses of the running services."""
+    return Services(kafka_bootstrap)
+
+
+@pytest.fixture
+async def topics(kafka_bootstrap: str) -> TopicSet:
+    """A fresh event topic (6 partitions) with its dead-letter and commands topics."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    topic_set = TopicSet(kafka_bootstrap, name, f"{name}.dlq", f"{name}.cmd", f"g-{name}")
+    await create_topics(topic_set.kafka_settings(), partitions=6)
+    return topic_set
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database file of this test's own."""
+    return f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url: str) -> Iterator[str]:
+    """A fresh PostgreSQL database of this test's own, dropped afterwards."""
+    url = asyncio.run(create_postgres_database(postgres_admin_url))
+    yield url
+    asyncio.run(drop_postgres_database(postgres_admin_url, url))
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn: a fresh SQLite file, then a fresh PostgreSQL database."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    """A migrated store on each backend."""
+    from tests.support import store_for
+
+    async with store_for(database_url) as migrated:
+        yield migrated
+
+
+__all__ = ["IN_CI", "KafkaSettings"]

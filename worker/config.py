@@ -1,0 +1,189 @@
+"""Typed settings, loaded once from config.yaml and RC_WORKER_* environment variables.
+
+Every key of config.yaml can be overridden by ``RC_WORKER_<SECTION>__<KEY>`` (lists and
+mappings as JSON). The result is validated once and frozen; anything unknown or invalid
+stops start-up with a ConfigError that names the key, what was given and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from worker import constants
+from worker.errors import ConfigError
+
+ENV_PREFIX = "RC_WORKER_"
+ENV_DELIMITER = "__"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSecurity(_Section):
+    """How the worker authenticates to Kafka; PLAINTEXT needs nothing else."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class KafkaSettings(_Section):
+    """Where events come from and where dead letters and commands go."""
+
+    bootstrap_servers: str = constants.DEFAULT_BOOTSTRAP_SERVERS
+    topic: str = Field(constants.DEFAULT_TOPIC, min_length=1)
+    dead_letter_topic: str = Field(constants.DEFAULT_DEAD_LETTER_TOPIC, min_length=1)
+    commands_topic: str = Field(constants.DEFAULT_COMMANDS_TOPIC, min_length=1)
+    group_id: str = Field(constants.DEFAULT_GROUP_ID, min_length=1)
+    client_id: str = "rc-worker"
+    max_batch_records: int = Field(500, ge=1, le=100_000)
+    fetch_timeout_ms: int = Field(500, ge=10, le=60_000)
+    session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100, le=100_000)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    request_timeout_ms: int = Field(30_000, ge=1_000)
+    security: KafkaSecurity = KafkaSecurity()
+
+
+class PersistenceSettings(_Section):
+    """The shared database: SQLite through aiosqlite, or PostgreSQL through asyncpg."""
+
+    url: SecretStr = SecretStr(constants.DEFAULT_DATABASE_URL)
+    busy_timeout_ms: int = Field(30_000, ge=0, description="SQLite: wait this long for a lock")
+    pool_size: int = Field(5, ge=1, le=100)
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _known_driver(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg:// (the async drivers this worker ships with)")
+        return value
+
+
+class ProcessingSettings(_Section):
+    """Retries, timeouts and batching of the dispatch loop."""
+
+    conflict_max_attempts: int = Field(20, ge=1, le=1000)
+    handler_max_attempts: int = Field(3, ge=1, le=100)
+    backoff_initial_ms: float = Field(5.0, ge=0)
+    backoff_max_ms: float = Field(1_000.0, ge=0)
+    handler_timeout_s: float = Field(30.0, gt=0)
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+
+
+class HandlerSettings(_Section):
+    """Which handler plugins run, in order, and the settings each one gets."""
+
+    enabled: tuple[str, ...] = ("message-count",)
+    settings: dict[str, dict[str, Any]] = {}
+
+    @field_validator("enabled")
+    @classmethod
+    def _no_duplicates(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        for app_id in value:
+            if app_id in seen:
+                raise ValueError(f"app id {app_id!r} is listed twice; list each app once")
+            seen.add(app_id)
+        return value
+
+
+class LoggingSettings(_Section):
+    """Log level and format; ``auto`` is JSON lines unless stderr is a terminal."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """The whole configuration; build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    persistence: PersistenceSettings = PersistenceSettings()
+    processing: ProcessingSettings = ProcessingSettings()
+    handlers: HandlerSettings = HandlerSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then the file's values (passed in as init arguments)."""
+        # The file's values arrive as init arguments; the environment overrides them.
+        return (env_settings, init_settings)
+
+
+def default_config_path() -> Path | None:
+    """The config file used when none is named: $RC_WORKER_CONFIG, else ./config.yaml if any."""
+    named = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    if named:
+        return Path(named)
+    local = Path("config.yaml")
+    return local if local.exists() else None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load, validate and freeze the settings.
+
+    Args:
+        path: a YAML file; ``None`` means :func:`default_config_path`.
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a key is unknown or invalid.
+
+    """
+    path = path if path is not None else default_config_path()
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}; pass --config PATH") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(loaded).__name__}")
+        document = loaded or {}
+    try:
+        return Settings(**document)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, path)) from exc
+
+
+def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
+    """One line per problem: the key's path, its env variable, what is wrong."""
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        env = ENV_PREFIX + ENV_DELIMITER.join(str(part).upper() for part in error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling against config.yaml"
+        lines.append(f"  {key} (env {env}): {message}")
+    return "\n".join(lines)

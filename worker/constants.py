@@ -1,0 +1,37 @@
+"""Names and defaults shared by the worker, in one place, each with the reason for its value."""
+
+from __future__ import annotations
+
+# The contract's defaults (see docs/contract.md).
+DEFAULT_TOPIC = "rocketchat.message.sent"
+DEFAULT_DEAD_LETTER_TOPIC = "rocketchat.message.sent.dlq"
+DEFAULT_COMMANDS_TOPIC = "rocketchat.message.command"
+DEFAULT_GROUP_ID = "rc-apps-worker"
+DEFAULT_BOOTSTRAP_SERVERS = "127.0.0.1:9092"
+# A file beside the working directory: the embedded default needs no server at all.
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rc-worker.db"
+
+# CloudEvents type of the only event this worker handles today.
+POST_MESSAGE_SENT = "chat.rocket.message.sent"
+CLOUDEVENTS_SPECVERSION = "1.0"
+STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+
+# Entry-point group through which handler plugins are found, built-in ones included.
+HANDLER_ENTRY_POINT_GROUP = "rc_worker.handlers"
+
+# Dead-letter headers: the reason and where the record came from (Kafka Connect uses the
+# same idea with __connect.errors.*; ours are short and documented in the README).
+DLQ_REASON = "rc-dlq-reason"
+DLQ_STAGE = "rc-dlq-stage"
+DLQ_APP = "rc-dlq-app"
+DLQ_ERROR_TYPE = "rc-dlq-error-type"
+DLQ_TOPIC = "rc-dlq-topic"
+DLQ_PARTITION = "rc-dlq-partition"
+DLQ_OFFSET = "rc-dlq-offset"
+DLQ_TIMESTAMP = "rc-dlq-timestamp"
+# Every record published from the outbox carries its row id, so a reader can drop repeats.
+OUTBOX_ID_HEADER = "rc-outbox-id"
+
+# Bounds on untrusted input: larger values go to the dead-letter topic, not into memory twice.
+MAX_VALUE_BYTES = 1_000_000
+MAX_JSON_DEPTH = 64

@@ -1,0 +1,205 @@
+"""Run the enabled apps over one partition's batch of records, as one unit of work.
+
+Records are decoded, invalid ones staged as dead letters, other event types skipped, and
+every PostMessageSent event run through each enabled app in order, unless that app has
+already processed it (a redelivery or a publisher's retry). The unit then commits with the
+partition's next offset; on a version conflict the whole batch runs again on fresh data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from worker import constants
+from worker.apps import App, Read
+from worker.config import ProcessingSettings
+from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
+from worker.events import Event, RawRecord, decode
+from worker.http import Http
+from worker.modify import Modify
+from worker.persistence.accessors import PersistenceReader, PersistenceWriter
+from worker.persistence.store import Fence, Store
+from worker.persistence.unit import Marker, OutboxMessage, UnitOfWork
+
+log = structlog.get_logger("worker.dispatch")
+
+
+class ConflictsExhausted(WorkerError):
+    """Raised when a batch still conflicts after ``processing.conflict_max_attempts`` runs."""
+
+    retriable = True
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one committed batch did; the runner counts and logs it."""
+
+    next_offset: int
+    processed: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    conflicts: int = 0
+    per_app: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Where dead letters and commands go."""
+
+    dead_letter: str
+    commands: str
+
+
+def backoff(attempt: int, settings: ProcessingSettings) -> float:
+    """Seconds to wait before attempt ``attempt + 1``: exponential, capped, full jitter."""
+    ceiling = min(settings.backoff_max_ms, settings.backoff_initial_ms * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling) / 1000  # noqa: S311 - jitter, not cryptography
+
+
+class Dispatcher:
+    """Turns a batch of records into one committed unit of work."""
+
+    def __init__(self, apps: Sequence[App], store: Store, http: Http, topics: Topics, settings: ProcessingSettings) -> None:
+        self.apps = list(apps)
+        self.store = store
+        self.http = http
+        self.topics = topics
+        self.settings = settings
+
+    async def dispatch(self, records: Sequence[RawRecord], fence: Fence | None) -> BatchResult:
+        """Process ``records`` (one partition, in offset order) and commit them with the next offset.
+
+        Raises:
+            ConflictsExhausted: every attempt conflicted.
+            FencedError: the partition was taken over; nothing was committed.
+            PersistenceError: the database failed; nothing was committed.
+
+        """
+        decoded = [(record, _decode(record)) for record in records]
+        next_offset = records[-1].offset + 1
+        for attempt in range(1, self.settings.conflict_max_attempts + 1):
+            unit = UnitOfWork(self.store)
+            result = await self._run(unit, decoded, next_offset)
+            try:
+                await self.store.commit(unit, fence, next_offset)
+            except VersionConflict as exc:
+                log.info("batch_conflict", attempt=attempt, records=len(records), reason=str(exc))
+                await asyncio.sleep(backoff(attempt, self.settings))
+                continue
+            result.conflicts = attempt - 1
+            return result
+        raise ConflictsExhausted(
+            f"batch of {len(records)} records ending at offset {next_offset - 1} conflicted "
+            f"{self.settings.conflict_max_attempts} times; raise processing.conflict_max_attempts or reduce contention"
+        )
+
+    async def _run(self, unit: UnitOfWork, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], next_offset: int) -> BatchResult:
+        result = BatchResult(next_offset)
+        done = await unit.already_processed(
+            [
+                (app.id, item.source, item.id)
+                for _, item in decoded
+                if isinstance(item, Event) and item.is_post_message_sent
+                for app in self.apps
+            ]
+        )
+        for record, item in decoded:
+            if isinstance(item, DecodeError):
+                with bound_contextvars(offset=record.offset):
+                    log.warning("record_invalid", reason=item.reason)
+                unit.publish(dead_letter(record, self.topics.dead_letter, item.reason, stage="decode"))
+                result.dead_lettered += 1
+                continue
+            if not item.is_post_message_sent:
+                result.skipped += 1
+                continue
+            with bound_contextvars(offset=item.record.offset, event_id=item.id):
+                for app in self.apps:
+                    marker = (app.id, item.source, item.id)
+                    if marker in done:
+                        result.duplicates += 1
+                        continue
+                    await self._run_app(unit, app, item, marker)
+                    done.add(marker)
+                    result.per_app[app.id] = result.per_app.get(app.id, 0) + 1
+            result.processed += 1
+        return result
+
+    async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker) -> None:
+        """One app on one event: retried on its errors, dead-lettered when they persist."""
+        checkpoint = unit.checkpoint()
+        message = event.message
+        if message is None:  # the caller passes PostMessageSent events only
+            raise TypeError("only PostMessageSent events reach apps")
+        for attempt in range(1, self.settings.handler_max_attempts + 1):
+            started = time.perf_counter()
+            try:
+                async with asyncio.timeout(self.settings.handler_timeout_s):
+                    read = Read(PersistenceReader(unit, app.id), app.settings)
+                    if await app.check_post_message_sent(message, read, self.http):
+                        modify = Modify(unit, app.id, event, self.topics.commands)
+                        await app.execute_post_message_sent(message, read, self.http, PersistenceWriter(unit, app.id), modify)
+                if unit.failure is not None:
+                    raise unit.failure
+                unit.mark_processed(marker)
+                return
+            except (VersionConflict, FencedError, PersistenceError):
+                raise  # not the handler's doing: the whole batch is retried or abandoned
+            except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it must not stop the worker
+                unit.rollback_to(checkpoint)
+                retriable = isinstance(exc, TimeoutError) or getattr(exc, "retriable", True)
+                elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
+                if retriable and attempt < self.settings.handler_max_attempts:
+                    log.info(
+                        "handler_retry", app=app.id, attempt=attempt, error_type=type(exc).__name__, error=str(exc), duration_ms=elapsed_ms
+                    )
+                    await asyncio.sleep(backoff(attempt, self.settings))
+                    continue
+                log.error("handler_dead_lettered", app=app.id, attempts=attempt, error_type=type(exc).__name__, error=str(exc))
+                unit.publish(
+                    dead_letter(
+                        event.record,
+                        self.topics.dead_letter,
+                        f"{type(exc).__name__}: {exc}",
+                        stage="handler",
+                        app_id=app.id,
+                        error_type=type(exc).__name__,
+                    )
+                )
+                unit.mark_processed(marker)
+                return
+
+
+def _decode(record: RawRecord) -> Event | DecodeError:
+    try:
+        return decode(record)
+    except DecodeError as exc:
+        return exc
+
+
+def dead_letter(
+    record: RawRecord, topic: str, reason: str, *, stage: str, app_id: str | None = None, error_type: str | None = None
+) -> OutboxMessage:
+    """The dead-letter record for ``record``: its key, value and headers kept, the reason added."""
+    headers = [
+        *record.headers,
+        (constants.DLQ_REASON, reason.encode()[:2000]),
+        (constants.DLQ_STAGE, stage.encode()),
+        (constants.DLQ_TOPIC, record.topic.encode()),
+        (constants.DLQ_PARTITION, str(record.partition).encode()),
+        (constants.DLQ_OFFSET, str(record.offset).encode()),
+        (constants.DLQ_TIMESTAMP, str(record.timestamp_ms).encode()),
+    ]
+    if app_id is not None:
+        headers.append((constants.DLQ_APP, app_id.encode()))
+    if error_type is not None:
+        headers.append((constants.DLQ_ERROR_TYPE, error_type.encode()))
+    return OutboxMessage(app_id, topic, record.key, record.value or b"", tuple(headers))

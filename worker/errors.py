@@ -1,0 +1,105 @@
+"""The worker's exceptions: one root, one class per thing that can go wrong.
+
+Third-party exceptions are translated at one boundary each (aiokafka in ``kafka.py``,
+SQLAlchemy in ``persistence/``) and chained with ``from exc``, so callers only ever catch
+these. The tree::
+
+    WorkerError
+    ├── ConfigError               bad config.yaml or environment; start-up stops
+    ├── PluginError               a handler plugin cannot be loaded or set up
+    ├── DecodeError               a Kafka record is not a valid contract event
+    ├── BrokerError               Kafka cannot be reached or refused a request   (retriable)
+    ├── PersistenceError          the database failed                             (retriable)
+    │   ├── SchemaError           the schema is missing or behind; run `rc-worker db upgrade`
+    │   └── VersionConflict       something read changed before commit            (retriable)
+    ├── FencedError               this worker no longer owns the partition it commits for
+    └── AppError                  raised inside a handler, or by an accessor because of it
+        ├── InvalidDataError      data handed to persistence is not a JSON object
+        ├── RecordNotFoundError   update without upsert matched no record
+        ├── HttpError             an http accessor call failed
+        └── DeadLetterNow         the handler asks to dead-letter this event without retries
+
+``retriable`` says whether doing the same thing again may succeed, so the dispatcher can
+classify an exception without a chain of isinstance checks (as aiokafka's ``KafkaError`` does).
+"""
+
+from __future__ import annotations
+
+
+class WorkerError(Exception):
+    """Raised for every failure the worker itself reports; the root of this module's tree."""
+
+    retriable: bool = False
+
+
+class ConfigError(WorkerError):
+    """Raised when config.yaml or an RC_WORKER_* variable is invalid; names the key and the fix."""
+
+
+class PluginError(WorkerError):
+    """Raised when an enabled handler plugin is missing, duplicated or cannot be set up."""
+
+
+class DecodeError(WorkerError):
+    """Raised when a Kafka record is not a contract event; ``reason`` is what the DLQ records."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BrokerError(WorkerError):
+    """Raised when Kafka cannot be reached or refuses a request."""
+
+    retriable = True
+
+
+class PersistenceError(WorkerError):
+    """Raised when the database fails; the unit of work is rolled back and may be retried."""
+
+    retriable = True
+
+
+class SchemaError(PersistenceError):
+    """Raised when the database schema is missing or older than this worker needs."""
+
+    retriable = False
+
+
+class VersionConflict(PersistenceError):
+    """Raised at commit when a record or association read by the unit of work has changed.
+
+    Not a failure: the unit of work runs again on fresh data.
+    """
+
+
+class FencedError(WorkerError):
+    """Raised at commit when another worker has taken over the partition since assignment."""
+
+
+class AppError(WorkerError):
+    """Raised inside a handler run, by the handler itself or by an accessor it called."""
+
+    retriable = True
+
+
+class InvalidDataError(AppError):
+    """Raised when data given to persistence is not a JSON object of JSON values."""
+
+    retriable = False
+
+
+class RecordNotFoundError(AppError):
+    """Raised when an update without ``upsert=True`` matches no record."""
+
+    retriable = False
+
+
+class HttpError(AppError):
+    """Raised when an http accessor request fails (connection, timeout or response too large)."""
+
+
+class DeadLetterNow(AppError):
+    """Raised by a handler that knows it can never process this event; skips the retries."""
+
+    retriable = False

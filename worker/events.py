@@ -1,0 +1,210 @@
+"""Decode one Kafka record into a typed event: CloudEvents 1.0 around an Apps-Engine IMessage.
+
+Both modes of the CloudEvents Kafka binding are accepted (structured: the value is the whole
+event; binary: ``ce_*`` headers and the value is the message). Anything that is not the
+contract raises DecodeError with a reason short enough for a dead-letter header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+
+from worker import constants
+from worker.errors import DecodeError
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """A Kafka record as the worker sees it, whichever client fetched it."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header ``name``, or None."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+
+def _must_be_text(value: Any) -> Any:
+    # The contract's timestamps are RFC 3339 strings; pydantic alone would take numbers too.
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 timestamp string")
+    return value
+
+
+Timestamp = Annotated[AwareDatetime, BeforeValidator(_must_be_text)]
+Text = Annotated[str, Field(strict=True)]
+Id = Annotated[str, Field(strict=True, min_length=1)]
+
+
+class _Model(BaseModel):
+    # Fields the contract does not list are kept (model_extra) and passed to handlers untouched.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+
+class Room(_Model):
+    """The room a message was sent in (IRoom, as far as the event carries it)."""
+
+    id: Id
+    slugified_name: Text | None = Field(None, alias="slugifiedName")
+    type: Literal["c", "p", "d", "l"] | None = None
+
+
+class User(_Model):
+    """The sender of a message (IUser, as far as the event carries it)."""
+
+    id: Id
+    username: Text | None = None
+    name: Text | None = None
+
+
+class Message(_Model):
+    """An Apps-Engine IMessage, with Python names; unknown fields are in ``model_extra``."""
+
+    id: Id
+    room: Room
+    sender: User
+    text: Text | None = None
+    created_at: Timestamp = Field(alias="createdAt")
+    updated_at: Timestamp | None = Field(None, alias="updatedAt")
+    thread_id: Text | None = Field(None, alias="threadId")
+    custom_fields: dict[str, Any] | None = Field(None, alias="customFields")
+    attachments: list[dict[str, Any]] | None = None
+    type: Text | None = None
+
+    @property
+    def is_system_message(self) -> bool:
+        """True for system messages (user joined...), which are not PostMessageSent."""
+        return self.type is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The message in the contract's JSON shape, unknown fields included."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A decoded CloudEvent; ``message`` is set for PostMessageSent events only."""
+
+    source: str
+    id: str
+    type: str
+    time: datetime | None
+    message: Message | None
+    record: RawRecord
+
+    @property
+    def is_post_message_sent(self) -> bool:
+        """True when PostMessageSent handlers must see this event."""
+        return self.message is not None and not self.message.is_system_message
+
+
+class _Envelope(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: Id
+    type: Id
+    source: Id
+    id: Id
+    time: Timestamp | None = None
+    datacontenttype: Text | None = None
+
+
+def decode(record: RawRecord) -> Event:
+    """Decode a record per the wire contract.
+
+    Raises:
+        DecodeError: the record is not a contract event; ``reason`` says why.
+
+    """
+    value = record.value
+    if value is None:
+        raise DecodeError("value is empty (a tombstone); the contract needs an event")
+    if len(value) > constants.MAX_VALUE_BYTES:
+        raise DecodeError(f"value is {len(value)} bytes, over the limit of {constants.MAX_VALUE_BYTES}")
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"value is not valid UTF-8 (byte {exc.start})") from None
+    if record.header("ce_specversion") is not None:
+        return _decode_binary(record, value)
+    content_type = _header_text(record, "content-type")
+    if content_type is not None and not content_type.startswith(constants.STRUCTURED_CONTENT_TYPE):
+        raise DecodeError(f"content-type {content_type!r} without ce_* headers is neither structured nor binary CloudEvents")
+    document = _parse_json(value)
+    if not isinstance(document, dict):
+        raise DecodeError(f"value is not a JSON object but a JSON {type(document).__name__}")
+    if "specversion" not in document:
+        raise DecodeError("value has no specversion: not a CloudEvent")
+    envelope = _validate_envelope(document)
+    return _event(envelope.specversion, envelope, document.get("data"), "data" in document, record)
+
+
+def _decode_binary(record: RawRecord, value: bytes) -> Event:
+    attributes: dict[str, Any] = {}
+    for name in ("specversion", "type", "source", "id", "time"):
+        text = _header_text(record, f"ce_{name}")
+        if text is not None:
+            attributes[name] = text
+    envelope = _validate_envelope(attributes, prefix="ce_")
+    return _event(envelope.specversion, envelope, _parse_json(value), True, record)
+
+
+def _event(specversion: str, envelope: _Envelope, data: Any, has_data: bool, record: RawRecord) -> Event:
+    if specversion != constants.CLOUDEVENTS_SPECVERSION:
+        raise DecodeError(f"specversion {specversion!r} is not supported; expected '1.0'")
+    message = None
+    if envelope.type == constants.POST_MESSAGE_SENT:
+        if not has_data:
+            raise DecodeError("data is missing: a PostMessageSent event carries the message")
+        try:
+            message = Message.model_validate(data)
+        except ValidationError as exc:
+            raise DecodeError(_describe(exc, "data")) from None
+    return Event(envelope.source, envelope.id, envelope.type, envelope.time, message, record)
+
+
+def _validate_envelope(attributes: dict[str, Any], prefix: str = "") -> _Envelope:
+    try:
+        return _Envelope.model_validate(attributes)
+    except ValidationError as exc:
+        raise DecodeError(_describe(exc, prefix.rstrip("_") if prefix else "")) from None
+
+
+def _parse_json(value: bytes) -> Any:
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"value is not JSON: {exc}") from None
+
+
+def _header_text(record: RawRecord, name: str) -> str | None:
+    raw = record.header(name)
+    if raw is None:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError(f"header {name} is not valid UTF-8") from None
+
+
+def _describe(exc: ValidationError, root: str) -> str:
+    first = exc.errors()[0]
+    location = ".".join(str(part) for part in (root, *first["loc"]) if part != "")
+    problem = "is required" if first["type"] == "missing" else first["msg"]
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{location}: {problem}{more}"

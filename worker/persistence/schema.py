@@ -1,0 +1,94 @@
+"""The tables behind the Apps-Engine persistence API, and the bookkeeping that makes it safe.
+
+``records`` and ``record_associations`` are what the Apps-Engine stores. ``key_versions`` is
+what it lacks: one version per record id and per association, bumped by every commit that
+writes it, so a unit of work can check at commit that nothing it read has changed, including
+"no record had this association yet". The migrations in ``migrations/versions`` create
+exactly these tables; a test compares the two.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid); PostgreSQL wants BIGINT.
+_AutoId = BigInteger().with_variant(Integer(), "sqlite")
+
+records = Table(
+    "records",
+    metadata,
+    Column("app_id", String(200), primary_key=True),
+    Column("id", String(200), primary_key=True),
+    Column("data", Text, nullable=False),  # a JSON object, serialised by the worker
+    Column("version", BigInteger, nullable=False),
+    # The association list again, as JSON, so one query returns whole records; the table
+    # below is the index that association reads use.
+    Column("associations", Text, nullable=False),
+)
+
+record_associations = Table(
+    "record_associations",
+    metadata,
+    Column("app_id", String(200), primary_key=True),
+    Column("association", String(600), primary_key=True),  # "model:id"
+    Column("record_id", String(200), primary_key=True),
+    Index("ix_record_associations_record", "app_id", "record_id"),
+)
+
+key_versions = Table(
+    "key_versions",
+    metadata,
+    Column("app_id", String(200), primary_key=True),
+    Column("key", String(700), primary_key=True),  # "id:<record id>" or "as:<model>:<id>"
+    Column("version", BigInteger, nullable=False),
+)
+
+processed_events = Table(
+    "processed_events",
+    metadata,
+    Column("app_id", String(200), primary_key=True),
+    Column("source", String(500), primary_key=True),
+    Column("event_id", String(500), primary_key=True),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+)
+
+partition_offsets = Table(
+    "partition_offsets",
+    metadata,
+    Column("group_id", String(250), primary_key=True),
+    Column("topic", String(250), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("generation", BigInteger, nullable=False),  # bumped by every new owner: the fence
+    Column("owner", String(250), nullable=False),
+    Column("next_offset", BigInteger, nullable=True),  # committed with the state it produced
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", _AutoId, primary_key=True, autoincrement=True),
+    Column("app_id", String(200), nullable=True),  # None for the worker's own dead letters
+    # The partition whose batch staged the row: only that partition's owner publishes it.
+    Column("source_topic", String(250), nullable=True),
+    Column("source_partition", Integer, nullable=True),
+    Column("topic", String(250), nullable=False),
+    Column("key", LargeBinary, nullable=True),
+    Column("value", LargeBinary, nullable=False),
+    Column("headers", Text, nullable=False),  # JSON list of [name, base64 value]
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    Index("ix_outbox_unpublished", "published_at", "id"),
+)

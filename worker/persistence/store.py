@@ -1,0 +1,453 @@
+"""The database behind every unit of work: reads, the version-checked commit, offsets, outbox.
+
+This is the only module that talks SQL. SQLite (aiosqlite) runs in WAL mode and takes its
+write lock at BEGIN IMMEDIATE, so writers queue instead of failing half-way; PostgreSQL
+(asyncpg) runs at READ COMMITTED and relies on compare-and-set upserts of ``key_versions``
+taken in one global key order, so concurrent commits block briefly or fail cleanly as a
+VersionConflict, never deadlock on each other's keys. SQLAlchemy errors are translated here.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import groupby
+from typing import Any
+
+import orjson
+from sqlalchemy import Table, bindparam, delete, func, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from worker.config import PersistenceSettings
+from worker.errors import FencedError, PersistenceError, VersionConflict
+from worker.persistence import migrations
+from worker.persistence.schema import (
+    key_versions,
+    outbox,
+    partition_offsets,
+    processed_events,
+    record_associations,
+    records,
+)
+from worker.persistence.unit import Key, Marker, OutboxMessage, StoredRecord, UnitOfWork
+
+# PostgreSQL's codes for "try again": serialization failure and deadlock.
+_RETRY_SQLSTATES = {"40001", "40P01"}
+# Rows per multi-row statement: far below SQLite's 32,766 bound parameters.
+_CHUNK = 400
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """This worker's claim on a partition: commits carry it, and fail once another claims it."""
+
+    group_id: str
+    topic: str
+    partition: int
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The result of claiming a partition: the fence, and the offset stored with the state."""
+
+    fence: Fence
+    next_offset: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingMessage:
+    """An outbox row waiting to be published."""
+
+    id: int
+    message: OutboxMessage
+
+
+class Store:
+    """One database, shared by every worker process of the group."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+
+    @classmethod
+    def from_settings(cls, settings: PersistenceSettings) -> Store:
+        """Create the engine for the configured URL, with the backend's connection settings."""
+        url = make_url(settings.url.get_secret_value())
+        if url.get_backend_name() == "sqlite":
+            engine = create_async_engine(url, echo=settings.echo, pool_size=settings.pool_size, max_overflow=0)
+            _configure_sqlite(engine, settings.busy_timeout_ms)
+        else:
+            engine = create_async_engine(
+                url, echo=settings.echo, pool_size=settings.pool_size, max_overflow=settings.pool_size, pool_pre_ping=True
+            )
+        return cls(engine)
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def upgrade(self) -> tuple[str | None, str]:
+        """Create or migrate the schema to the newest revision; returns (before, after)."""
+        with _translate("migrating the schema"):
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(migrations.upgrade)
+
+    async def check_schema(self) -> None:
+        """Raise SchemaError unless the schema is at the newest revision."""
+        with _translate("reading the schema revision"):
+            async with self.engine.connect() as conn:
+                await conn.run_sync(migrations.check_current)
+
+    # -- reads (the unit of work's Loader) -----------------------------------------------
+
+    async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records with ``ids``, in one read transaction."""
+        query = select(records).where(records.c.app_id == app_id, records.c.id.in_(ids))
+        return await self._load(keys, query)
+
+    async def load_by_associations(
+        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records having all ``associations``."""
+        having_all = (
+            select(record_associations.c.record_id)
+            .where(record_associations.c.app_id == app_id, record_associations.c.association.in_(associations))
+            .group_by(record_associations.c.record_id)
+            .having(func.count() == len(set(associations)))
+        )
+        query = select(records).where(records.c.app_id == app_id, records.c.id.in_(having_all)).order_by(records.c.id)
+        return await self._load(keys, query)
+
+    async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
+        """The markers among ``markers`` that a commit has already recorded."""
+        if not markers:
+            return set()
+        columns = tuple_(processed_events.c.app_id, processed_events.c.source, processed_events.c.event_id)
+        found: set[Marker] = set()
+        with _translate("reading processed-event markers"):
+            async with self._read() as conn:
+                for chunk in _chunks(markers, _CHUNK):
+                    rows = await conn.execute(select(*columns.clauses).where(columns.in_(chunk)))
+                    found.update((row[0], row[1], row[2]) for row in rows)
+        return found
+
+    async def _load(self, keys: Sequence[Key], query: Any) -> tuple[dict[Key, int], list[StoredRecord]]:
+        with _translate("reading records"):
+            async with self._read() as conn:
+                # Versions first: a record changed between the two reads then shows up as a
+                # conflict at commit, never as a stale read that passes the check.
+                versions = await self._versions(conn, keys)
+                rows = (await conn.execute(query)).all()
+        return versions, [_stored(row) for row in rows]
+
+    async def _versions(self, conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, int]:
+        versions: dict[Key, int] = {key: 0 for key in keys}
+        for chunk in _chunks(keys, _CHUNK):
+            pair = tuple_(key_versions.c.app_id, key_versions.c.key)
+            rows = await conn.execute(select(key_versions.c.app_id, key_versions.c.key, key_versions.c.version).where(pair.in_(chunk)))
+            versions.update({(row.app_id, row.key): row.version for row in rows})
+        return versions
+
+    # -- the commit ----------------------------------------------------------------------
+
+    async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> None:
+        """Apply ``unit`` in one transaction if nothing it read has changed.
+
+        Raises:
+            VersionConflict: a key read by the unit changed, or an event was processed meanwhile.
+            FencedError: ``fence`` is no longer the partition's current claim.
+            PersistenceError: the database failed.
+
+        """
+        with _translate("committing a unit of work"):
+            async with self._write() as conn:
+                new_versions = await self._check_and_bump(conn, unit)
+                await self._write_records(conn, unit, new_versions)
+                await self._write_markers(conn, unit.markers)
+                await self._write_outbox(conn, unit.outbox, fence)
+                if fence is not None:
+                    await self._advance(conn, fence, next_offset)
+
+    async def _check_and_bump(self, conn: AsyncConnection, unit: UnitOfWork) -> dict[Key, int]:
+        """Compare-and-set every key read, bump every key written, in one global order."""
+
+        def kind(key: Key) -> str:
+            if key in unit.written:
+                return "cas" if key in unit.seen else "bump"
+            return "check"
+
+        new_versions: dict[Key, int] = {}
+        for which, run in groupby(sorted(unit.seen.keys() | unit.written), key=kind):
+            for chunk in _chunks(list(run), _CHUNK):
+                if which == "bump":
+                    statement = self._bump_statement(chunk)
+                else:
+                    statement = self._cas_statement(chunk, unit.seen, delta=1 if which == "cas" else 0)
+                returned = {(row.app_id, row.key): row.version for row in await conn.execute(statement)}
+                if len(returned) != len(chunk):
+                    changed = sorted(set(chunk) - returned.keys())
+                    raise VersionConflict(f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}")
+                new_versions.update(returned)
+        return new_versions
+
+    def _cas_statement(self, keys: Sequence[Key], seen: dict[Key, int], delta: int) -> Any:
+        # Insert-or-update in one statement: an absent row is version 0, so "nothing there yet"
+        # is checked like any other version, and a concurrent insert makes the WHERE fail.
+        statement = self._insert(key_versions).values(
+            [{"app_id": app, "key": key, "version": seen[(app, key)] + delta} for app, key in keys]
+        )
+        return statement.on_conflict_do_update(
+            index_elements=[key_versions.c.app_id, key_versions.c.key],
+            set_={"version": statement.excluded.version},
+            where=key_versions.c.version == statement.excluded.version - delta,
+        ).returning(key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
+
+    def _bump_statement(self, keys: Sequence[Key]) -> Any:
+        # Keys written without being read (a blind create): nothing to check, only to bump,
+        # so that units which did read them see the change.
+        statement = self._insert(key_versions).values([{"app_id": app, "key": key, "version": 1} for app, key in keys])
+        return statement.on_conflict_do_update(
+            index_elements=[key_versions.c.app_id, key_versions.c.key],
+            set_={"version": key_versions.c.version + 1},
+        ).returning(key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
+
+    async def _write_records(self, conn: AsyncConnection, unit: UnitOfWork, new_versions: dict[Key, int]) -> None:
+        inserts: list[dict[str, Any]] = []
+        links: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        unlink: list[tuple[str, str]] = []
+        deletes: list[tuple[str, str]] = []
+        for (app_id, record_id), record in unit.staged.items():
+            before = unit.base.get((app_id, record_id))
+            if record is None:
+                if before is not None:
+                    deletes.append((app_id, record_id))
+                continue
+            row = {
+                "app_id": app_id,
+                "id": record_id,
+                "data": record.data.decode(),
+                "version": new_versions[(app_id, f"id:{record_id}")],
+                "associations": orjson.dumps(record.associations).decode(),
+            }
+            if before is None:
+                inserts.append(row)
+            else:
+                updates.append({f"b_{name}": value for name, value in row.items()})
+                if before.associations == record.associations:
+                    continue
+                unlink.append((app_id, record_id))
+            links.extend({"app_id": app_id, "association": a, "record_id": record_id} for a in record.associations)
+        pair = tuple_(record_associations.c.app_id, record_associations.c.record_id)
+        for chunk in _chunks(deletes + unlink, _CHUNK):
+            await conn.execute(delete(record_associations).where(pair.in_(chunk)))
+        for chunk in _chunks(deletes, _CHUNK):
+            await conn.execute(delete(records).where(tuple_(records.c.app_id, records.c.id).in_(chunk)))
+        if updates:
+            await conn.execute(
+                update(records)
+                .where(records.c.app_id == bindparam("b_app_id"), records.c.id == bindparam("b_id"))
+                .values(data=bindparam("b_data"), version=bindparam("b_version"), associations=bindparam("b_associations")),
+                updates,
+            )
+        for chunk in _chunks(inserts, _CHUNK):
+            await conn.execute(records.insert().values(chunk))
+        for chunk in _chunks(links, _CHUNK):
+            await conn.execute(record_associations.insert().values(chunk))
+
+    async def _write_markers(self, conn: AsyncConnection, markers: Sequence[Marker]) -> None:
+        now = datetime.now(UTC)
+        for chunk in _chunks(markers, _CHUNK):
+            statement = self._insert(processed_events).values(
+                [{"app_id": a, "source": s, "event_id": e, "processed_at": now} for a, s, e in chunk]
+            )
+            statement = statement.on_conflict_do_nothing().returning(processed_events.c.event_id)
+            inserted = len((await conn.execute(statement)).all())
+            if inserted != len(chunk):
+                raise VersionConflict(f"{len(chunk) - inserted} event(s) were processed by another worker meanwhile")
+
+    async def _write_outbox(self, conn: AsyncConnection, messages: Sequence[OutboxMessage], fence: Fence | None) -> None:
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "app_id": m.app_id,
+                "source_topic": fence.topic if fence else None,
+                "source_partition": fence.partition if fence else None,
+                "topic": m.topic,
+                "key": m.key,
+                "value": m.value,
+                "headers": _encode_headers(m.headers),
+                "created_at": now,
+            }
+            for m in messages
+        ]
+        for chunk in _chunks(rows, _CHUNK):
+            await conn.execute(outbox.insert().values(chunk))
+
+    async def _advance(self, conn: AsyncConnection, fence: Fence, next_offset: int | None) -> None:
+        result = await conn.execute(
+            update(partition_offsets)
+            .where(
+                partition_offsets.c.group_id == fence.group_id,
+                partition_offsets.c.topic == fence.topic,
+                partition_offsets.c.partition == fence.partition,
+                partition_offsets.c.generation == fence.generation,
+            )
+            .values(next_offset=func.coalesce(next_offset, partition_offsets.c.next_offset))
+        )
+        if result.rowcount != 1:
+            raise FencedError(
+                f"partition {fence.topic}[{fence.partition}] was claimed by another worker "
+                f"(our generation {fence.generation} is stale); dropping this work"
+            )
+
+    # -- partitions ----------------------------------------------------------------------
+
+    async def claim(self, group_id: str, topic: str, partitions: Sequence[int], owner: str) -> dict[int, Claim]:
+        """Take over ``partitions``: bump their generation (fencing the old owner), read their offsets."""
+        if not partitions:
+            return {}
+        statement = self._insert(partition_offsets).values(
+            [{"group_id": group_id, "topic": topic, "partition": p, "generation": 1, "owner": owner} for p in sorted(partitions)]
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=[partition_offsets.c.group_id, partition_offsets.c.topic, partition_offsets.c.partition],
+            set_={"generation": partition_offsets.c.generation + 1, "owner": statement.excluded.owner},
+        ).returning(partition_offsets.c.partition, partition_offsets.c.generation, partition_offsets.c.next_offset)
+        with _translate("claiming partitions"):
+            async with self._write() as conn:
+                rows = (await conn.execute(statement)).all()
+        return {row.partition: Claim(Fence(group_id, topic, row.partition, row.generation), row.next_offset) for row in rows}
+
+    async def stored_offsets(self, group_id: str, topic: str) -> dict[int, int]:
+        """The next offset per partition as committed with the state (for `offsets show`)."""
+        with _translate("reading stored offsets"):
+            async with self._read() as conn:
+                rows = await conn.execute(
+                    select(partition_offsets.c.partition, partition_offsets.c.next_offset).where(
+                        partition_offsets.c.group_id == group_id, partition_offsets.c.topic == topic
+                    )
+                )
+                return {row.partition: row.next_offset for row in rows if row.next_offset is not None}
+
+    # -- outbox --------------------------------------------------------------------------
+
+    async def pending_outbox(self, limit: int, topic: str | None = None, partitions: Sequence[int] = ()) -> list[PendingMessage]:
+        """The oldest unpublished outbox rows staged by ``partitions`` of ``topic`` (all, if None)."""
+        query = select(outbox).where(outbox.c.published_at.is_(None))
+        if topic is not None:
+            query = query.where(outbox.c.source_topic == topic, outbox.c.source_partition.in_(partitions))
+        query = query.order_by(outbox.c.id).limit(limit)
+        with _translate("reading the outbox"):
+            async with self._read() as conn:
+                rows = (await conn.execute(query)).all()
+        return [
+            PendingMessage(row.id, OutboxMessage(row.app_id, row.topic, row.key, row.value, _decode_headers(row.headers))) for row in rows
+        ]
+
+    async def mark_published(self, ids: Sequence[int]) -> None:
+        """Record that these outbox rows reached Kafka."""
+        now = datetime.now(UTC)
+        with _translate("marking outbox rows published"):
+            async with self._write() as conn:
+                for chunk in _chunks(ids, _CHUNK):
+                    await conn.execute(update(outbox).where(outbox.c.id.in_(chunk)).values(published_at=now))
+
+    # -- inspection (rc-worker state) ----------------------------------------------------
+
+    async def app_records(self, app_id: str, association: str | None = None) -> list[StoredRecord]:
+        """Every record of ``app_id`` (with ``association``, if given), ordered by id."""
+        if association is not None:
+            return (await self.load_by_associations([], app_id, [association]))[1]
+        query = select(records).where(records.c.app_id == app_id).order_by(records.c.id)
+        return (await self._load([], query))[1]
+
+    async def processed_count(self, app_id: str) -> int:
+        """How many events ``app_id`` has processed (for tests and summaries)."""
+        with _translate("counting processed events"):
+            async with self._read() as conn:
+                count = await conn.scalar(select(func.count()).select_from(processed_events).where(processed_events.c.app_id == app_id))
+        return int(count or 0)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _insert(self, table: Table) -> Any:
+        # Both dialects' inserts have on_conflict_do_update/nothing with the same arguments.
+        return sqlite.insert(table) if self.is_sqlite else postgresql.insert(table)
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            yield conn
+            await conn.rollback()
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.connect() as conn:
+            await conn.execution_options(rc_write=True)
+            async with conn.begin():
+                yield conn
+
+
+def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    """WAL for concurrent readers; BEGIN IMMEDIATE so a writer waits for the lock up front."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us emit BEGIN ourselves: the driver's own deferred BEGIN would take the write
+        # lock only at the first write, where a busy database fails instead of waiting.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("rc_write") else "BEGIN")
+
+
+@contextlib.contextmanager
+def _translate(action: str) -> Iterator[None]:
+    """Turn SQLAlchemy and driver errors into the worker's own, chained."""
+    try:
+        yield
+    except DBAPIError as exc:
+        code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        if code in _RETRY_SQLSTATES or isinstance(exc, IntegrityError):
+            raise VersionConflict(f"{action}: concurrent change ({type(exc.orig).__name__})") from exc
+        raise PersistenceError(f"{action} failed: {exc.orig}") from exc
+    except (OSError, TimeoutError) as exc:  # the driver could not reach the server at all
+        raise PersistenceError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
+    # Other SQLAlchemyErrors are bugs in the statements above: they propagate unchanged.
+
+
+def _stored(row: Any) -> StoredRecord:
+    return StoredRecord(row.id, row.data.encode(), row.version, tuple(orjson.loads(row.associations)))
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    return orjson.dumps([[name, base64.b64encode(value).decode()] for name, value in headers]).decode()
+
+
+def _decode_headers(text: str) -> tuple[tuple[str, bytes], ...]:
+    return tuple((name, base64.b64decode(value)) for name, value in orjson.loads(text))
+
+
+__all__ = ["Claim", "Fence", "PendingMessage", "Store"]

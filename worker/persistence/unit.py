@@ -1,0 +1,286 @@
+"""The unit of work: what one transaction read, at which versions, and what it will write.
+
+A unit spans one batch of events of one partition (one event in the simplest case). Handler
+runs read through it (misses go to the database, hits are served from what it already read
+or wrote) and stage writes into it; a failed run is undone with :meth:`UnitOfWork.rollback_to`.
+The store commits it in one transaction only if every key version in ``seen`` is unchanged,
+so read-increment-write by any number of workers counts exactly. Nothing here touches the
+database directly: misses go through the :class:`Loader` the store provides.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, TypeVar
+
+import orjson
+
+from worker.errors import InvalidDataError, RecordNotFoundError
+from worker.persistence.associations import Association
+
+# (app id, key); key is "id:<record id>" or "as:<association>", one version each.
+Key = tuple[str, str]
+RecordRef = tuple[str, str]  # (app id, record id)
+Marker = tuple[str, str, str]  # (app id, CloudEvents source, CloudEvents id)
+_T = TypeVar("_T")
+
+
+def id_key(app_id: str, record_id: str) -> Key:
+    """The version key of one record."""
+    return (app_id, f"id:{record_id}")
+
+
+def association_key(app_id: str, association: str) -> Key:
+    """The version key of one association, "nothing has it yet" included."""
+    return (app_id, f"as:{association}")
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as stored: its data as JSON bytes, so no caller can mutate a cached copy."""
+
+    id: str
+    data: bytes
+    version: int
+    associations: tuple[str, ...]
+
+    def keys(self, app_id: str) -> list[Key]:
+        """Every version key a write to this record bumps."""
+        return [id_key(app_id, self.id), *(association_key(app_id, a) for a in self.associations)]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """A record to publish after commit (a command, or a dead letter)."""
+
+    app_id: str | None
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+class Loader(Protocol):
+    """How a unit of work reads what it has not seen yet; the store implements it."""
+
+    async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys`` (absent: 0), then the records with those ids, in one snapshot."""
+        ...
+
+    async def load_by_associations(
+        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records having every one of ``associations``."""
+        ...
+
+    async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
+        """Which of ``markers`` are already recorded as processed."""
+        ...
+
+
+_DELETED = None  # a staged value of None means "removed in this unit"
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """What :meth:`UnitOfWork.rollback_to` restores: the staged part, never the reads."""
+
+    staged: dict[RecordRef, StoredRecord | None]
+    created: set[RecordRef]
+    written: set[Key]
+    outbox: int
+    markers: int
+
+
+@dataclass(slots=True)
+class UnitOfWork:
+    """Reads with the versions they saw, and writes staged until commit."""
+
+    loader: Loader
+    seen: dict[Key, int] = field(default_factory=dict)
+    base: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
+    queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
+    staged: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
+    created: set[RecordRef] = field(default_factory=set)
+    written: set[Key] = field(default_factory=set)
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    markers: list[Marker] = field(default_factory=list)
+    #: The first database failure seen by a read: the dispatcher re-raises it after the
+    #: handler returns, so a handler that swallows errors cannot commit on a failed read.
+    failure: Exception | None = None
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def read(self, app_id: str, record_id: str) -> StoredRecord | None:
+        """The record as this unit sees it: staged if written here, else as read from the database."""
+        ref = (app_id, record_id)
+        if ref in self.staged:
+            return self.staged[ref]
+        if ref not in self.base:
+            key = id_key(app_id, record_id)
+            versions, rows = await self._guard(self.loader.load_by_ids(self._unseen([key]), app_id, [record_id]))
+            self._remember(versions, rows, app_id)
+            self.base.setdefault(ref, None)
+            self.seen.setdefault(key, 0)
+        return self.base[ref]
+
+    async def read_by_associations(self, app_id: str, associations: Sequence[Association]) -> list[StoredRecord]:
+        """Records of ``app_id`` having every one of ``associations``, this unit's writes applied."""
+        wanted = tuple(sorted({str(a) for a in associations}))
+        if not wanted:
+            raise InvalidDataError("at least one association is needed")
+        query = (app_id, wanted)
+        if query not in self.queries:
+            keys = [association_key(app_id, a) for a in wanted]
+            versions, rows = await self._guard(self.loader.load_by_associations(self._unseen(keys), app_id, wanted))
+            self._remember(versions, rows, app_id)
+            for key in keys:
+                self.seen.setdefault(key, 0)
+            self.queries[query] = tuple(row.id for row in rows)
+        found: list[StoredRecord] = []
+        for record_id in self.queries[query]:
+            ref = (app_id, record_id)
+            record = self.staged[ref] if ref in self.staged else self.base.get(ref)
+            if record is not None:
+                found.append(record)
+        wanted_set = set(wanted)
+        for ref in self.created:
+            record = self.staged.get(ref)
+            if ref[0] == app_id and record is not None and wanted_set.issubset(record.associations) and ref[1] not in self.queries[query]:
+                found.append(record)
+        return found
+
+    async def already_processed(self, markers: Sequence[Marker]) -> set[Marker]:
+        """Markers recorded by an earlier commit or staged earlier in this unit."""
+        staged = set(self.markers)
+        unknown = [m for m in markers if m not in staged]
+        done = await self.loader.processed(unknown) if unknown else set()
+        return done | (staged & set(markers))
+
+    # -- writes --------------------------------------------------------------------------
+
+    def create(self, app_id: str, data: Mapping[str, Any], associations: Iterable[Association], record_id: str | None = None) -> str:
+        """Stage a new record; returns its id."""
+        record_id = record_id or uuid.uuid4().hex
+        ref = (app_id, record_id)
+        record = StoredRecord(record_id, encode_data(data), 0, tuple(sorted({str(a) for a in associations})))
+        self.staged[ref] = record
+        if self.base.get(ref) is None:
+            self.created.add(ref)
+        self.written.update(record.keys(app_id))
+        return record_id
+
+    async def update(self, app_id: str, record_id: str, data: Mapping[str, Any], upsert: bool) -> str:
+        """Stage new data for one record (or create it, with upsert)."""
+        current = await self.read(app_id, record_id)
+        if current is None:
+            if not upsert:
+                raise RecordNotFoundError(f"no record {record_id!r} of app {app_id!r}; pass upsert=True to create it")
+            return self.create(app_id, data, (), record_id=record_id)
+        self._stage(app_id, replace(current, data=encode_data(data)))
+        return record_id
+
+    async def update_by_associations(
+        self, app_id: str, associations: Sequence[Association], data: Mapping[str, Any], upsert: bool
+    ) -> list[str]:
+        """Stage new data for every record having all ``associations`` (or create one, with upsert)."""
+        encoded = encode_data(data)
+        matches = await self.read_by_associations(app_id, associations)
+        if not matches:
+            if not upsert:
+                names = ", ".join(str(a) for a in associations)
+                raise RecordNotFoundError(f"no record of app {app_id!r} has {names}; pass upsert=True to create one")
+            return [self.create(app_id, data, associations)]
+        for record in matches:
+            self._stage(app_id, replace(record, data=encoded))
+        return [record.id for record in matches]
+
+    async def remove(self, app_id: str, record_id: str) -> list[StoredRecord]:
+        """Stage the removal of one record; returns it (empty when there was none)."""
+        current = await self.read(app_id, record_id)
+        if current is None:
+            return []
+        self._delete(app_id, current)
+        return [current]
+
+    async def remove_by_associations(self, app_id: str, associations: Sequence[Association]) -> list[StoredRecord]:
+        """Stage the removal of every record having all ``associations``; returns them."""
+        matches = await self.read_by_associations(app_id, associations)
+        for record in matches:
+            self._delete(app_id, record)
+        return matches
+
+    def publish(self, message: OutboxMessage) -> None:
+        """Stage a record for the outbox; it is published only once the unit commits."""
+        self.outbox.append(message)
+
+    def mark_processed(self, marker: Marker) -> None:
+        """Stage the marker that says this app has processed this event."""
+        self.markers.append(marker)
+
+    # -- handler runs --------------------------------------------------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        """Remember the staged state, so that a failed handler run can be undone."""
+        return Checkpoint(dict(self.staged), set(self.created), set(self.written), len(self.outbox), len(self.markers))
+
+    def rollback_to(self, checkpoint: Checkpoint) -> None:
+        """Undo every write staged since ``checkpoint``; what was read stays known."""
+        self.staged = checkpoint.staged
+        self.created = checkpoint.created
+        self.written = checkpoint.written
+        del self.outbox[checkpoint.outbox :]
+        del self.markers[checkpoint.markers :]
+
+    @property
+    def is_empty(self) -> bool:
+        """True when committing would change nothing but the partition offset."""
+        return not (self.written or self.outbox or self.markers)
+
+    # -- internals -----------------------------------------------------------------------
+
+    async def _guard(self, load: Awaitable[_T]) -> _T:
+        try:
+            return await load
+        except Exception as exc:
+            self.failure = self.failure or exc
+            raise
+
+    def _unseen(self, keys: Iterable[Key]) -> list[Key]:
+        return [key for key in keys if key not in self.seen]
+
+    def _remember(self, versions: dict[Key, int], rows: list[StoredRecord], app_id: str) -> None:
+        # The first version seen is the one checked at commit; a later, newer read of the same
+        # key would only hide a change made since, so it never replaces the first.
+        for key, version in versions.items():
+            self.seen.setdefault(key, version)
+        for row in rows:
+            self.base.setdefault((app_id, row.id), row)
+
+    def _stage(self, app_id: str, record: StoredRecord) -> None:
+        self.staged[(app_id, record.id)] = record
+        self.written.update(record.keys(app_id))
+
+    def _delete(self, app_id: str, record: StoredRecord) -> None:
+        ref = (app_id, record.id)
+        self.staged[ref] = _DELETED
+        self.created.discard(ref)
+        self.written.update(record.keys(app_id))
+
+
+def encode_data(data: Mapping[str, Any]) -> bytes:
+    """Serialise record data, refusing anything that is not a JSON object of JSON values."""
+    if not isinstance(data, Mapping):
+        raise InvalidDataError(f"record data must be a JSON object (a dict), not {type(data).__name__}")
+    try:
+        return orjson.dumps(data)
+    except TypeError as exc:
+        raise InvalidDataError(f"record data is not JSON-serialisable: {exc}") from None
+
+
+def decode_data(data: bytes) -> dict[str, Any]:
+    """A fresh dict of record data: callers may change it without touching the cache."""
+    value: dict[str, Any] = orjson.loads(data)
+    return value
