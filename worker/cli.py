@@ -160,12 +160,12 @@ def _parse_line(line: bytes) -> FileRecord:
 
 
 async def _load(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.kafka import Producer
+    from worker.kafka import Outgoing, Producer
 
     records = read_records_file(args.file)
     topic = args.topic or settings.kafka.topic
     async with Producer(settings.kafka) as producer:
-        await producer.send_many([(topic, r.key, r.value, r.headers) for r in records])
+        await producer.send_many([Outgoing(topic, r.key, r.value, r.headers) for r in records])
     print(f"loaded {len(records)} records into {topic}")
     return 0
 

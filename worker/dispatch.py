@@ -47,6 +47,7 @@ class BatchResult:
     skipped: int = 0
     dead_lettered: int = 0
     conflicts: int = 0
+    staged_outbox: int = 0
     per_app: dict[str, int] = field(default_factory=dict)
 
 
@@ -95,6 +96,7 @@ class Dispatcher:
                 await asyncio.sleep(backoff(attempt, self.settings))
                 continue
             result.conflicts = attempt - 1
+            result.staged_outbox = len(unit.outbox)
             return result
         raise ConflictsExhausted(
             f"batch of {len(records)} records ending at offset {next_offset - 1} conflicted "

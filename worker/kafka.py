@@ -6,15 +6,17 @@ consumer), so nothing else depends on the client library; its errors become Brok
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import DefaultPartitioner
 
 from worker.config import KafkaSettings
 from worker.errors import BrokerError
@@ -130,6 +132,14 @@ class Consumer:
         """Read ``partition`` from ``offset`` on."""
         self._consumer.seek(TopicPartition(self.topic, partition), offset)
 
+    def pause(self, partition: int) -> None:
+        """Fetch nothing more from ``partition`` until :meth:`resume`."""
+        self._consumer.pause(TopicPartition(self.topic, partition))
+
+    def resume(self, partition: int) -> None:
+        """Fetch from ``partition`` again."""
+        self._consumer.resume(TopicPartition(self.topic, partition))
+
     def assignment(self) -> set[int]:
         """The partitions this member holds now."""
         return {tp.partition for tp in self._consumer.assignment()}
@@ -141,12 +151,23 @@ class Consumer:
         return {tp.partition: offset for tp, offset in ends.items()}
 
 
+class Outgoing(NamedTuple):
+    """A record to produce; ``partition`` None lets the key decide."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Sequence[tuple[str, bytes]]
+    partition: int | None = None
+
+
 class Producer:
     """An idempotent producer: every send waits for all in-sync replicas."""
 
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._producer = AIOKafkaProducer(enable_idempotence=True, acks="all", linger_ms=5, **client_options(settings))
+        self._partitioner = DefaultPartitioner()
 
     async def __aenter__(self) -> Producer:
         with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
@@ -156,14 +177,65 @@ class Producer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._producer.stop()
 
-    async def send_many(self, messages: Sequence[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]]) -> None:
-        """Send ``(topic, key, value, headers)`` in order and wait until every one is acknowledged."""
+    async def partition_for(self, topic: str, key: bytes | None, fallback: int) -> int:
+        """The partition a record goes to: the key's, as Kafka's default partitioner picks it.
+
+        Keyless records go to ``fallback`` modulo the partition count, so the choice is
+        known before sending and the same on every retry.
+        """
+        with translate(f"reading the partitions of {topic}"):
+            partitions: list[int] = sorted(await self._producer.partitions_for(topic))
+        if key is None:
+            return partitions[fallback % len(partitions)]
+        chosen: int = self._partitioner(key, partitions, partitions)
+        return chosen
+
+    async def send_many(self, records: Sequence[Outgoing]) -> None:
+        """Send ``records`` in order and wait until every one is acknowledged."""
         with translate("producing records"):
             futures = [
-                await self._producer.send(topic, value=value, key=key, headers=list(headers)) for topic, key, value, headers in messages
+                await self._producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers), partition=r.partition)
+                for r in records
             ]
             for future in futures:
                 await future
+
+
+class Reader:
+    """A consumer outside any group, for end offsets and reading back a range of a partition."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        self._consumer = AIOKafkaConsumer(enable_auto_commit=False, **client_options(settings))
+        self._lock = asyncio.Lock()  # assign() is per consumer: one range read at a time
+
+    async def __aenter__(self) -> Reader:
+        with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
+            await self._consumer.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._consumer.stop()
+
+    async def end_offsets(self, partitions: Iterable[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """The log-end offset of each ``(topic, partition)``."""
+        with translate("reading end offsets"):
+            ends = await self._consumer.end_offsets([TopicPartition(t, p) for t, p in partitions])
+        return {(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    async def read_range(self, topic: str, partition: int, start: int, end: int, timeout_s: float = 60.0) -> list[RawRecord]:
+        """The records of one partition from ``start`` up to (not including) ``end``."""
+        tp = TopicPartition(topic, partition)
+        found: list[RawRecord] = []
+        async with self._lock:
+            with translate(f"reading back {topic}[{partition}] {start}..{end}"):
+                self._consumer.assign([tp])
+                self._consumer.seek(tp, start)
+                async with asyncio.timeout(timeout_s):
+                    while await self._consumer.position(tp) < end:
+                        batch = await self._consumer.getmany(tp, timeout_ms=1000)
+                        found.extend(_raw(r) for r in batch.get(tp, []) if r.offset < end)
+        return found
 
 
 @contextlib.asynccontextmanager
@@ -202,8 +274,12 @@ async def read_topic(settings: KafkaSettings, topic: str, *, idle_timeout_ms: in
     with translate(f"reading topic {topic}"):
         await consumer.start()
     try:
-        await consumer.topics()  # loads the metadata that partitions_for_topic reads
-        partitions = consumer.partitions_for_topic(topic) or set()
+        # A consumer without a subscription keeps no metadata for partitions_for_topic
+        # (consumer.topics() does not fill it in), so ask the cluster.
+        async with admin(settings) as client:
+            with translate(f"describing topic {topic}"):
+                described = await client.describe_topics([topic])
+        partitions = {p["partition"] for found in described for p in found["partitions"]}
         tps = [TopicPartition(topic, p) for p in sorted(partitions)]
         if not tps:
             return

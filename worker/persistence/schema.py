@@ -89,6 +89,10 @@ outbox = Table(
     Column("value", LargeBinary, nullable=False),
     Column("headers", Text, nullable=False),  # JSON list of [name, base64 value]
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Written before the first send: where the row goes and where that partition ended then,
+    # so a new owner can read back what a crashed one already published and send the rest.
+    Column("target_partition", Integer, nullable=True),
+    Column("attempt_offset", BigInteger, nullable=True),
     Column("published_at", DateTime(timezone=True), nullable=True),
-    Index("ix_outbox_unpublished", "published_at", "id"),
+    Index("ix_outbox_unpublished", "source_topic", "source_partition", "published_at", "id"),
 )

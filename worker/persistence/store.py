@@ -63,10 +63,12 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class PendingMessage:
-    """An outbox row waiting to be published."""
+    """An outbox row waiting to be published; attempted if ``attempt_offset`` is set."""
 
     id: int
     message: OutboxMessage
+    target_partition: int | None = None
+    attempt_offset: int | None = None
 
 
 class Store:
@@ -341,18 +343,38 @@ class Store:
 
     # -- outbox --------------------------------------------------------------------------
 
-    async def pending_outbox(self, limit: int, topic: str | None = None, partitions: Sequence[int] = ()) -> list[PendingMessage]:
-        """The oldest unpublished outbox rows staged by ``partitions`` of ``topic`` (all, if None)."""
-        query = select(outbox).where(outbox.c.published_at.is_(None))
-        if topic is not None:
-            query = query.where(outbox.c.source_topic == topic, outbox.c.source_partition.in_(partitions))
-        query = query.order_by(outbox.c.id).limit(limit)
+    async def pending_outbox(self, topic: str, partition: int, limit: int) -> list[PendingMessage]:
+        """The oldest unpublished outbox rows staged by ``partition`` of ``topic``."""
+        query = (
+            select(outbox)
+            .where(outbox.c.source_topic == topic, outbox.c.source_partition == partition, outbox.c.published_at.is_(None))
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
         with _translate("reading the outbox"):
             async with self._read() as conn:
                 rows = (await conn.execute(query)).all()
         return [
-            PendingMessage(row.id, OutboxMessage(row.app_id, row.topic, row.key, row.value, _decode_headers(row.headers))) for row in rows
+            PendingMessage(
+                row.id,
+                OutboxMessage(row.app_id, row.topic, row.key, row.value, _decode_headers(row.headers)),
+                row.target_partition,
+                row.attempt_offset,
+            )
+            for row in rows
         ]
+
+    async def record_attempts(self, fence: Fence, attempts: Sequence[tuple[int, int, int]]) -> None:
+        """Record ``(row id, target partition, its end offset now)`` before sending, if still the owner."""
+        with _translate("recording outbox attempts"):
+            async with self._write() as conn:
+                await self._advance(conn, fence, None)
+                await conn.execute(
+                    update(outbox)
+                    .where(outbox.c.id == bindparam("b_id"))
+                    .values(target_partition=bindparam("b_partition"), attempt_offset=bindparam("b_offset")),
+                    [{"b_id": i, "b_partition": p, "b_offset": o} for i, p, o in attempts],
+                )
 
     async def mark_published(self, ids: Sequence[int]) -> None:
         """Record that these outbox rows reached Kafka."""
@@ -361,6 +383,13 @@ class Store:
             async with self._write() as conn:
                 for chunk in _chunks(ids, _CHUNK):
                     await conn.execute(update(outbox).where(outbox.c.id.in_(chunk)).values(published_at=now))
+
+    async def outbox_backlog(self) -> int:
+        """How many outbox rows wait to be published (all partitions)."""
+        with _translate("counting the outbox backlog"):
+            async with self._read() as conn:
+                count = await conn.scalar(select(func.count()).select_from(outbox).where(outbox.c.published_at.is_(None)))
+        return int(count or 0)
 
     # -- inspection (rc-worker state) ----------------------------------------------------
 

@@ -65,9 +65,11 @@ def upgrade() -> None:
         sa.Column("value", sa.LargeBinary, nullable=False),
         sa.Column("headers", sa.Text, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("target_partition", sa.Integer, nullable=True),
+        sa.Column("attempt_offset", sa.BigInteger, nullable=True),
         sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
     )
-    op.create_index("ix_outbox_unpublished", "outbox", ["published_at", "id"])
+    op.create_index("ix_outbox_unpublished", "outbox", ["source_topic", "source_partition", "published_at", "id"])
 
 
 def downgrade() -> None:
