@@ -48,7 +48,20 @@ class BatchResult:
     dead_lettered: int = 0
     conflicts: int = 0
     staged_outbox: int = 0
+    locked: bool = False
     per_app: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: BatchResult) -> None:
+        """Fold in the result of a part of this batch (when a batch is split)."""
+        self.processed += other.processed
+        self.duplicates += other.duplicates
+        self.skipped += other.skipped
+        self.dead_lettered += other.dead_lettered
+        self.conflicts += other.conflicts
+        self.staged_outbox += other.staged_outbox
+        self.locked = self.locked or other.locked
+        for app_id, count in other.per_app.items():
+            self.per_app[app_id] = self.per_app.get(app_id, 0) + count
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,33 +88,77 @@ class Dispatcher:
         self.topics = topics
         self.settings = settings
 
-    async def dispatch(self, records: Sequence[RawRecord], fence: Fence | None) -> BatchResult:
+    async def dispatch(self, records: Sequence[RawRecord], fence: Fence | None, *, locked: bool = False) -> BatchResult:
         """Process ``records`` (one partition, in offset order) and commit them with the next offset.
 
+        The first attempt is optimistic unless ``locked``; every attempt after a conflict
+        runs locked (see ``Store.session``). A batch that still conflicts is split into its
+        events, and an event that still conflicts alone is dead-lettered as such.
+
         Raises:
-            ConflictsExhausted: every attempt conflicted.
             FencedError: the partition was taken over; nothing was committed.
             PersistenceError: the database failed; nothing was committed.
 
         """
         decoded = [(record, _decode(record)) for record in records]
-        next_offset = records[-1].offset + 1
+        try:
+            return await self._attempts(decoded, fence, locked)
+        except ConflictsExhausted as exc:
+            if len(records) == 1:
+                return await self._dead_letter_conflicted(records[0], fence, exc)
+            log.warning("batch_split", records=len(records), reason=str(exc))
+            merged = BatchResult(records[-1].offset + 1)
+            for record in records:
+                merged.add(await self.dispatch([record], fence, locked=True))
+            return merged
+
+    async def _attempts(self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, locked: bool) -> BatchResult:
+        next_offset = decoded[-1][0].offset + 1
         for attempt in range(1, self.settings.conflict_max_attempts + 1):
-            unit = UnitOfWork(self.store)
-            result = await self._run(unit, decoded, next_offset)
+            hold = locked or attempt > 1
             try:
-                await self.store.commit(unit, fence, next_offset)
+                result = await (self._locked_attempt if hold else self._optimistic_attempt)(decoded, fence, next_offset)
             except VersionConflict as exc:
-                log.info("batch_conflict", attempt=attempt, records=len(records), reason=str(exc))
+                log.info("batch_conflict", attempt=attempt, records=len(decoded), locked=hold, reason=str(exc))
                 await asyncio.sleep(backoff(attempt, self.settings))
                 continue
             result.conflicts = attempt - 1
-            result.staged_outbox = len(unit.outbox)
+            result.locked = hold
             return result
         raise ConflictsExhausted(
-            f"batch of {len(records)} records ending at offset {next_offset - 1} conflicted "
+            f"batch of {len(decoded)} records ending at offset {next_offset - 1} conflicted "
             f"{self.settings.conflict_max_attempts} times; raise processing.conflict_max_attempts or reduce contention"
         )
+
+    async def _optimistic_attempt(
+        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int
+    ) -> BatchResult:
+        unit = UnitOfWork(self.store)
+        result = await self._run(unit, decoded, next_offset)
+        await self.store.commit(unit, fence, next_offset)
+        result.staged_outbox = len(unit.outbox)
+        return result
+
+    async def _locked_attempt(
+        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int
+    ) -> BatchResult:
+        async with self.store.session() as session:
+            unit = UnitOfWork(session)
+            result = await self._run(unit, decoded, next_offset)
+            await session.commit(unit, fence, next_offset)
+        result.staged_outbox = len(unit.outbox)
+        return result
+
+    async def _dead_letter_conflicted(self, record: RawRecord, fence: Fence | None, exc: ConflictsExhausted) -> BatchResult:
+        """Commit just a dead letter for an event that never got through its conflicts."""
+        with bound_contextvars(offset=record.offset):
+            log.error("event_dead_lettered", stage="conflict", reason=str(exc))
+        unit = UnitOfWork(self.store)
+        unit.publish(
+            dead_letter(record, self.topics.dead_letter, f"VersionConflict: {exc}", stage="conflict", error_type="VersionConflict")
+        )
+        await self.store.commit(unit, fence, record.offset + 1)
+        return BatchResult(record.offset + 1, dead_lettered=1, conflicts=self.settings.conflict_max_attempts, staged_outbox=1)
 
     async def _run(self, unit: UnitOfWork, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], next_offset: int) -> BatchResult:
         result = BatchResult(next_offset)
@@ -176,7 +233,8 @@ class Dispatcher:
                         error_type=type(exc).__name__,
                     )
                 )
-                unit.mark_processed(marker)
+                # Not marked processed: its state never changed, so a redrive of this event
+                # (or a later redelivery) must be able to process it.
                 return
 
 

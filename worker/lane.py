@@ -28,6 +28,9 @@ log = structlog.get_logger("worker.lane")
 
 # How often an idle lane retries publishing an outbox that failed to publish.
 OUTBOX_RETRY_S = 1.0
+# After a conflict, this many batches start locked: contention on a hot key comes in runs,
+# and a locked batch waits its turn instead of being run again and again.
+LOCKED_BATCHES_AFTER_CONFLICT = 20
 
 
 class Lane:
@@ -53,6 +56,7 @@ class Lane:
         self._closed = asyncio.Event()
         self._outbox_dirty = True  # a new owner first publishes what the last one left
         self.busy = False
+        self._locked_batches = 0
         self.last_progress = time.monotonic()
         self.task = asyncio.create_task(self._run(), name=f"lane-{fence.topic}-{fence.partition}")
 
@@ -100,7 +104,7 @@ class Lane:
         attempt = 0
         while not self._closed.is_set() or attempt == 0:
             try:
-                result = await self._dispatcher.dispatch(records, self.fence)
+                result = await self._dispatcher.dispatch(records, self.fence, locked=self._locked_batches > 0)
             except FencedError as exc:
                 log.warning("partition_fenced", reason=str(exc))
                 self._closed.set()
@@ -110,6 +114,7 @@ class Lane:
                 log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=records[0].offset)
                 await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
                 continue
+            self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
             self._offsets.mark(self.partition, result.next_offset)
             self.last_progress = time.monotonic()
             self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
@@ -122,6 +127,7 @@ class Lane:
                 skipped=result.skipped,
                 dead_lettered=result.dead_lettered,
                 conflicts=result.conflicts,
+                locked=result.locked,
             )
             return
         log.warning("batch_abandoned", first_offset=records[0].offset, reason="partition revoked or worker stopping")

@@ -113,49 +113,55 @@ class Store:
 
     async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
         """Versions of ``keys``, then the records with ``ids``, in one read transaction."""
-        query = select(records).where(records.c.app_id == app_id, records.c.id.in_(ids))
-        return await self._load(keys, query)
+        return await self._load(keys, _by_ids(app_id, ids))
 
     async def load_by_associations(
         self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
     ) -> tuple[dict[Key, int], list[StoredRecord]]:
         """Versions of ``keys``, then the records having all ``associations``."""
-        having_all = (
-            select(record_associations.c.record_id)
-            .where(record_associations.c.app_id == app_id, record_associations.c.association.in_(associations))
-            .group_by(record_associations.c.record_id)
-            .having(func.count() == len(set(associations)))
-        )
-        query = select(records).where(records.c.app_id == app_id, records.c.id.in_(having_all)).order_by(records.c.id)
-        return await self._load(keys, query)
+        return await self._load(keys, _by_associations(app_id, associations))
 
     async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
         """The markers among ``markers`` that a commit has already recorded."""
         if not markers:
             return set()
-        columns = tuple_(processed_events.c.app_id, processed_events.c.source, processed_events.c.event_id)
-        found: set[Marker] = set()
         with _translate("reading processed-event markers"):
             async with self._read() as conn:
-                for chunk in _chunks(markers, _CHUNK):
-                    rows = await conn.execute(select(*columns.clauses).where(columns.in_(chunk)))
-                    found.update((row[0], row[1], row[2]) for row in rows)
+                return await self._processed_on(conn, markers)
+
+    async def _processed_on(self, conn: AsyncConnection, markers: Sequence[Marker]) -> set[Marker]:
+        columns = tuple_(processed_events.c.app_id, processed_events.c.source, processed_events.c.event_id)
+        found: set[Marker] = set()
+        for chunk in _chunks(markers, _CHUNK):
+            rows = await conn.execute(select(*columns.clauses).where(columns.in_(chunk)))
+            found.update((row[0], row[1], row[2]) for row in rows)
         return found
 
     async def _load(self, keys: Sequence[Key], query: Any) -> tuple[dict[Key, int], list[StoredRecord]]:
         with _translate("reading records"):
             async with self._read() as conn:
-                # Versions first: a record changed between the two reads then shows up as a
-                # conflict at commit, never as a stale read that passes the check.
-                versions = await self._versions(conn, keys)
-                rows = (await conn.execute(query)).all()
+                return await self._load_on(conn, keys, query, lock=False)
+
+    async def _load_on(
+        self, conn: AsyncConnection, keys: Sequence[Key], query: Any, lock: bool
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        # Versions first: a record changed between the two reads then shows up as a conflict
+        # at commit, never as a stale read that passes the check.
+        versions = await self._versions(conn, keys, lock)
+        rows = (await conn.execute(query)).all()
         return versions, [_stored(row) for row in rows]
 
-    async def _versions(self, conn: AsyncConnection, keys: Sequence[Key]) -> dict[Key, int]:
+    async def _versions(self, conn: AsyncConnection, keys: Sequence[Key], lock: bool = False) -> dict[Key, int]:
         versions: dict[Key, int] = {key: 0 for key in keys}
-        for chunk in _chunks(keys, _CHUNK):
+        for chunk in _chunks(sorted(keys), _CHUNK):
             pair = tuple_(key_versions.c.app_id, key_versions.c.key)
-            rows = await conn.execute(select(key_versions.c.app_id, key_versions.c.key, key_versions.c.version).where(pair.in_(chunk)))
+            query = select(key_versions.c.app_id, key_versions.c.key, key_versions.c.version).where(pair.in_(chunk))
+            if lock and not self.is_sqlite:
+                # A row must exist to be locked: "nothing there yet" becomes version 0, locked.
+                ensure = self._insert(key_versions).values([{"app_id": a, "key": k, "version": 0} for a, k in chunk])
+                await conn.execute(ensure.on_conflict_do_nothing())
+                query = query.with_for_update()
+            rows = await conn.execute(query)
             versions.update({(row.app_id, row.key): row.version for row in rows})
         return versions
 
@@ -172,12 +178,28 @@ class Store:
         """
         with _translate("committing a unit of work"):
             async with self._write() as conn:
-                new_versions = await self._check_and_bump(conn, unit)
-                await self._write_records(conn, unit, new_versions)
-                await self._write_markers(conn, unit.markers)
-                await self._write_outbox(conn, unit.outbox, fence)
-                if fence is not None:
-                    await self._advance(conn, fence, next_offset)
+                await self._apply(conn, unit, fence, next_offset)
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[LockedSession]:
+        """A write transaction held while a unit of work runs: the pessimistic path.
+
+        What the unit reads is locked until it commits (SQLite: the whole database, taken at
+        BEGIN IMMEDIATE; PostgreSQL: the version rows read, FOR UPDATE), so its commit cannot
+        conflict. Used after an optimistic attempt conflicted, so a hot key is taken in turn
+        instead of by whole batches run again and again.
+        """
+        with _translate("running a locked unit of work"):
+            async with self._write() as conn:
+                yield LockedSession(self, conn)
+
+    async def _apply(self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None) -> None:
+        new_versions = await self._check_and_bump(conn, unit)
+        await self._write_records(conn, unit, new_versions)
+        await self._write_markers(conn, unit.markers)
+        await self._write_outbox(conn, unit.outbox, fence)
+        if fence is not None:
+            await self._advance(conn, fence, next_offset)
 
     async def _check_and_bump(self, conn: AsyncConnection, unit: UnitOfWork) -> dict[Key, int]:
         """Compare-and-set every key read, bump every key written, in one global order."""
@@ -393,6 +415,13 @@ class Store:
 
     # -- inspection (rc-worker state) ----------------------------------------------------
 
+    async def outbox_messages(self) -> list[tuple[int, OutboxMessage]]:
+        """Every outbox row, published or not, as (row id, message), oldest first (worker.testing reads it)."""
+        with _translate("reading the outbox"):
+            async with self._read() as conn:
+                rows = (await conn.execute(select(outbox).order_by(outbox.c.id))).all()
+        return [(row.id, OutboxMessage(row.app_id, row.topic, row.key, row.value, _decode_headers(row.headers))) for row in rows]
+
     async def app_records(self, app_id: str, association: str | None = None) -> list[StoredRecord]:
         """Every record of ``app_id`` (with ``association``, if given), ordered by id."""
         if association is not None:
@@ -425,6 +454,46 @@ class Store:
             await conn.execution_options(rc_write=True)
             async with conn.begin():
                 yield conn
+
+
+class LockedSession:
+    """The Loader of a unit of work run inside :meth:`Store.session`; reads lock what they see."""
+
+    def __init__(self, store: Store, conn: AsyncConnection) -> None:
+        self._store = store
+        self._conn = conn
+
+    async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys`` (locked), then the records with ``ids``."""
+        return await self._store._load_on(self._conn, keys, _by_ids(app_id, ids), lock=True)
+
+    async def load_by_associations(
+        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys`` (locked), then the records having all ``associations``."""
+        return await self._store._load_on(self._conn, keys, _by_associations(app_id, associations), lock=True)
+
+    async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
+        """The markers among ``markers`` already recorded."""
+        return await self._store._processed_on(self._conn, markers) if markers else set()
+
+    async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> None:
+        """Apply ``unit``; the transaction commits when the session's block ends."""
+        await self._store._apply(self._conn, unit, fence, next_offset)
+
+
+def _by_ids(app_id: str, ids: Sequence[str]) -> Any:
+    return select(records).where(records.c.app_id == app_id, records.c.id.in_(ids))
+
+
+def _by_associations(app_id: str, associations: Sequence[str]) -> Any:
+    having_all = (
+        select(record_associations.c.record_id)
+        .where(record_associations.c.app_id == app_id, record_associations.c.association.in_(associations))
+        .group_by(record_associations.c.record_id)
+        .having(func.count() == len(set(associations)))
+    )
+    return select(records).where(records.c.app_id == app_id, records.c.id.in_(having_all)).order_by(records.c.id)
 
 
 def _configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
@@ -479,4 +548,4 @@ def _decode_headers(text: str) -> tuple[tuple[str, bytes], ...]:
     return tuple((name, base64.b64decode(value)) for name, value in orjson.loads(text))
 
 
-__all__ = ["Claim", "Fence", "PendingMessage", "Store"]
+__all__ = ["Claim", "Fence", "LockedSession", "PendingMessage", "Store"]
