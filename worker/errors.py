@@ -69,8 +69,13 @@ class SchemaError(PersistenceError):
 class VersionConflict(PersistenceError):
     """Raised at commit when a record or association read by the unit of work has changed.
 
-    Not a failure: the unit of work runs again on fresh data.
+    Not a failure: the unit of work runs again on fresh data. ``keys`` names the version
+    keys found changed, when known, so a cache can forget just those.
     """
+
+    def __init__(self, message: str, keys: frozenset[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 class FencedError(WorkerError):
@@ -96,7 +101,16 @@ class RecordNotFoundError(AppError):
 
 
 class HttpError(AppError):
-    """Raised when an http accessor request fails (connection, timeout or response too large)."""
+    """Raised when an http accessor request fails (connection, timeout, body too large, or a 4xx/5xx status).
+
+    ``status_code`` is set when the service answered (``HttpResponse.raise_for_status``); a
+    4xx other than 408 and 429 is not retriable, as asking again would get the same answer.
+    """
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.retriable = status_code is None or status_code >= 500 or status_code in (408, 429)
 
 
 class DeadLetterNow(AppError):

@@ -9,6 +9,7 @@ VersionConflict, never deadlock on each other's keys. SQLAlchemy errors are tran
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -35,7 +36,7 @@ from worker.persistence.schema import (
     record_associations,
     records,
 )
-from worker.persistence.unit import Key, Marker, OutboxMessage, StoredRecord, UnitOfWork
+from worker.persistence.unit import Key, Marker, OutboxMessage, Snapshot, StoredRecord, UnitOfWork
 
 # PostgreSQL's codes for "try again": serialization failure and deadlock.
 _RETRY_SQLSTATES = {"40001", "40P01"}
@@ -77,6 +78,11 @@ class Store:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time. Writers of this process queue here, in order,
+        # instead of in SQLite's busy handler, which sleeps in growing steps between tries.
+        self._sqlite_writer = asyncio.Lock()
+        self._version_statements = self._build_version_statements()
+        self._marker_statement = self._insert(processed_events).on_conflict_do_nothing().returning(processed_events.c.event_id)
 
     @classmethod
     def from_settings(cls, settings: PersistenceSettings) -> Store:
@@ -167,7 +173,7 @@ class Store:
 
     # -- the commit ----------------------------------------------------------------------
 
-    async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> None:
+    async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> dict[Key, int]:
         """Apply ``unit`` in one transaction if nothing it read has changed.
 
         Raises:
@@ -175,10 +181,13 @@ class Store:
             FencedError: ``fence`` is no longer the partition's current claim.
             PersistenceError: the database failed.
 
+        Returns:
+            The new version of every key the unit wrote.
+
         """
         with _translate("committing a unit of work"):
             async with self._write() as conn:
-                await self._apply(conn, unit, fence, next_offset)
+                return await self._apply(conn, unit, fence, next_offset)
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[LockedSession]:
@@ -193,13 +202,14 @@ class Store:
             async with self._write() as conn:
                 yield LockedSession(self, conn)
 
-    async def _apply(self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None) -> None:
+    async def _apply(self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None) -> dict[Key, int]:
         new_versions = await self._check_and_bump(conn, unit)
         await self._write_records(conn, unit, new_versions)
         await self._write_markers(conn, unit.markers)
         await self._write_outbox(conn, unit.outbox, fence)
         if fence is not None:
             await self._advance(conn, fence, next_offset)
+        return new_versions
 
     async def _check_and_bump(self, conn: AsyncConnection, unit: UnitOfWork) -> dict[Key, int]:
         """Compare-and-set every key read, bump every key written, in one global order."""
@@ -211,38 +221,46 @@ class Store:
 
         new_versions: dict[Key, int] = {}
         for which, run in groupby(sorted(unit.seen.keys() | unit.written), key=kind):
-            for chunk in _chunks(list(run), _CHUNK):
-                if which == "bump":
-                    statement = self._bump_statement(chunk)
-                else:
-                    statement = self._cas_statement(chunk, unit.seen, delta=1 if which == "cas" else 0)
-                returned = {(row.app_id, row.key): row.version for row in await conn.execute(statement)}
-                if len(returned) != len(chunk):
-                    changed = sorted(set(chunk) - returned.keys())
-                    raise VersionConflict(f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}")
-                new_versions.update(returned)
+            keys = list(run)
+            if which == "bump":
+                rows = [{"app_id": app, "key": key, "version": 1} for app, key in keys]
+            else:
+                delta = 1 if which == "cas" else 0
+                rows = [{"app_id": app, "key": key, "version": unit.seen[(app, key)] + delta} for app, key in keys]
+            # executemany: SQLAlchemy sends these as multi-row statements ("insertmanyvalues")
+            # compiled once and cached, instead of compiling a new VALUES list every batch.
+            result = await conn.execute(self._version_statements[which], rows)
+            returned = {(row.app_id, row.key): row.version for row in result}
+            if len(returned) != len(keys):
+                changed = sorted(set(keys) - returned.keys())
+                raise VersionConflict(
+                    f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}",
+                    keys=frozenset(changed),
+                )
+            new_versions.update(returned)
         return new_versions
 
-    def _cas_statement(self, keys: Sequence[Key], seen: dict[Key, int], delta: int) -> Any:
-        # Insert-or-update in one statement: an absent row is version 0, so "nothing there yet"
-        # is checked like any other version, and a concurrent insert makes the WHERE fail.
-        statement = self._insert(key_versions).values(
-            [{"app_id": app, "key": key, "version": seen[(app, key)] + delta} for app, key in keys]
-        )
-        return statement.on_conflict_do_update(
-            index_elements=[key_versions.c.app_id, key_versions.c.key],
-            set_={"version": statement.excluded.version},
-            where=key_versions.c.version == statement.excluded.version - delta,
-        ).returning(key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
-
-    def _bump_statement(self, keys: Sequence[Key]) -> Any:
+    def _build_version_statements(self) -> dict[str, Any]:
+        """The three upserts of ``key_versions``, by what the unit did with the key."""
+        returning = (key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
+        index = [key_versions.c.app_id, key_versions.c.key]
+        statements: dict[str, Any] = {}
+        for which, delta in (("check", 0), ("cas", 1)):
+            # Insert-or-update in one statement: an absent row is version 0, so "nothing there
+            # yet" is checked like any other version, and a concurrent insert fails the WHERE.
+            insert = self._insert(key_versions)
+            statements[which] = insert.on_conflict_do_update(
+                index_elements=index,
+                set_={"version": insert.excluded.version},
+                where=key_versions.c.version == insert.excluded.version - delta,
+            ).returning(*returning)
         # Keys written without being read (a blind create): nothing to check, only to bump,
         # so that units which did read them see the change.
-        statement = self._insert(key_versions).values([{"app_id": app, "key": key, "version": 1} for app, key in keys])
-        return statement.on_conflict_do_update(
-            index_elements=[key_versions.c.app_id, key_versions.c.key],
-            set_={"version": key_versions.c.version + 1},
-        ).returning(key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
+        insert = self._insert(key_versions)
+        statements["bump"] = insert.on_conflict_do_update(
+            index_elements=index, set_={"version": key_versions.c.version + 1}
+        ).returning(*returning)
+        return statements
 
     async def _write_records(self, conn: AsyncConnection, unit: UnitOfWork, new_versions: dict[Key, int]) -> None:
         inserts: list[dict[str, Any]] = []
@@ -283,21 +301,19 @@ class Store:
                 .values(data=bindparam("b_data"), version=bindparam("b_version"), associations=bindparam("b_associations")),
                 updates,
             )
-        for chunk in _chunks(inserts, _CHUNK):
-            await conn.execute(records.insert().values(chunk))
-        for chunk in _chunks(links, _CHUNK):
-            await conn.execute(record_associations.insert().values(chunk))
+        if inserts:
+            await conn.execute(records.insert(), inserts)
+        if links:
+            await conn.execute(record_associations.insert(), links)
 
     async def _write_markers(self, conn: AsyncConnection, markers: Sequence[Marker]) -> None:
+        if not markers:
+            return
         now = datetime.now(UTC)
-        for chunk in _chunks(markers, _CHUNK):
-            statement = self._insert(processed_events).values(
-                [{"app_id": a, "source": s, "event_id": e, "processed_at": now} for a, s, e in chunk]
-            )
-            statement = statement.on_conflict_do_nothing().returning(processed_events.c.event_id)
-            inserted = len((await conn.execute(statement)).all())
-            if inserted != len(chunk):
-                raise VersionConflict(f"{len(chunk) - inserted} event(s) were processed by another worker meanwhile")
+        rows = [{"app_id": a, "source": s, "event_id": e, "processed_at": now} for a, s, e in markers]
+        inserted = len((await conn.execute(self._marker_statement, rows)).all())
+        if inserted != len(markers):
+            raise VersionConflict(f"{len(markers) - inserted} event(s) were processed by another worker meanwhile", keys=frozenset())
 
     async def _write_outbox(self, conn: AsyncConnection, messages: Sequence[OutboxMessage], fence: Fence | None) -> None:
         now = datetime.now(UTC)
@@ -314,8 +330,8 @@ class Store:
             }
             for m in messages
         ]
-        for chunk in _chunks(rows, _CHUNK):
-            await conn.execute(outbox.insert().values(chunk))
+        if rows:
+            await conn.execute(outbox.insert(), rows)
 
     async def _advance(self, conn: AsyncConnection, fence: Fence, next_offset: int | None) -> None:
         result = await conn.execute(
@@ -450,7 +466,7 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.connect() as conn:
+        async with self._sqlite_writer if self.is_sqlite else contextlib.nullcontext(), self.engine.connect() as conn:
             await conn.execution_options(rc_write=True)
             async with conn.begin():
                 yield conn
@@ -477,9 +493,16 @@ class LockedSession:
         """The markers among ``markers`` already recorded."""
         return await self._store._processed_on(self._conn, markers) if markers else set()
 
-    async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> None:
+    async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> dict[Key, int]:
         """Apply ``unit``; the transaction commits when the session's block ends."""
-        await self._store._apply(self._conn, unit, fence, next_offset)
+        return await self._store._apply(self._conn, unit, fence, next_offset)
+
+    async def refresh(self, snapshot: Snapshot) -> None:
+        """Lock the snapshot's keys and forget those changed since it was taken."""
+        if not snapshot.versions:
+            return
+        current = await self._store._versions(self._conn, list(snapshot.versions), lock=True)
+        snapshot.forget({key for key, version in snapshot.versions.items() if current.get(key, 0) != version})
 
 
 def _by_ids(app_id: str, ids: Sequence[str]) -> Any:

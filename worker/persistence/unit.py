@@ -82,16 +82,79 @@ class Loader(Protocol):
 
 _DELETED = None  # a staged value of None means "removed in this unit"
 
+# A lane's snapshot is dropped whole past this many keys, which bounds a worker's memory.
+SNAPSHOT_MAX_KEYS = 50_000
+
 
 @dataclass(slots=True)
-class Checkpoint:
-    """What :meth:`UnitOfWork.rollback_to` restores: the staged part, never the reads."""
+class Snapshot:
+    """What one partition's lane knows of the database after its last commit.
 
-    staged: dict[RecordRef, StoredRecord | None]
-    created: set[RecordRef]
-    written: set[Key]
+    The next unit of work of that lane reads from it instead of the database; what it uses
+    is still checked at commit like any other read, so a stale entry costs a conflict, never
+    a wrong result. Rooms map to partitions, so most of a lane's keys are written by that
+    lane alone and stay valid from batch to batch.
+    """
+
+    versions: dict[Key, int] = field(default_factory=dict)
+    records: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
+    queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
+
+    def forget(self, keys: Iterable[Key]) -> None:
+        """Drop the versions of ``keys`` and whatever was read through them."""
+        stale = set(keys)
+        if not stale:
+            return
+        for key in stale:
+            self.versions.pop(key, None)
+        for ref, record in list(self.records.items()):
+            keys_of = record.keys(ref[0]) if record is not None else [id_key(*ref)]
+            if any(key in stale for key in keys_of):
+                del self.records[ref]
+        for query in list(self.queries):
+            app_id, associations = query
+            if any(association_key(app_id, a) in stale for a in associations):
+                del self.queries[query]
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self.versions.clear()
+        self.records.clear()
+        self.queries.clear()
+
+    def absorb(self, unit: UnitOfWork, new_versions: Mapping[Key, int]) -> None:
+        """Take over what ``unit`` read and wrote, now that it has committed."""
+        if len(self.versions) > SNAPSHOT_MAX_KEYS:
+            self.clear()
+        self.versions.update(unit.seen)
+        self.versions.update(new_versions)
+        self.records.update(unit.base)
+        for ref, record in unit.staged.items():
+            version = new_versions.get(id_key(*ref))
+            self.records[ref] = None if record is None or version is None else replace(record, version=version)
+        # A query whose association was written by this unit is now what the unit saw.
+        for query in unit.queries:
+            self.queries[query] = tuple(r.id for r in unit.query_result(query))
+        for query in list(self.queries):
+            app_id, associations = query
+            if query not in unit.queries and any(association_key(app_id, a) in unit.written for a in associations):
+                del self.queries[query]
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where :meth:`UnitOfWork.rollback_to` goes back to: the staged part, never the reads."""
+
+    journal: int
     outbox: int
     markers: int
+
+
+# One undo step of a staging structure: ("dict", d, key, old value or _ABSENT), ("added",
+# s, key, None) or ("removed", s, key, None). A journal instead of copies keeps a checkpoint
+# O(1), where copying the staged state before every handler run made a batch quadratic.
+_ABSENT: Any = object()
+_Undo = tuple[str, Any, Any, Any]
 
 
 @dataclass(slots=True)
@@ -99,6 +162,7 @@ class UnitOfWork:
     """Reads with the versions they saw, and writes staged until commit."""
 
     loader: Loader
+    snapshot: Snapshot | None = None
     seen: dict[Key, int] = field(default_factory=dict)
     base: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
@@ -107,6 +171,10 @@ class UnitOfWork:
     written: set[Key] = field(default_factory=set)
     outbox: list[OutboxMessage] = field(default_factory=list)
     markers: list[Marker] = field(default_factory=list)
+    # Records created in this unit by (app id, association): association reads look here
+    # instead of scanning every created record.
+    created_by_association: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    journal: list[_Undo] = field(default_factory=list)
     #: The first database failure seen by a read: the dispatcher re-raises it after the
     #: handler returns, so a handler that swallows errors cannot commit on a failed read.
     failure: Exception | None = None
@@ -118,7 +186,7 @@ class UnitOfWork:
         ref = (app_id, record_id)
         if ref in self.staged:
             return self.staged[ref]
-        if ref not in self.base:
+        if ref not in self.base and not self._adopt_record(ref):
             key = id_key(app_id, record_id)
             versions, rows = await self._guard(self.loader.load_by_ids(self._unseen([key]), app_id, [record_id]))
             self._remember(versions, rows, app_id)
@@ -132,23 +200,30 @@ class UnitOfWork:
         if not wanted:
             raise InvalidDataError("at least one association is needed")
         query = (app_id, wanted)
-        if query not in self.queries:
+        if query not in self.queries and not self._adopt_query(query):
             keys = [association_key(app_id, a) for a in wanted]
             versions, rows = await self._guard(self.loader.load_by_associations(self._unseen(keys), app_id, wanted))
             self._remember(versions, rows, app_id)
             for key in keys:
                 self.seen.setdefault(key, 0)
             self.queries[query] = tuple(row.id for row in rows)
+        return self.query_result(query)
+
+    def query_result(self, query: tuple[str, tuple[str, ...]]) -> list[StoredRecord]:
+        """The records of a query already run, this unit's writes applied."""
+        app_id, wanted = query
         found: list[StoredRecord] = []
+        wanted_set = set(wanted)
         for record_id in self.queries[query]:
             ref = (app_id, record_id)
             record = self.staged[ref] if ref in self.staged else self.base.get(ref)
-            if record is not None:
+            # A record removed and re-created here (update with upsert) has lost its associations.
+            if record is not None and wanted_set.issubset(record.associations):
                 found.append(record)
-        wanted_set = set(wanted)
-        for ref in self.created:
-            record = self.staged.get(ref)
-            if ref[0] == app_id and record is not None and wanted_set.issubset(record.associations) and ref[1] not in self.queries[query]:
+        from_database = set(self.queries[query])
+        for record_id in sorted(self.created_by_association.get((app_id, wanted[0]), ())):
+            record = self.staged.get((app_id, record_id))
+            if record is not None and wanted_set.issubset(record.associations) and record_id not in from_database:
                 found.append(record)
         return found
 
@@ -166,10 +241,15 @@ class UnitOfWork:
         record_id = record_id or uuid.uuid4().hex
         ref = (app_id, record_id)
         record = StoredRecord(record_id, encode_data(data), 0, tuple(sorted({str(a) for a in associations})))
-        self.staged[ref] = record
+        self._set(self.staged, ref, record)
         if self.base.get(ref) is None:
-            self.created.add(ref)
-        self.written.update(record.keys(app_id))
+            self._add(self.created, ref)
+            for association in record.associations:
+                index = self.created_by_association.get((app_id, association))
+                if index is None:
+                    index = self.created_by_association[(app_id, association)] = set()
+                self._add(index, record_id)
+        self._written(record.keys(app_id))
         return record_id
 
     async def update(self, app_id: str, record_id: str, data: Mapping[str, Any], upsert: bool) -> str:
@@ -223,14 +303,21 @@ class UnitOfWork:
     # -- handler runs --------------------------------------------------------------------
 
     def checkpoint(self) -> Checkpoint:
-        """Remember the staged state, so that a failed handler run can be undone."""
-        return Checkpoint(dict(self.staged), set(self.created), set(self.written), len(self.outbox), len(self.markers))
+        """Remember where the staged state is, so that a failed handler run can be undone."""
+        return Checkpoint(len(self.journal), len(self.outbox), len(self.markers))
 
     def rollback_to(self, checkpoint: Checkpoint) -> None:
         """Undo every write staged since ``checkpoint``; what was read stays known."""
-        self.staged = checkpoint.staged
-        self.created = checkpoint.created
-        self.written = checkpoint.written
+        while len(self.journal) > checkpoint.journal:
+            kind, target, key, value = self.journal.pop()
+            if kind == "added":
+                target.discard(key)
+            elif kind == "removed":
+                target.add(key)
+            elif value is _ABSENT:
+                del target[key]
+            else:
+                target[key] = value
         del self.outbox[checkpoint.outbox :]
         del self.markers[checkpoint.markers :]
 
@@ -248,6 +335,32 @@ class UnitOfWork:
             self.failure = self.failure or exc
             raise
 
+    def _adopt_record(self, ref: RecordRef) -> bool:
+        """Take a record read by id from the snapshot, with the version to check."""
+        key = id_key(*ref)
+        if self.snapshot is None or ref not in self.snapshot.records or key not in self.snapshot.versions:
+            return False
+        self.base[ref] = self.snapshot.records[ref]
+        self.seen.setdefault(key, self.snapshot.versions[key])
+        return True
+
+    def _adopt_query(self, query: tuple[str, tuple[str, ...]]) -> bool:
+        """Take an association query's result from the snapshot, with the versions to check."""
+        snapshot = self.snapshot
+        if snapshot is None or query not in snapshot.queries:
+            return False
+        app_id, wanted = query
+        keys = [association_key(app_id, a) for a in wanted]
+        ids = snapshot.queries[query]
+        if any(k not in snapshot.versions for k in keys) or any((app_id, i) not in snapshot.records for i in ids):
+            return False
+        for key in keys:
+            self.seen.setdefault(key, snapshot.versions[key])
+        for record_id in ids:
+            self.base.setdefault((app_id, record_id), snapshot.records[(app_id, record_id)])
+        self.queries[query] = ids
+        return True
+
     def _unseen(self, keys: Iterable[Key]) -> list[Key]:
         return [key for key in keys if key not in self.seen]
 
@@ -260,14 +373,29 @@ class UnitOfWork:
             self.base.setdefault((app_id, row.id), row)
 
     def _stage(self, app_id: str, record: StoredRecord) -> None:
-        self.staged[(app_id, record.id)] = record
-        self.written.update(record.keys(app_id))
+        self._set(self.staged, (app_id, record.id), record)
+        self._written(record.keys(app_id))
 
     def _delete(self, app_id: str, record: StoredRecord) -> None:
         ref = (app_id, record.id)
-        self.staged[ref] = _DELETED
-        self.created.discard(ref)
-        self.written.update(record.keys(app_id))
+        self._set(self.staged, ref, _DELETED)
+        if ref in self.created:
+            self.journal.append(("removed", self.created, ref, None))
+            self.created.discard(ref)
+        self._written(record.keys(app_id))
+
+    def _set(self, target: dict[Any, Any], key: Any, value: Any) -> None:
+        self.journal.append(("dict", target, key, target.get(key, _ABSENT)))
+        target[key] = value
+
+    def _add(self, target: set[Any], key: Any) -> None:
+        if key not in target:
+            self.journal.append(("added", target, key, None))
+            target.add(key)
+
+    def _written(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self._add(self.written, key)
 
 
 def encode_data(data: Mapping[str, Any]) -> bytes:
@@ -275,7 +403,8 @@ def encode_data(data: Mapping[str, Any]) -> bytes:
     if not isinstance(data, Mapping):
         raise InvalidDataError(f"record data must be a JSON object (a dict), not {type(data).__name__}")
     try:
-        return orjson.dumps(data)
+        # orjson serialises dicts only; any other Mapping the signature allows is copied into one.
+        return orjson.dumps(data if isinstance(data, dict) else dict(data))
     except TypeError as exc:
         raise InvalidDataError(f"record data is not JSON-serialisable: {exc}") from None
 
