@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from worker.errors import InvalidDataError
 
@@ -27,6 +27,8 @@ class Association:
 
     model: AssociationModel
     id: str
+    # "model:id", made once: handlers build and read associations on every event.
+    _text: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -38,9 +40,10 @@ class Association:
             except ValueError:
                 allowed = ", ".join(m.value for m in AssociationModel)
                 raise InvalidDataError(f"unknown association model {self.model!r}; use one of: {allowed}") from None
+        object.__setattr__(self, "_text", f"{self.model.value}:{self.id}")
 
     def __str__(self) -> str:
-        return f"{self.model.value}:{self.id}"
+        return self._text
 
     @classmethod
     def parse(cls, text: str) -> Association:

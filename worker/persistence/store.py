@@ -82,6 +82,11 @@ class Store:
         # instead of in SQLite's busy handler, which sleeps in growing steps between tries.
         self._sqlite_writer = asyncio.Lock()
         self._version_statements = self._build_version_statements()
+        self._processed_statement = select(processed_events.c.event_id).where(
+            processed_events.c.app_id == bindparam("app_id"),
+            processed_events.c.source == bindparam("source"),
+            processed_events.c.event_id.in_(bindparam("event_ids", expanding=True)),
+        )
         self._marker_statement = self._insert(processed_events).on_conflict_do_nothing().returning(processed_events.c.event_id)
 
     @classmethod
@@ -136,11 +141,16 @@ class Store:
                 return await self._processed_on(conn, markers)
 
     async def _processed_on(self, conn: AsyncConnection, markers: Sequence[Marker]) -> set[Marker]:
-        columns = tuple_(processed_events.c.app_id, processed_events.c.source, processed_events.c.event_id)
+        # One query per (app, source), with the event ids as an IN list: a range scan of the
+        # primary key. A row-value IN of (app, source, id) tuples was planned as a scan of
+        # the whole table on PostgreSQL, 70 ms a batch and growing with it.
+        by_origin: dict[tuple[str, str], list[str]] = {}
+        for app_id, source, event_id in markers:
+            by_origin.setdefault((app_id, source), []).append(event_id)
         found: set[Marker] = set()
-        for chunk in _chunks(markers, _CHUNK):
-            rows = await conn.execute(select(*columns.clauses).where(columns.in_(chunk)))
-            found.update((row[0], row[1], row[2]) for row in rows)
+        for (app_id, source), event_ids in by_origin.items():
+            rows = await conn.execute(self._processed_statement, {"app_id": app_id, "source": source, "event_ids": event_ids})
+            found.update((app_id, source, row.event_id) for row in rows)
         return found
 
     async def _load(self, keys: Sequence[Key], query: Any) -> tuple[dict[Key, int], list[StoredRecord]]:

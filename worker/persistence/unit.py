@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import orjson
@@ -131,7 +131,7 @@ class Snapshot:
         self.records.update(unit.base)
         for ref, record in unit.staged.items():
             version = new_versions.get(id_key(*ref))
-            self.records[ref] = None if record is None or version is None else replace(record, version=version)
+            self.records[ref] = None if record is None or version is None else StoredRecord(record.id, record.data, version, record.associations)
         # A query whose association was written by this unit is now what the unit saw.
         for query in unit.queries:
             self.queries[query] = tuple(r.id for r in unit.query_result(query))
@@ -196,7 +196,7 @@ class UnitOfWork:
 
     async def read_by_associations(self, app_id: str, associations: Sequence[Association]) -> list[StoredRecord]:
         """Records of ``app_id`` having every one of ``associations``, this unit's writes applied."""
-        wanted = tuple(sorted({str(a) for a in associations}))
+        wanted = (str(associations[0]),) if len(associations) == 1 else tuple(sorted({str(a) for a in associations}))
         if not wanted:
             raise InvalidDataError("at least one association is needed")
         query = (app_id, wanted)
@@ -259,7 +259,7 @@ class UnitOfWork:
             if not upsert:
                 raise RecordNotFoundError(f"no record {record_id!r} of app {app_id!r}; pass upsert=True to create it")
             return self.create(app_id, data, (), record_id=record_id)
-        self._stage(app_id, replace(current, data=encode_data(data)))
+        self._stage(app_id, StoredRecord(current.id, encode_data(data), current.version, current.associations))
         return record_id
 
     async def update_by_associations(
@@ -274,7 +274,7 @@ class UnitOfWork:
                 raise RecordNotFoundError(f"no record of app {app_id!r} has {names}; pass upsert=True to create one")
             return [self.create(app_id, data, associations)]
         for record in matches:
-            self._stage(app_id, replace(record, data=encoded))
+            self._stage(app_id, StoredRecord(record.id, encoded, record.version, record.associations))
         return [record.id for record in matches]
 
     async def remove(self, app_id: str, record_id: str) -> list[StoredRecord]:
