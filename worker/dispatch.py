@@ -11,22 +11,24 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from worker import constants
+from worker import constants, tracing
 from worker.apps import App, Read
 from worker.config import ProcessingSettings
 from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
 from worker.http import Http
 from worker.modify import Modify
+from worker.observability import observe
 from worker.persistence.accessors import PersistenceReader, PersistenceWriter
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Marker, OutboxMessage, UnitOfWork
+from worker.persistence.unit import Marker, OutboxMessage, Snapshot, UnitOfWork
 
 log = structlog.get_logger("worker.dispatch")
 
@@ -50,6 +52,7 @@ class BatchResult:
     staged_outbox: int = 0
     locked: bool = False
     per_app: dict[str, int] = field(default_factory=dict)
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (app, processed|skipped|duplicate|dead_lettered)
 
     def add(self, other: BatchResult) -> None:
         """Fold in the result of a part of this batch (when a batch is split)."""
@@ -62,6 +65,7 @@ class BatchResult:
         self.locked = self.locked or other.locked
         for app_id, count in other.per_app.items():
             self.per_app[app_id] = self.per_app.get(app_id, 0) + count
+        self.outcomes.update(other.outcomes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,12 +92,15 @@ class Dispatcher:
         self.topics = topics
         self.settings = settings
 
-    async def dispatch(self, records: Sequence[RawRecord], fence: Fence | None, *, locked: bool = False) -> BatchResult:
+    async def dispatch(
+        self, records: Sequence[RawRecord], fence: Fence | None, *, locked: bool = False, snapshot: Snapshot | None = None
+    ) -> BatchResult:
         """Process ``records`` (one partition, in offset order) and commit them with the next offset.
 
         The first attempt is optimistic unless ``locked``; every attempt after a conflict
         runs locked (see ``Store.session``). A batch that still conflicts is split into its
-        events, and an event that still conflicts alone is dead-lettered as such.
+        events, and an event that still conflicts alone is dead-lettered as such. Reads are
+        served from ``snapshot`` where it has them, and the commit is folded back into it.
 
         Raises:
             FencedError: the partition was taken over; nothing was committed.
@@ -102,23 +109,33 @@ class Dispatcher:
         """
         decoded = [(record, _decode(record)) for record in records]
         try:
-            return await self._attempts(decoded, fence, locked)
+            return await self._attempts(decoded, fence, locked, snapshot or Snapshot())
         except ConflictsExhausted as exc:
             if len(records) == 1:
                 return await self._dead_letter_conflicted(records[0], fence, exc)
             log.warning("batch_split", records=len(records), reason=str(exc))
             merged = BatchResult(records[-1].offset + 1)
             for record in records:
-                merged.add(await self.dispatch([record], fence, locked=True))
+                merged.add(await self.dispatch([record], fence, locked=True, snapshot=snapshot))
             return merged
 
-    async def _attempts(self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, locked: bool) -> BatchResult:
+    async def _attempts(
+        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, locked: bool, snapshot: Snapshot
+    ) -> BatchResult:
         next_offset = decoded[-1][0].offset + 1
         for attempt in range(1, self.settings.conflict_max_attempts + 1):
             hold = locked or attempt > 1
             try:
-                result = await (self._locked_attempt if hold else self._optimistic_attempt)(decoded, fence, next_offset)
+                if hold:
+                    result = await self._locked_attempt(decoded, fence, next_offset, snapshot)
+                else:
+                    result = await self._optimistic_attempt(decoded, fence, next_offset, snapshot)
             except VersionConflict as exc:
+                observe.conflict(exc)
+                if exc.keys is None:
+                    snapshot.clear()
+                else:
+                    snapshot.forget(exc.keys)
                 log.info("batch_conflict", attempt=attempt, records=len(decoded), locked=hold, reason=str(exc))
                 await asyncio.sleep(backoff(attempt, self.settings))
                 continue
@@ -131,21 +148,26 @@ class Dispatcher:
         )
 
     async def _optimistic_attempt(
-        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int
+        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int, snapshot: Snapshot
     ) -> BatchResult:
-        unit = UnitOfWork(self.store)
+        unit = UnitOfWork(self.store, snapshot)
         result = await self._run(unit, decoded, next_offset)
-        await self.store.commit(unit, fence, next_offset)
+        with observe.commit():
+            new_versions = await self.store.commit(unit, fence, next_offset)
+        snapshot.absorb(unit, new_versions)
         result.staged_outbox = len(unit.outbox)
         return result
 
     async def _locked_attempt(
-        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int
+        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int, snapshot: Snapshot
     ) -> BatchResult:
         async with self.store.session() as session:
-            unit = UnitOfWork(session)
+            await session.refresh(snapshot)
+            unit = UnitOfWork(session, snapshot)
             result = await self._run(unit, decoded, next_offset)
-            await session.commit(unit, fence, next_offset)
+            with observe.commit():
+                new_versions = await session.commit(unit, fence, next_offset)
+        snapshot.absorb(unit, new_versions)  # only once the transaction has committed
         result.staged_outbox = len(unit.outbox)
         return result
 
@@ -179,21 +201,26 @@ class Dispatcher:
                 continue
             if not item.is_post_message_sent:
                 result.skipped += 1
+                result.outcomes.update((app.id, "skipped") for app in self.apps)
                 continue
-            with bound_contextvars(offset=item.record.offset, event_id=item.id):
+            with (
+                bound_contextvars(offset=item.record.offset, event_id=item.id),
+                tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id),
+            ):
                 for app in self.apps:
                     marker = (app.id, item.source, item.id)
                     if marker in done:
                         result.duplicates += 1
+                        result.outcomes[app.id, "duplicate"] += 1
                         continue
-                    await self._run_app(unit, app, item, marker)
+                    result.outcomes[app.id, await self._run_app(unit, app, item, marker)] += 1
                     done.add(marker)
                     result.per_app[app.id] = result.per_app.get(app.id, 0) + 1
             result.processed += 1
         return result
 
-    async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker) -> None:
-        """One app on one event: retried on its errors, dead-lettered when they persist."""
+    async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker) -> str:
+        """One app on one event: retried on its errors, dead-lettered when they persist; returns which."""
         checkpoint = unit.checkpoint()
         message = event.message
         if message is None:  # the caller passes PostMessageSent events only
@@ -201,7 +228,7 @@ class Dispatcher:
         for attempt in range(1, self.settings.handler_max_attempts + 1):
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self.settings.handler_timeout_s):
+                async with asyncio.timeout(self.settings.handler_timeout_s), observe.handler(app.id):
                     read = Read(PersistenceReader(unit, app.id), app.settings)
                     if await app.check_post_message_sent(message, read, self.http):
                         modify = Modify(unit, app.id, event, self.topics.commands)
@@ -209,14 +236,19 @@ class Dispatcher:
                 if unit.failure is not None:
                     raise unit.failure
                 unit.mark_processed(marker)
-                return
+                return "processed"
             except (VersionConflict, FencedError, PersistenceError):
                 raise  # not the handler's doing: the whole batch is retried or abandoned
             except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it must not stop the worker
+                if unit.failure is not None:
+                    # The handler failed because the database did (perhaps wrapped in its own
+                    # error): the batch is retried or abandoned, never this event dead-lettered.
+                    raise unit.failure from exc
                 unit.rollback_to(checkpoint)
                 retriable = isinstance(exc, TimeoutError) or getattr(exc, "retriable", True)
                 elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
                 if retriable and attempt < self.settings.handler_max_attempts:
+                    observe.handler_retried(app.id)
                     log.info(
                         "handler_retry", app=app.id, attempt=attempt, error_type=type(exc).__name__, error=str(exc), duration_ms=elapsed_ms
                     )
@@ -235,7 +267,8 @@ class Dispatcher:
                 )
                 # Not marked processed: its state never changed, so a redrive of this event
                 # (or a later redelivery) must be able to process it.
-                return
+                return "dead_lettered"
+        raise AssertionError("unreachable: the last attempt returns")  # handler_max_attempts >= 1
 
 
 def _decode(record: RawRecord) -> Event | DecodeError:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -51,18 +52,23 @@ record_associations = Table(
 key_versions = Table(
     "key_versions",
     metadata,
-    Column("app_id", String(200), primary_key=True),
-    Column("key", String(700), primary_key=True),  # "id:<record id>" or "as:<model>:<id>"
+    Column("app_id", String(200), nullable=False),
+    Column("key", String(700), nullable=False),  # "id:<record id>" or "as:<model>:<id>"
     Column("version", BigInteger, nullable=False),
+    # The key leads, the selective column: see processed_events below.
+    PrimaryKeyConstraint("key", "app_id", name="key_versions_pkey"),
 )
 
 processed_events = Table(
     "processed_events",
     metadata,
-    Column("app_id", String(200), primary_key=True),
-    Column("source", String(500), primary_key=True),
-    Column("event_id", String(500), primary_key=True),
+    Column("app_id", String(200), nullable=False),
+    Column("source", String(500), nullable=False),
+    Column("event_id", String(500), nullable=False),
     Column("processed_at", DateTime(timezone=True), nullable=False),
+    # The event id leads: app and source are the same on nearly every row, so a key that
+    # started with them left the planner scanning the whole app's markers on a fresh table.
+    PrimaryKeyConstraint("event_id", "source", "app_id", name="processed_events_pkey"),
 )
 
 partition_offsets = Table(
@@ -95,4 +101,17 @@ outbox = Table(
     Column("attempt_offset", BigInteger, nullable=True),
     Column("published_at", DateTime(timezone=True), nullable=True),
     Index("ix_outbox_unpublished", "source_topic", "source_partition", "published_at", "id"),
+)
+
+# Dead letters sent back by `rc-worker dlq redrive`: claimed before sending, so none is
+# re-driven twice; sent_at stays empty if the send failed, and the next redrive resends it.
+dlq_redrives = Table(
+    "dlq_redrives",
+    metadata,
+    Column("dlq_topic", String(250), primary_key=True),
+    Column("dlq_partition", Integer, primary_key=True),
+    Column("dlq_offset", BigInteger, primary_key=True),
+    Column("target", String(250), nullable=False),  # "topic:<name>" or "app:<app id>"
+    Column("redriven_at", DateTime(timezone=True), nullable=False),
+    Column("sent_at", DateTime(timezone=True), nullable=True),
 )

@@ -19,7 +19,7 @@ from itertools import groupby
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Table, bindparam, delete, func, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -39,7 +39,16 @@ from worker.persistence.schema import (
 from worker.persistence.unit import Key, Marker, OutboxMessage, Snapshot, StoredRecord, UnitOfWork
 
 # PostgreSQL's codes for "try again": serialization failure and deadlock.
-_RETRY_SQLSTATES = {"40001", "40P01"}
+# PostgreSQL's codes for "try again": serialization failure, deadlock, and lock_timeout
+# expired (what an optimistic commit gets instead of waiting behind a locked one).
+_RETRY_SQLSTATES = {"40001", "40P01", "55P03"}
+# How long an optimistic commit waits for a row lock before it counts as a conflict. Locked
+# units take their keys in the order their handlers read them, optimistic commits in key
+# order; giving way quickly breaks any cycle long before deadlock detection (1 s) would.
+_OPTIMISTIC_LOCK_TIMEOUT = "200ms"
+# The advisory lock that runs locked units of work (the retry path) one at a time, as
+# SQLite's write lock does: they then never deadlock on each other's keys.
+_LOCKED_SESSION_KEY = 0x7263776B  # "rcwk"
 # Rows per multi-row statement: far below SQLite's 32,766 bound parameters.
 _CHUNK = 400
 
@@ -82,6 +91,11 @@ class Store:
         # instead of in SQLite's busy handler, which sleeps in growing steps between tries.
         self._sqlite_writer = asyncio.Lock()
         self._version_statements = self._build_version_statements()
+        self._versions_statement = select(key_versions.c.key, key_versions.c.version).where(
+            key_versions.c.app_id == bindparam("app_id"), key_versions.c.key.in_(bindparam("keys", expanding=True))
+        )
+        self._locked_versions_statement = self._versions_statement.with_for_update()
+        self._ensure_version_statement = self._insert(key_versions).on_conflict_do_nothing()
         self._processed_statement = select(processed_events.c.event_id).where(
             processed_events.c.app_id == bindparam("app_id"),
             processed_events.c.source == bindparam("source"),
@@ -169,16 +183,17 @@ class Store:
 
     async def _versions(self, conn: AsyncConnection, keys: Sequence[Key], lock: bool = False) -> dict[Key, int]:
         versions: dict[Key, int] = {key: 0 for key in keys}
-        for chunk in _chunks(sorted(keys), _CHUNK):
-            pair = tuple_(key_versions.c.app_id, key_versions.c.key)
-            query = select(key_versions.c.app_id, key_versions.c.key, key_versions.c.version).where(pair.in_(chunk))
-            if lock and not self.is_sqlite:
+        by_app: dict[str, list[str]] = {}
+        for app_id, key in sorted(keys):
+            by_app.setdefault(app_id, []).append(key)
+        locking = lock and not self.is_sqlite
+        for app_id, names in by_app.items():
+            if locking:
                 # A row must exist to be locked: "nothing there yet" becomes version 0, locked.
-                ensure = self._insert(key_versions).values([{"app_id": a, "key": k, "version": 0} for a, k in chunk])
-                await conn.execute(ensure.on_conflict_do_nothing())
-                query = query.with_for_update()
-            rows = await conn.execute(query)
-            versions.update({(row.app_id, row.key): row.version for row in rows})
+                await conn.execute(self._ensure_version_statement, [{"app_id": app_id, "key": k, "version": 0} for k in names])
+            statement = self._locked_versions_statement if locking else self._versions_statement
+            rows = await conn.execute(statement, {"app_id": app_id, "keys": names})
+            versions.update({(app_id, row.key): row.version for row in rows})
         return versions
 
     # -- the commit ----------------------------------------------------------------------
@@ -197,6 +212,8 @@ class Store:
         """
         with _translate("committing a unit of work"):
             async with self._write() as conn:
+                if not self.is_sqlite:
+                    await conn.execute(text(f"SET LOCAL lock_timeout = '{_OPTIMISTIC_LOCK_TIMEOUT}'"))
                 return await self._apply(conn, unit, fence, next_offset)
 
     @contextlib.asynccontextmanager
@@ -210,6 +227,8 @@ class Store:
         """
         with _translate("running a locked unit of work"):
             async with self._write() as conn:
+                if not self.is_sqlite:
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCKED_SESSION_KEY})
                 yield LockedSession(self, conn)
 
     async def _apply(self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None) -> dict[Key, int]:
@@ -267,9 +286,9 @@ class Store:
         # Keys written without being read (a blind create): nothing to check, only to bump,
         # so that units which did read them see the change.
         insert = self._insert(key_versions)
-        statements["bump"] = insert.on_conflict_do_update(
-            index_elements=index, set_={"version": key_versions.c.version + 1}
-        ).returning(*returning)
+        statements["bump"] = insert.on_conflict_do_update(index_elements=index, set_={"version": key_versions.c.version + 1}).returning(
+            *returning
+        )
         return statements
 
     async def _write_records(self, conn: AsyncConnection, unit: UnitOfWork, new_versions: dict[Key, int]) -> None:
@@ -489,19 +508,25 @@ class LockedSession:
         self._store = store
         self._conn = conn
 
+    # These run inside handlers, which may catch anything: translate here, at the call, so a
+    # deadlock reaches the dispatcher as a VersionConflict, never as a handler's own error.
+
     async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
         """Versions of ``keys`` (locked), then the records with ``ids``."""
-        return await self._store._load_on(self._conn, keys, _by_ids(app_id, ids), lock=True)
+        with _translate("reading records (locked)"):
+            return await self._store._load_on(self._conn, keys, _by_ids(app_id, ids), lock=True)
 
     async def load_by_associations(
         self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
     ) -> tuple[dict[Key, int], list[StoredRecord]]:
         """Versions of ``keys`` (locked), then the records having all ``associations``."""
-        return await self._store._load_on(self._conn, keys, _by_associations(app_id, associations), lock=True)
+        with _translate("reading records (locked)"):
+            return await self._store._load_on(self._conn, keys, _by_associations(app_id, associations), lock=True)
 
     async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
         """The markers among ``markers`` already recorded."""
-        return await self._store._processed_on(self._conn, markers) if markers else set()
+        with _translate("reading processed-event markers (locked)"):
+            return await self._store._processed_on(self._conn, markers) if markers else set()
 
     async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> dict[Key, int]:
         """Apply ``unit``; the transaction commits when the session's block ends."""
@@ -556,7 +581,9 @@ def _translate(action: str) -> Iterator[None]:
         yield
     except DBAPIError as exc:
         code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        if code in _RETRY_SQLSTATES or isinstance(exc, IntegrityError):
+        if code in _RETRY_SQLSTATES:
+            raise VersionConflict(f"{action}: concurrent change (SQLSTATE {code})", keys=frozenset()) from exc
+        if isinstance(exc, IntegrityError):
             raise VersionConflict(f"{action}: concurrent change ({type(exc.orig).__name__})") from exc
         raise PersistenceError(f"{action} failed: {exc.orig}") from exc
     except (OSError, TimeoutError) as exc:  # the driver could not reach the server at all

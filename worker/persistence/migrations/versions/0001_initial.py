@@ -34,16 +34,18 @@ def upgrade() -> None:
     op.create_index("ix_record_associations_record", "record_associations", ["app_id", "record_id"])
     op.create_table(
         "key_versions",
-        sa.Column("app_id", sa.String(200), primary_key=True),
-        sa.Column("key", sa.String(700), primary_key=True),
+        sa.Column("app_id", sa.String(200), nullable=False),
+        sa.Column("key", sa.String(700), nullable=False),
         sa.Column("version", sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("key", "app_id", name="key_versions_pkey"),
     )
     op.create_table(
         "processed_events",
-        sa.Column("app_id", sa.String(200), primary_key=True),
-        sa.Column("source", sa.String(500), primary_key=True),
-        sa.Column("event_id", sa.String(500), primary_key=True),
+        sa.Column("app_id", sa.String(200), nullable=False),
+        sa.Column("source", sa.String(500), nullable=False),
+        sa.Column("event_id", sa.String(500), nullable=False),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("event_id", "source", "app_id", name="processed_events_pkey"),
     )
     op.create_table(
         "partition_offsets",
