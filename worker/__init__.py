@@ -1,11 +1,14 @@
 """rc-apps-worker: Rocket.Chat-style app handlers on Kafka events, over shared persistence.
 
 The names below are the whole public API for handler authors; nothing else is promised.
+A handler subclasses :class:`App`; its methods receive a :class:`Message` and the accessors
+typed by the ``I*`` Protocols. ``worker.testing`` is what its tests use.
 """
 
-from worker.apps import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, Record
-from worker.errors import DeadLetterNow, WorkerError
+from worker.apps import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
+from worker.errors import DeadLetterNow, HttpError, WorkerError
 from worker.events import Message, Room, User
+from worker.http import HttpResponse
 from worker.persistence.associations import Association, AssociationModel
 
 __all__ = [
@@ -13,12 +16,15 @@ __all__ = [
     "Association",
     "AssociationModel",
     "DeadLetterNow",
+    "HttpError",
+    "HttpResponse",
     "IHttp",
     "IModify",
     "IPersistence",
     "IPersistenceRead",
     "IRead",
     "Message",
+    "MessageBuilder",
     "Record",
     "Room",
     "User",

@@ -8,13 +8,15 @@ The accessors are Protocols, so a plugin depends on nothing but ``worker``'s pub
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
 
 import structlog
 from pydantic import BaseModel
 
-from worker.events import Message
+from worker.events import Message, Room, User
+from worker.http import HttpResponse
 from worker.persistence.associations import Association
 
 
@@ -125,59 +127,183 @@ class IRead(Protocol):
 
 
 class IHttp(Protocol):
-    """Outgoing HTTP; see ``worker.http``. A handler rerun after a conflict may call it again."""
+    """Outgoing HTTP (``worker.http.Http``); errors are raised as ``worker.HttpError``.
 
-    async def get(self, url: str, **options: Any) -> Any:
-        """GET ``url``."""
+    A handler run again after a version conflict or an error calls it again: use it for
+    reads and idempotent calls; stage changes to the chat through ``modify`` instead.
+    """
+
+    async def get(self, url: str, **options: Any) -> HttpResponse:
+        """GET ``url``; options: headers, params, json, content, timeout."""
         ...
 
-    async def post(self, url: str, **options: Any) -> Any:
+    async def post(self, url: str, **options: Any) -> HttpResponse:
         """POST to ``url``."""
+        ...
+
+    async def put(self, url: str, **options: Any) -> HttpResponse:
+        """PUT to ``url``."""
+        ...
+
+    async def delete(self, url: str, **options: Any) -> HttpResponse:
+        """DELETE ``url``."""
+        ...
+
+    async def patch(self, url: str, **options: Any) -> HttpResponse:
+        """PATCH ``url``."""
+        ...
+
+
+@dataclass(slots=True)
+class MessageBuilder:
+    """A message to create, or the changes to one message (the Apps-Engine's IMessageBuilder).
+
+    Get one from ``modify.get_updater().message(id)`` or ``modify.get_creator().start_message()``,
+    chain its setters, then hand it to that accessor's ``finish``.
+    """
+
+    message_id: str | None = None
+    editor: str | None = None
+    room_id: str | None = None
+    text: str | None = None
+    sender_id: str | None = None
+    thread_id: str | None = None
+    custom_fields: dict[str, Any] = field(default_factory=dict)
+    replace_custom_fields: bool = False
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+
+    def set_room(self, room: Room | str) -> MessageBuilder:
+        """The room of a new message (a Room or its id)."""
+        self.room_id = room if isinstance(room, str) else room.id
+        return self
+
+    def set_sender(self, user: User | str) -> MessageBuilder:
+        """Who sends a new message (a User or its id)."""
+        self.sender_id = user if isinstance(user, str) else user.id
+        return self
+
+    def set_text(self, text: str) -> MessageBuilder:
+        """The message text."""
+        self.text = text
+        return self
+
+    def set_thread_id(self, thread_id: str) -> MessageBuilder:
+        """Post a new message into the thread of this message id."""
+        self.thread_id = thread_id
+        return self
+
+    def add_attachment(self, attachment: Mapping[str, Any]) -> MessageBuilder:
+        """Add one attachment (a JSON object)."""
+        self.attachments.append(dict(attachment))
+        return self
+
+    def add_custom_field(self, key: str, value: Any) -> MessageBuilder:
+        """Set one custom field; the message's other custom fields are kept."""
+        self.custom_fields[key] = value
+        return self
+
+    def set_custom_fields(self, fields: Mapping[str, Any]) -> MessageBuilder:
+        """Replace all the message's custom fields with ``fields``."""
+        self.custom_fields = dict(fields)
+        self.replace_custom_fields = True
+        return self
+
+
+class IMessageUpdater(Protocol):
+    """``modify.get_updater()``: changes to existing messages."""
+
+    def message(self, message_id: str, editor: User | str | None = None) -> MessageBuilder:
+        """Start changing ``message_id``; ``editor`` (a User or id) is recorded as who changed it."""
+        ...
+
+    async def finish(self, builder: MessageBuilder) -> str:
+        """Stage the change; it is published after the unit of work commits. Returns the command id."""
+        ...
+
+
+class IMessageCreator(Protocol):
+    """``modify.get_creator()``: new messages."""
+
+    def start_message(self) -> MessageBuilder:
+        """Start a new message; set at least its room."""
+        ...
+
+    async def finish(self, builder: MessageBuilder) -> str:
+        """Stage the new message; it is published after the unit of work commits. Returns the command id."""
         ...
 
 
 class IModify(Protocol):
-    """Changes to the chat, staged as commands and published only after commit."""
+    """Changes to the chat, staged as commands (an outbox) and published only after commit."""
 
-    def get_updater(self) -> Any:
-        """Start changing an existing message."""
+    def get_updater(self) -> IMessageUpdater:
+        """Change existing messages."""
         ...
 
-    def get_creator(self) -> Any:
-        """Start creating a new message."""
+    def get_creator(self) -> IMessageCreator:
+        """Create new messages."""
         ...
 
 
 class App:
-    """Base class of every handler plugin; the runtime sets ``id``, ``settings`` and ``log``.
+    """Base class of every handler plugin (the Apps-Engine's ``IPostMessageSent``).
 
-    Subclasses define ``execute_post_message_sent`` and may define ``check_post_message_sent``.
-    A subclass takes no constructor arguments of its own. State belongs in ``persistence``,
-    never in attributes: several workers run the same app at once.
+    A plugin subclasses it, defines ``execute_post_message_sent`` (and, optionally,
+    ``check_post_message_sent`` and a ``settings_model``) and registers the class under the
+    entry-point group ``rc_worker.handlers``; the entry point's name is the app id. The
+    runtime creates it with no arguments, then gives it its id, settings and logger through
+    :meth:`bind`. Example::
+
+        class Greeter(App):
+            async def execute_post_message_sent(self, message, read, http, persistence, modify):
+                self.log.info("message_seen", room=message.room.id)
+
+    Several workers run the same app at once, and a run may be repeated (after a version
+    conflict, an error, or a crash): keep state in ``persistence``, never in attributes.
+
+    Attributes:
+        settings_model: the settings the app accepts, as a pydantic model whose fields give
+            types, defaults and which are required; ``handlers.settings.<app id>`` is
+            validated against it at start-up. None means the app takes no settings.
+        id: the app id (the entry point's name), set by the runtime.
+        settings: the validated settings, defaults filled in, read-only.
+        log: a structlog logger bound to ``app=<id>``.
+
     """
 
-    #: The settings the app accepts: a pydantic model whose fields give types, defaults and
-    #: which are required; ``handlers.settings.<app id>`` is validated against it at start-up.
     settings_model: ClassVar[type[BaseModel] | None] = None
 
     id: str = ""
-    settings: Mapping[str, Any] = {}
+    settings: Mapping[str, Any] = MappingProxyType({})
     log: Any = structlog.get_logger("app")
 
     def bind(self, app_id: str, settings: Mapping[str, Any]) -> None:
-        """Called once by the runtime before the first event."""
+        """Called once by the runtime, before the first event: sets ``id``, ``settings``, ``log``."""
         self.id = app_id
-        self.settings = settings
+        self.settings = MappingProxyType(dict(settings))
         self.log = structlog.get_logger("app").bind(app=app_id)
 
     async def check_post_message_sent(self, message: Message, read: IRead, http: IHttp) -> bool:
-        """Return False to skip ``execute_post_message_sent`` for this message."""
+        """Return False to skip ``execute_post_message_sent`` for this message (the default runs it)."""
         return True
 
     async def execute_post_message_sent(
         self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify
     ) -> None:
-        """Handle one sent message; raise to have it retried, then dead-lettered."""
+        """Handle one sent message.
+
+        Args:
+            message: the message that was sent.
+            read: reads of this app's records and settings.
+            http: outgoing HTTP; may be called again when the run is repeated.
+            persistence: writes to this app's records, committed only if nothing read has changed.
+            modify: changes to the chat, published once, after commit.
+
+        Raises:
+            Exception: any error has the run retried with backoff, then the event dead-lettered
+                for this app (``DeadLetterNow`` skips the retries).
+
+        """
         raise NotImplementedError(f"{type(self).__name__} must define execute_post_message_sent")
 
 

@@ -2,26 +2,35 @@
 
 A plugin is any installed distribution exposing an ``App`` subclass under the entry-point
 group ``rc_worker.handlers``; the entry point's name is the app id. The built-in handlers
-are registered exactly the same way.
+are registered exactly the same way. Everything that would stop an app from running (not
+installed, registered twice, not an App, a constructor that needs arguments, invalid
+settings) is found here, at start-up, and reported as a PluginError that names the fix.
 """
 
 from __future__ import annotations
 
+import argparse
+import inspect
+import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from pydantic import ValidationError
+import orjson
+from pydantic import BaseModel, ValidationError
 
 from worker import constants
 from worker.apps import App
+from worker.config import HandlerSettings, Settings
 from worker.errors import PluginError
+
+_SETTINGS_FIX = "set them in config.yaml under handlers.settings.{id} (or in RC_WORKER_HANDLERS__SETTINGS, as JSON)"
 
 
 @dataclass(frozen=True, slots=True)
 class Installed:
-    """One installed plugin: its app id, where it comes from, and its version."""
+    """One installed plugin: its app id, its entry point, the distribution and its version."""
 
     id: str
     entry_point: EntryPoint
@@ -30,70 +39,301 @@ class Installed:
 
 
 def installed() -> dict[str, Installed]:
-    """Every installed plugin by app id; two distributions claiming one id is an error."""
+    """Every installed plugin by app id, sorted by id.
+
+    Raises:
+        PluginError: two distributions register the same app id.
+
+    """
     found: dict[str, Installed] = {}
     for entry_point in entry_points(group=constants.HANDLER_ENTRY_POINT_GROUP):
         dist = entry_point.dist
         plugin = Installed(entry_point.name, entry_point, dist.name if dist else "?", dist.version if dist else "?")
-        if plugin.id in found and found[plugin.id].entry_point.value != entry_point.value:
+        other = found.get(plugin.id)
+        if other is not None and other.distribution != plugin.distribution:
             raise PluginError(
-                f"app id {plugin.id!r} is registered twice: by {found[plugin.id].distribution} "
-                f"({found[plugin.id].entry_point.value}) and by {plugin.distribution} ({entry_point.value}); "
+                f"app id {plugin.id!r} is registered twice under {constants.HANDLER_ENTRY_POINT_GROUP}: by "
+                f"{other.distribution} ({other.entry_point.value}) and by {plugin.distribution} ({entry_point.value}); "
                 "uninstall one of them or rename its entry point"
             )
         found[plugin.id] = plugin
-    return found
+    return dict(sorted(found.items()))
 
 
 def load_apps(enabled: Sequence[str], settings: Mapping[str, Mapping[str, Any]]) -> list[App]:
     """Instantiate and bind the enabled apps, in the configured order.
 
+    Args:
+        enabled: ``handlers.enabled``: app ids, in the order they run.
+        settings: ``handlers.settings``: each app's settings by app id.
+
     Raises:
-        PluginError: an app is not installed, cannot be imported, is not an App, or its
-            settings are invalid; the message names the app and the fix.
+        PluginError: an app is not installed or registered twice, cannot be imported, is not
+            an App, cannot be created without arguments, or its settings are invalid; the
+            message names the app, the config key and the fix.
 
     """
     available = installed()
+    stray = sorted(set(settings) - set(available))
+    if stray:
+        raise PluginError(
+            f"handlers.settings.{stray[0]}: no installed app has the id {stray[0]!r} "
+            f"(installed: {_names(available)}); fix the id or remove the section"
+        )
     apps = []
     for app_id in enabled:
         if app_id not in available:
-            names = ", ".join(sorted(available)) or "none"
             raise PluginError(
-                f"handlers.enabled lists {app_id!r}, which is not installed (installed: {names}); "
-                f"pip install the package that provides it, or remove it from handlers.enabled"
+                f"handlers.enabled lists {app_id!r}, which is not installed (installed: {_names(available)}); "
+                "pip install the package that provides it, or remove it from handlers.enabled"
             )
-        apps.append(_instantiate(available[app_id], settings.get(app_id, {})))
+        app_class = load_class(available[app_id])
+        apps.append(instantiate(app_class, app_id, settings.get(app_id, {})))
     return apps
 
 
+def load_class(plugin: Installed) -> type[App]:
+    """Import a plugin's class and check that it is a usable App subclass.
+
+    Raises:
+        PluginError: it cannot be imported, is not an App subclass, does not define
+            ``execute_post_message_sent``, or its constructor requires arguments.
+
+    """
+    where = f"{plugin.entry_point.value} (from {plugin.distribution} {plugin.version})"
+    try:
+        app_class = plugin.entry_point.load()
+    except Exception as exc:  # a plugin's import may raise anything
+        raise PluginError(
+            f"cannot import app {plugin.id!r} from {where}: {type(exc).__name__}: {exc}; fix or reinstall the plugin"
+        ) from exc
+    check_class(app_class, plugin.id, where)
+    return app_class  # type: ignore[no-any-return]
+
+
+def check_class(app_class: object, app_id: str, where: str = "") -> None:
+    """Raise PluginError unless ``app_class`` is an App subclass the runtime can create and run."""
+    where = where or repr(app_class)
+    if not (isinstance(app_class, type) and issubclass(app_class, App)):
+        raise PluginError(f"app {app_id!r}: {where} is not a subclass of worker.App; point the entry point at your App subclass")
+    if app_class.execute_post_message_sent is App.execute_post_message_sent:
+        raise PluginError(f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent; add it")
+    required = _required_parameters(app_class)
+    if required:
+        raise PluginError(
+            f"app {app_id!r}: {app_class.__name__}() requires {', '.join(required)}; the runtime creates apps without "
+            "arguments: take configuration from settings_model instead"
+        )
+    model = app_class.settings_model
+    if model is not None and not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise PluginError(f"app {app_id!r}: {app_class.__name__}.settings_model must be a pydantic BaseModel subclass, not {model!r}")
+
+
+def instantiate(app_class: type[App], app_id: str, given: Mapping[str, Any]) -> App:
+    """Create ``app_class`` with no arguments and bind it to ``app_id`` and its validated settings.
+
+    Raises:
+        PluginError: the class is not usable (see :func:`check_class`), its constructor
+            raised, or ``given`` is not valid for its ``settings_model``.
+
+    """
+    check_class(app_class, app_id)
+    values = validate_settings(app_class, app_id, given)
+    try:
+        app = app_class()
+    except Exception as exc:  # a plugin's constructor may raise anything
+        raise PluginError(f"app {app_id!r}: {app_class.__name__}() raised {type(exc).__name__}: {exc}") from exc
+    app.bind(app_id, values)
+    return app
+
+
 def validate_settings(app_class: type[App], app_id: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """Check ``handlers.settings.<app_id>`` against what the app declares; returns the full settings."""
+    """Check ``handlers.settings.<app_id>`` against what the app declares.
+
+    Returns:
+        Every setting the app declares, by field name: the given value, validated and
+        converted, or the default.
+
+    Raises:
+        PluginError: a key is unknown, a value has the wrong type, or a required setting is
+            missing; one line per problem, each naming ``handlers.settings.<app_id>.<key>``.
+
+    """
     model = app_class.settings_model
     if model is None:
         if given:
-            raise PluginError(f"handlers.settings.{app_id}: this app declares no settings; remove the section")
+            raise PluginError(
+                f"handlers.settings.{app_id}: app {app_id!r} declares no settings (its class has no settings_model); remove the section"
+            )
         return {}
+    problems = [
+        f"handlers.settings.{app_id}.{key}: unknown setting; {app_id} accepts: {_accepted(model)}" for key in _unknown(model, given)
+    ]
     try:
-        return model.model_validate(dict(given)).model_dump()
+        values = model.model_validate(dict(given)).model_dump()
     except ValidationError as exc:
-        problems = "; ".join(
-            f"handlers.settings.{app_id}.{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors()
-        )
-        raise PluginError(f"invalid settings for app {app_id!r}: {problems}") from None
+        problems += [_problem(app_id, model, error) for error in exc.errors()]
+        values = {}
+    if problems:
+        fix = _SETTINGS_FIX.format(id=app_id)
+        raise PluginError(f"invalid settings for app {app_id!r}:\n  " + "\n  ".join(problems) + f"\n{fix}")
+    return values
 
 
-def _instantiate(plugin: Installed, given: Mapping[str, Any]) -> App:
+@dataclass(frozen=True, slots=True)
+class SettingInfo:
+    """One setting an app declares, and its effective value under the current config."""
+
+    name: str
+    type: str
+    required: bool
+    default: Any
+    description: str | None
+    value: Any
+
+
+@dataclass(slots=True)
+class PluginInfo:
+    """What ``rc-worker handlers`` shows about one plugin."""
+
+    id: str
+    distribution: str | None
+    version: str | None
+    entry_point: str | None
+    enabled: bool
+    position: int | None
+    settings: list[SettingInfo] = field(default_factory=list)
+    problem: str | None = None
+
+
+def describe(handlers: HandlerSettings) -> list[PluginInfo]:
+    """Every installed plugin, and every enabled one that is not, with settings and problems."""
     try:
-        app_class = plugin.entry_point.load()
-    except Exception as exc:
-        raise PluginError(f"cannot import app {plugin.id!r} from {plugin.entry_point.value}: {type(exc).__name__}: {exc}") from exc
-    if not (isinstance(app_class, type) and issubclass(app_class, App)):
-        raise PluginError(f"app {plugin.id!r}: {plugin.entry_point.value} is not a subclass of worker.App")
-    if app_class.execute_post_message_sent is App.execute_post_message_sent:
-        raise PluginError(f"app {plugin.id!r}: {app_class.__name__} does not define execute_post_message_sent")
+        available = installed()
+    except PluginError as exc:
+        return [PluginInfo("?", None, None, None, enabled=False, position=None, problem=str(exc))]
+    order = {app_id: n for n, app_id in enumerate(handlers.enabled, start=1)}
+    found = []
+    for app_id, plugin in available.items():
+        info = PluginInfo(app_id, plugin.distribution, plugin.version, plugin.entry_point.value, app_id in order, order.get(app_id))
+        given = handlers.settings.get(app_id, {})
+        try:
+            app_class = load_class(plugin)
+            info.settings = _setting_infos(app_class, given)
+            validate_settings(app_class, app_id, given)
+        except PluginError as exc:
+            info.problem = str(exc)
+        found.append(info)
+    for app_id in handlers.enabled:
+        if app_id not in available:
+            problem = "listed in handlers.enabled but not installed; pip install the package that provides it, or remove it"
+            found.append(PluginInfo(app_id, None, None, None, enabled=True, position=order[app_id], problem=problem))
+    return found
+
+
+async def handlers_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``rc-worker handlers [--json]``: list the installed plugins; exit 2 if an enabled one cannot run."""
+    infos = describe(settings.handlers)
+    if args.json:
+        sys.stdout.write(orjson.dumps([_as_json(info) for info in infos], default=repr, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(_as_text(infos))
+    broken = [info for info in infos if info.problem and (info.enabled or info.id == "?")]
+    return 2 if broken else 0
+
+
+# -- internals ---------------------------------------------------------------------------
+
+
+def _names(available: Mapping[str, Installed]) -> str:
+    return ", ".join(available) or "none"
+
+
+def _required_parameters(app_class: type[App]) -> list[str]:
     try:
-        app = app_class()
-    except TypeError as exc:
-        raise PluginError(f"app {plugin.id!r}: {app_class.__name__}() must take no arguments ({exc})") from exc
-    app.bind(plugin.id, validate_settings(app_class, plugin.id, given))
-    return app
+        signature = inspect.signature(app_class)
+    except (TypeError, ValueError):  # builtins without a signature take no arguments we know of
+        return []
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in signature.parameters.values() if p.default is inspect.Parameter.empty and p.kind not in variadic]
+
+
+def _accepted(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields) or "nothing"
+
+
+def _unknown(model: type[BaseModel], given: Mapping[str, Any]) -> list[str]:
+    if model.model_config.get("extra") == "allow":
+        return []
+    known = set(model.model_fields) | {f.alias for f in model.model_fields.values() if f.alias}
+    return sorted(str(key) for key in given if key not in known)
+
+
+def _problem(app_id: str, model: type[BaseModel], error: Any) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "missing":
+        return f"handlers.settings.{app_id}.{location}: required, and not set"
+    top = model.model_fields.get(str(error["loc"][0])) if error["loc"] else None
+    expected = f"; expected {_type_name(top.annotation)}" if top is not None else ""
+    return f"handlers.settings.{app_id}.{location}: {error['msg']} (given {error['input']!r}{expected})"
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and not getattr(annotation, "__args__", None):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")
+
+
+def _setting_infos(app_class: type[App], given: Mapping[str, Any]) -> list[SettingInfo]:
+    model = app_class.settings_model
+    if model is None:
+        return []
+    infos = []
+    for name, info in model.model_fields.items():
+        default = None if info.is_required() else info.get_default(call_default_factory=True)
+        value = given.get(name, given.get(info.alias, default) if info.alias else default)
+        infos.append(SettingInfo(name, _type_name(info.annotation), info.is_required(), default, info.description, value))
+    return infos
+
+
+def _as_json(info: PluginInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "distribution": info.distribution,
+        "version": info.version,
+        "entry_point": info.entry_point,
+        "enabled": info.enabled,
+        "position": info.position,
+        "settings": [
+            {
+                "name": s.name,
+                "type": s.type,
+                "required": s.required,
+                "default": s.default,
+                "description": s.description,
+                "value": s.value,
+            }
+            for s in info.settings
+        ],
+        "problem": info.problem,
+    }
+
+
+def _as_text(infos: Sequence[PluginInfo]) -> str:
+    lines = []
+    for info in infos:
+        origin = f"{info.distribution} {info.version}, {info.entry_point}" if info.distribution else "not installed"
+        state = f"enabled, runs {info.position} of {sum(i.enabled for i in infos)}" if info.enabled else "not enabled"
+        lines.append(f"{info.id}  ({origin})  {state}")
+        if not info.settings:
+            lines.append("  settings: none")
+        for s in info.settings:
+            default = "required" if s.required else f"default {s.default!r}"
+            configured = f", configured {s.value!r}" if s.value != s.default else ""
+            about = f"  # {s.description}" if s.description else ""
+            lines.append(f"  {s.name}: {s.type} ({default}{configured}){about}")
+        if info.problem:
+            lines.extend("  problem: " + line if n == 0 else "    " + line for n, line in enumerate(info.problem.splitlines()))
+    if not infos:
+        lines.append(f"no handler plugins installed (entry-point group {constants.HANDLER_ENTRY_POINT_GROUP})")
+    return "\n".join(lines) + "\n"
