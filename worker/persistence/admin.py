@@ -1,0 +1,148 @@
+"""Operators' bookkeeping beside the state: schema checks, stored offsets, re-driven dead letters.
+
+Used by the data tools (``rc-worker replay``, ``offsets``, ``dlq``), never by the worker's
+loop, so the store keeps only what processing needs. Same rules as ``store.py``: SQLAlchemy
+errors are translated, and every write is one transaction taken with the write lock up front.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from worker.errors import PersistenceError
+from worker.persistence import migrations
+from worker.persistence.schema import dlq_redrives, partition_offsets
+from worker.persistence.store import Store, _translate
+
+DlqPosition = tuple[int, int]  # (partition, offset) in the dead-letter topic
+_T = TypeVar("_T")
+# How often a fresh database is tried for migration while another process migrates it.
+PREPARE_ATTEMPTS = 20
+# Rows per statement, as in store.py: far below SQLite's bound-parameter limit.
+_CHUNK = 400
+
+
+@dataclass(frozen=True, slots=True)
+class Redrive:
+    """One dead letter as the redrive ledger has it."""
+
+    target: str
+    redriven_at: datetime
+    sent_at: datetime | None
+
+
+async def schema_revision(store: Store) -> str | None:
+    """The revision the database is at; None for a database without the worker's schema."""
+    with _translate("reading the schema revision"):
+        async with store.engine.connect() as conn:
+            revision: str | None = await conn.run_sync(migrations.current)
+    return revision
+
+
+async def prepare(store: Store) -> None:
+    """Migrate a fresh database; otherwise require the current schema (never upgrade a live one behind the operator's back)."""
+    for attempt in range(1, PREPARE_ATTEMPTS + 1):
+        if await schema_revision(store) is not None:
+            await store.check_schema()
+            return
+        try:
+            await store.upgrade()
+            return
+        except PersistenceError:
+            # Several replay processes may find the database fresh at once: one migrates it,
+            # the others fail on its lock or its tables, and find the schema once it commits.
+            if attempt == PREPARE_ATTEMPTS:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def set_stored_offsets(store: Store, group_id: str, topic: str, offsets: Mapping[int, int]) -> list[int]:
+    """Overwrite the next offset kept with the state, where the group has one; returns those partitions."""
+    changed = []
+    with _translate("setting stored offsets"):
+        async with _write(store) as conn:
+            for partition, offset in sorted(offsets.items()):
+                result = await conn.execute(
+                    update(partition_offsets)
+                    .where(
+                        partition_offsets.c.group_id == group_id,
+                        partition_offsets.c.topic == topic,
+                        partition_offsets.c.partition == partition,
+                        partition_offsets.c.next_offset.is_not(None),
+                    )
+                    .values(next_offset=offset)
+                )
+                if result.rowcount:
+                    changed.append(partition)
+    return changed
+
+
+async def redrives(store: Store, dlq_topic: str) -> dict[DlqPosition, Redrive]:
+    """Every dead letter of ``dlq_topic`` that was re-driven (or claimed for it)."""
+    query = select(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic)
+    with _translate("reading the redrive ledger"):
+        async with store.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+    return {(row.dlq_partition, row.dlq_offset): Redrive(row.target, row.redriven_at, row.sent_at) for row in rows}
+
+
+async def claim_redrives(store: Store, dlq_topic: str, claims: Mapping[DlqPosition, str]) -> set[DlqPosition]:
+    """Claim dead letters (position -> target) for a redrive; returns those claimed now.
+
+    One that another redrive claimed first is left out: it is not ours to send.
+    """
+    if not claims:
+        return set()
+    now = datetime.now(UTC)
+    insert: Any = sqlite.insert if store.is_sqlite else postgresql.insert
+    rows = [
+        {"dlq_topic": dlq_topic, "dlq_partition": partition, "dlq_offset": offset, "target": target, "redriven_at": now}
+        for (partition, offset), target in sorted(claims.items())
+    ]
+    claimed: set[DlqPosition] = set()
+    with _translate("claiming dead letters for a redrive"):
+        async with _write(store) as conn:
+            for chunk in _chunks(rows, _CHUNK):
+                statement = (
+                    insert(dlq_redrives)
+                    .values(chunk)
+                    .on_conflict_do_nothing()
+                    .returning(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset)
+                )
+                claimed.update((row[0], row[1]) for row in await conn.execute(statement))
+    return claimed
+
+
+async def mark_sent(store: Store, dlq_topic: str, positions: Sequence[DlqPosition]) -> None:
+    """Record that these claimed dead letters reached their target."""
+    if not positions:
+        return
+    now = datetime.now(UTC)
+    pair = tuple_(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset)
+    with _translate("marking dead letters re-driven"):
+        async with _write(store) as conn:
+            for chunk in _chunks(positions, _CHUNK):
+                await conn.execute(update(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic, pair.in_(chunk)).values(sent_at=now))
+
+
+@contextlib.asynccontextmanager
+async def _write(store: Store) -> AsyncIterator[AsyncConnection]:
+    # rc_write makes SQLite take its write lock at BEGIN (see store._configure_sqlite).
+    async with store.engine.connect() as conn:
+        await conn.execution_options(rc_write=True)
+        async with conn.begin():
+            yield conn
+
+
+def _chunks(items: Sequence[_T], size: int) -> Iterator[list[_T]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
