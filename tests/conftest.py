@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import _own_kafka_session, _own_postgres_session, own_kafka, own_postgres  # noqa: F401 - fixtures
 from tests.support import ROOT, Services, TopicSet, create_postgres_database, drop_postgres_database
 from worker.config import KafkaSettings
 from worker.kafka import create_topics

@@ -69,6 +69,8 @@ class TopicSet:
             # Short sessions so a killed worker's partitions move on quickly in tests.
             "RC_WORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
             "RC_WORKER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+            # Several workers (and several test runs) share this host: each picks a free port.
+            "RC_WORKER_OBSERVABILITY__PORT": "0",
         }
         env.update(extra)
         return env
@@ -93,7 +95,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         """Start it (again)."""
         handle = self.log_path.open("ab")
-        self.process = subprocess.Popen([*RC_WORKER, "run"], env=dict(self.env), stdout=handle, stderr=handle, cwd=ROOT)  # noqa: S603
+        self.process = subprocess.Popen([*RC_WORKER, "run"], env=dict(self.env), stdout=handle, stderr=handle, cwd=ROOT)
         handle.close()
         return self
 
@@ -135,12 +137,12 @@ def make_events(path: Path, **options: Any) -> dict[str, Any]:
     for name, value in options.items():
         args += [f"--{name.replace('_', '-')}", str(value)]
     with path.open("w") as out:
-        subprocess.run(args, stdout=out, check=True, timeout=300)  # noqa: S603
+        subprocess.run(args, stdout=out, check=True, timeout=300)
     totals: dict[str, Any] = json.loads(expect.read_text())
     return totals
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.5, what: str = "condition") -> Any:
+async def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.5, what: str = "condition") -> Any:  # noqa: ASYNC109 - a deadline, reported with what was awaited
     """Poll ``predicate`` (sync or async) until it returns something truthy; bounded by ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -209,3 +211,18 @@ async def drop_postgres_database(admin_url: str, url: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+def write_distribution(directory: Path, name: str, entry_points: Mapping[str, str], modules: Mapping[str, str] = {}) -> Path:
+    """An installed-looking distribution in ``directory``: a dist-info with rc_worker.handlers entry
+    points, and module files. Put ``directory`` on sys.path (or PYTHONPATH) and importlib.metadata
+    finds it as it finds pip-installed ones."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dist_info = directory / f"{name.replace('-', '_')}-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    lines = "".join(f"{app_id} = {target}\n" for app_id, target in entry_points.items())
+    (dist_info / "entry_points.txt").write_text(f"[rc_worker.handlers]\n{lines}")
+    for module, source in modules.items():
+        (directory / f"{module}.py").write_text(source)
+    return directory

@@ -19,9 +19,12 @@ from typing import Any
 import orjson
 
 from worker import logs
+from worker.check_config import check_config_command
 from worker.config import Settings, load_settings
-from worker.errors import ConfigError, PluginError, WorkerError
+from worker.errors import ConfigError, InvalidDataError, PluginError, WorkerError
 from worker.persistence.associations import Association
+from worker.plugins import handlers_command
+from worker.scaffold import new_handler_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +51,62 @@ def _parser() -> argparse.ArgumentParser:
     get.add_argument("--association", required=True, help="MODEL:ID, e.g. misc:message-count")
     dump = state.add_parser("dump", help="every record of an app, one JSON object a line")
     dump.add_argument("--app", required=True)
+
+    handlers = commands.add_parser("handlers", help="list the installed handler plugins: ids, versions, settings, enabled")
+    handlers.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    new_handler = commands.add_parser("new-handler", help="create a handler plugin package, ready to install and test")
+    new_handler.add_argument("name", help="the app id, lower-case words joined by dashes, e.g. link-counter")
+    new_handler.add_argument("--dir", type=Path, help="where to create it (default: ./NAME)")
+
+    replay = commands.add_parser("replay", help="process a range of the topic through chosen handlers into a database, then exit")
+    replay_from = replay.add_mutually_exclusive_group(required=True)
+    replay_from.add_argument("--from-beginning", action="store_true", help="from the first record of every partition")
+    replay_from.add_argument("--from-offset", metavar="P:O[,P:O...]", help="only these partitions, each from its offset")
+    replay_from.add_argument("--from-time", metavar="ISO8601", help="from the first record at or after this time (UTC unless given)")
+    replay.add_argument("--to-time", metavar="ISO8601", help="stop before this time (default: the end offsets as they are at start)")
+    replay.add_argument("--topic", help="topic to replay (default: kafka.topic); the live group's offsets never move")
+    replay.add_argument("--handlers", metavar="A,B", help="app ids to run, in order (default: handlers.enabled)")
+    replay.add_argument("--state", required=True, metavar="URL", help="database to replay into, migrated if fresh")
+    replay.add_argument("--group", metavar="NAME", help="share the replay among processes given the same NAME; run again to resume")
+    replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+    dump_topic = commands.add_parser("dump", help="write a range of the topic as contract JSON lines, which `load` reproduces")
+    dump_topic.add_argument("--topic", help="topic to dump (default: kafka.topic)")
+    dump_topic.add_argument("--from-time", metavar="ISO8601", help="from the first record at or after this time")
+    dump_topic.add_argument("--to-time", metavar="ISO8601", help="up to the last record before this time")
+    dump_topic.add_argument("--partition", type=int, metavar="P", help="only this partition")
+    dump_topic.add_argument("--output", "-o", type=Path, metavar="FILE", help="write FILE (whole or not at all) instead of stdout")
+
+    dlq = commands.add_parser("dlq", help="inspect and re-drive the dead-letter topic").add_subparsers(dest="action", required=True)
+    dlq_list = dlq.add_parser("list", help="one line per dead letter: position, origin, app, stage, reason, redrive status")
+    dlq_redrive = dlq.add_parser("redrive", help="send dead letters back, each once: to their topic, or with --app through that app")
+    for dlq_command in (dlq_list, dlq_redrive):
+        dlq_command.add_argument("--app", metavar="A", help="only app A's dead letters (redrive: straight through A into the database)")
+        dlq_command.add_argument("--reason", metavar="R", help="only dead letters whose reason contains R")
+    dlq_list.add_argument("--json", action="store_true", help="one JSON object a line")
+    dlq_redrive.add_argument("--dry-run", action="store_true", help="print what would be sent; send and record nothing")
+
+    offsets = commands.add_parser("offsets", help="the consumer group's offsets").add_subparsers(dest="action", required=True)
+    offsets.add_parser("show", help="per partition: earliest, committed, stored with the state, end, lag").add_argument(
+        "--json", action="store_true", help="one JSON object a line"
+    )
+    reset = offsets.add_parser(
+        "reset",
+        help="move the group's committed offsets and the state's stored ones; refused while the group has active members",
+        description="Moves the group's offsets in Kafka and in the state database (a worker starts at the later of the two). "
+        "Refused while the group has active members. Going back re-reads events: those already processed are recognised "
+        "as duplicates and change nothing; to rebuild state, replay into a fresh database (rc-worker replay).",
+    )
+    reset_to = reset.add_mutually_exclusive_group(required=True)
+    reset_to.add_argument("--to-earliest", action="store_true", help="the first offset of every partition")
+    reset_to.add_argument("--to-latest", action="store_true", help="the end of every partition: skip everything not yet read")
+    reset_to.add_argument("--to-time", metavar="ISO8601", help="the first offset at or after this time, per partition")
+    reset_to.add_argument("--to-offset", metavar="P:O[,P:O...]", help="these partitions to these offsets; others stay")
+    reset.add_argument("--dry-run", action="store_true", help="print the new offsets; change nothing")
+
+    check = commands.add_parser("check-config", help="validate and print the effective configuration, secrets redacted")
+    check.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
+    check.add_argument("--reference", action="store_true", help="print every key, its variable and default as a Markdown table")
     return parser
 
 
@@ -56,20 +115,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        logs.configure(settings.logging)
+        logs.configure(settings.logging, secrets=logs.secrets_of(settings))
         handler = _COMMANDS[(args.command, getattr(args, "action", None))]
         return asyncio.run(handler(settings, args))
     except (ConfigError, PluginError) as exc:
-        print(f"rc-worker: {exc}", file=sys.stderr)
+        print(f"rc-worker: {logs.redact(str(exc))}", file=sys.stderr)
         return 2
     except WorkerError as exc:
-        print(f"rc-worker: error: {exc}", file=sys.stderr)
+        print(f"rc-worker: error: {logs.redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
 async def _run(settings: Settings, _args: argparse.Namespace) -> int:
+    from worker.observability import serve
     from worker.plugins import load_apps
     from worker.runner import Worker
 
@@ -89,7 +149,8 @@ async def _run(settings: Settings, _args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        await worker.run()
+        async with serve(settings.observability, worker):
+            await worker.run()
     except asyncio.CancelledError:
         print(f"rc-worker: shutdown took longer than {settings.processing.shutdown_timeout_s}s; stopped hard", file=sys.stderr)
         return 1
@@ -185,7 +246,10 @@ async def _db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
 async def _state_get(settings: Settings, args: argparse.Namespace) -> int:
     from worker.persistence.store import Store
 
-    association = str(Association.parse(args.association))
+    try:
+        association = str(Association.parse(args.association))
+    except InvalidDataError as exc:
+        raise ConfigError(f"--association: {exc}") from None
     store = Store.from_settings(settings.persistence)
     try:
         await store.check_schema()
@@ -211,6 +275,45 @@ async def _state_dump(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# The data tools live in modules of their own, imported only by the command that uses them.
+
+
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.replay import command
+
+    return await command(settings, args)
+
+
+async def _dump(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.dump import command
+
+    return await command(settings, args)
+
+
+async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.dlq import list_command
+
+    return await list_command(settings, args)
+
+
+async def _dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.dlq import redrive_command
+
+    return await redrive_command(settings, args)
+
+
+async def _offsets_show(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.offsets_admin import show_command
+
+    return await show_command(settings, args)
+
+
+async def _offsets_reset(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.offsets_admin import reset_command
+
+    return await reset_command(settings, args)
+
+
 _COMMANDS: dict[tuple[str, str | None], Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
     ("run", None): _run,
     ("topics", "create"): _topics_create,
@@ -218,4 +321,13 @@ _COMMANDS: dict[tuple[str, str | None], Callable[[Settings, argparse.Namespace],
     ("db", "upgrade"): _db_upgrade,
     ("state", "get"): _state_get,
     ("state", "dump"): _state_dump,
+    ("handlers", None): handlers_command,
+    ("new-handler", None): new_handler_command,
+    ("replay", None): _replay,
+    ("dump", None): _dump,
+    ("dlq", "list"): _dlq_list,
+    ("dlq", "redrive"): _dlq_redrive,
+    ("offsets", "show"): _offsets_show,
+    ("offsets", "reset"): _offsets_reset,
+    ("check-config", None): check_config_command,
 }

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from worker import constants
 from worker.errors import ConfigError
@@ -46,6 +46,7 @@ class KafkaSettings(_Section):
     dead_letter_topic: str = Field(constants.DEFAULT_DEAD_LETTER_TOPIC, min_length=1)
     commands_topic: str = Field(constants.DEFAULT_COMMANDS_TOPIC, min_length=1)
     group_id: str = Field(constants.DEFAULT_GROUP_ID, min_length=1)
+    group_instance_id: str | None = Field(None, min_length=1, description="static membership (KIP-345)")
     client_id: str = "rc-worker"
     max_batch_records: int = Field(500, ge=1, le=100_000)
     fetch_timeout_ms: int = Field(500, ge=10, le=60_000)
@@ -101,11 +102,29 @@ class HandlerSettings(_Section):
         return value
 
 
+class HttpSettings(_Section):
+    """Limits of the ``http`` accessor handed to handlers."""
+
+    timeout_s: float = Field(10.0, gt=0, le=300, description="per request, connect to last byte")
+    max_response_bytes: int = Field(5_000_000, ge=1, description="a larger body fails the request with HttpError")
+
+
 class LoggingSettings(_Section):
     """Log level and format; ``auto`` is JSON lines unless stderr is a terminal."""
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+
+
+class ObservabilitySettings(_Section):
+    """The worker's HTTP endpoint (/metrics, /healthz, /readyz), lag reporting and tracing."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", min_length=1, description="0.0.0.0 to be scraped from other hosts (containers)")
+    port: int = Field(9464, ge=0, le=65535, description="0 picks a free port and logs it")
+    liveness_stall_s: float = Field(120.0, gt=0, description="busy without progress this long fails /healthz")
+    lag_interval_s: float = Field(15.0, gt=0, description="how often lag is measured and logged")
+    tracing: bool = False
 
 
 class Settings(BaseSettings):
@@ -122,7 +141,9 @@ class Settings(BaseSettings):
     persistence: PersistenceSettings = PersistenceSettings()
     processing: ProcessingSettings = ProcessingSettings()
     handlers: HandlerSettings = HandlerSettings()
+    http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
 
     @classmethod
     def settings_customise_sources(
@@ -173,6 +194,12 @@ def load_settings(path: Path | None = None) -> Settings:
         return Settings(**document)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from exc
+    except SettingsError as exc:
+        # Raised before validation when a list or mapping variable is not JSON.
+        raise ConfigError(
+            f"invalid configuration: {exc}; lists and mappings in {ENV_PREFIX}* variables are JSON, "
+            f"e.g. {ENV_PREFIX}HANDLERS__ENABLED='[\"message-count\"]'"
+        ) from exc
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None) -> str:

@@ -35,3 +35,7 @@ OUTBOX_ID_HEADER = "rc-outbox-id"
 # Bounds on untrusted input: larger values go to the dead-letter topic, not into memory twice.
 MAX_VALUE_BYTES = 1_000_000
 MAX_JSON_DEPTH = 64
+# A record carries a handful of headers (ce_*, content-type, tracing); hundreds of them, or
+# more than 64 KiB, are a bug or an attack, refused before anything else is read.
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 65_536

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, SaslAuthenticationFailed, TopicAlreadyExistsError, UnsupportedSaslMechanismError
 from aiokafka.partitioner import DefaultPartitioner
 
 from worker.config import KafkaSettings
-from worker.errors import BrokerError
+from worker.errors import BrokerError, ConfigError
 from worker.events import RawRecord
 
 log = structlog.get_logger("worker.kafka")
@@ -28,7 +30,12 @@ PartitionsCallback = Callable[[set[int]], Awaitable[None]]
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Connection and security options shared by every client."""
+    """Connection and security options shared by every client.
+
+    Raises:
+        ConfigError: SASL without a username or password, or a TLS file that cannot be loaded.
+
+    """
     security = settings.security
     options: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap_servers,
@@ -37,23 +44,76 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
         "security_protocol": security.protocol,
     }
     if security.protocol.startswith("SASL"):
+        if not security.sasl_username or security.sasl_password is None:
+            raise ConfigError(
+                f"kafka.security.protocol is {security.protocol}, which needs kafka.security.sasl_username and "
+                "kafka.security.sasl_password (env RC_WORKER_KAFKA__SECURITY__SASL_USERNAME / __SASL_PASSWORD)"
+            )
+        # aiokafka takes the same two options for PLAIN and for SCRAM-SHA-256/512.
         options["sasl_mechanism"] = security.sasl_mechanism or "PLAIN"
         options["sasl_plain_username"] = security.sasl_username
-        options["sasl_plain_password"] = security.sasl_password.get_secret_value() if security.sasl_password else None
+        options["sasl_plain_password"] = security.sasl_password.get_secret_value()
     if security.protocol.endswith("SSL"):
+        options["ssl_context"] = _ssl_context(settings)
+    return options
+
+
+def _ssl_context(settings: KafkaSettings) -> ssl.SSLContext:
+    security = settings.security
+    key = "kafka.security.ssl_cafile"
+    try:
+        # No cafile: the system's trusted CAs, as for any TLS client; hostnames are checked.
         context = ssl.create_default_context(cafile=security.ssl_cafile)
         if security.ssl_certfile:
+            key = "kafka.security.ssl_certfile"
             context.load_cert_chain(security.ssl_certfile, security.ssl_keyfile)
-        options["ssl_context"] = context
-    return options
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{key}: cannot load the TLS certificate or key: {exc}; check the path and that it is PEM") from exc
+    return context
+
+
+class _ConnectFailures(logging.Handler):
+    """Remembers the last authentication or TLS failure aiokafka logged.
+
+    aiokafka logs why it could not connect to a broker, then raises a bare "Unable to
+    bootstrap"; with this, a failed start-up can say "authentication failed" instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+        self.last: BaseException | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for arg in record.args if isinstance(record.args, tuple) else ():
+            if isinstance(arg, SaslAuthenticationFailed | UnsupportedSaslMechanismError | ssl.SSLError):
+                self.count += 1
+                self.last = arg
+
+
+_connect_failures = _ConnectFailures()
+logging.getLogger("aiokafka").addHandler(_connect_failures)
+
+
+def _explain(failure: BaseException) -> str:
+    if isinstance(failure, ssl.SSLError):
+        return f"TLS handshake failed ({failure}); check kafka.security.ssl_cafile, ssl_certfile and ssl_keyfile"
+    return (
+        f"authentication failed ({failure}); check kafka.security.sasl_mechanism, sasl_username and "
+        "sasl_password (env RC_WORKER_KAFKA__SECURITY__SASL_PASSWORD)"
+    )
 
 
 @contextlib.contextmanager
 def translate(action: str) -> Iterator[None]:
-    """Turn aiokafka's errors into BrokerError, chained."""
+    """Turn aiokafka's errors into BrokerError, chained; an authentication or TLS failure is named."""
+    failures = _connect_failures.count
     try:
         yield
     except KafkaError as exc:
+        failure = _connect_failures.last if _connect_failures.count != failures else None
+        if failure is not None:
+            raise BrokerError(f"{action} failed: {_explain(failure)}") from exc
         raise BrokerError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
 
 
@@ -65,7 +125,8 @@ def _raw(record: Any) -> RawRecord:
         timestamp_ms=record.timestamp,
         key=record.key,
         value=record.value,
-        headers=tuple(record.headers or ()),
+        # Kafka allows a header without a value (null); to us it is an empty one.
+        headers=tuple((name, value if value is not None else b"") for name, value in record.headers or ()),
     )
 
 
@@ -88,6 +149,7 @@ class Consumer:
         self.topic = settings.topic
         self.group_id = group_id or settings.group_id
         self._settings = settings
+        self._coordinator_lost: float | None = None
         self._consumer = AIOKafkaConsumer(
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -95,32 +157,88 @@ class Consumer:
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
             max_poll_interval_ms=settings.max_poll_interval_ms,
+            # How long the coordinator waits for members to rejoin. aiokafka's default is the
+            # session timeout, but on revoke a member first finishes its lanes' batches (up to
+            # processing.shutdown_timeout_s): one slower than that is dropped, rejoins, and
+            # starts the next rebalance, round after round. Java binds it to max.poll.interval.ms.
+            rebalance_timeout_ms=max(settings.session_timeout_ms, settings.max_poll_interval_ms),
             max_poll_records=settings.max_batch_records,
+            group_instance_id=None if group_id else settings.group_instance_id,
             **client_options(settings),
         )
 
     async def start(self, on_revoked: PartitionsCallback, on_assigned: PartitionsCallback) -> None:
         """Connect and join the group; the callbacks run inside every rebalance."""
-        with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
-            await self._consumer.start()
-            self._consumer.subscribe([self.topic], listener=_Listener(on_revoked, on_assigned))
+        try:
+            with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
+                await self._consumer.start()
+                self._consumer.subscribe([self.topic], listener=_Listener(on_revoked, on_assigned))
+        except BaseException:
+            await _close(self._consumer)  # a half-started client keeps sockets and tasks
+            raise
 
     async def stop(self) -> None:
         """Leave the group and close."""
         with translate("leaving the consumer group"):
-            await self._consumer.stop()
+            try:
+                await self._consumer.stop()
+            except asyncio.CancelledError:
+                # aiokafka (0.14) awaits its own cancelled fetch tasks when it closes while a
+                # broker is unreachable, and re-raises their cancellation: not ours, unless
+                # this task is being cancelled. Its client was not closed then; close it.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                await self._consumer._client.close()
 
     async def fetch(self, timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
-        """Records by partition, each list in offset order; empty after ``timeout_ms`` idle."""
+        """Records by partition, each list in offset order; empty after ``timeout_ms`` idle.
+
+        Raises:
+            BrokerError: nothing came and the group coordinator has been unreachable for a
+                while: aiokafka waits for it in silence, the worker says so.
+
+        """
         with translate("fetching records"):
             batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        return {tp.partition: [_raw(r) for r in records] for tp, records in batches.items() if records}
+        found = {tp.partition: [_raw(r) for r in records] for tp, records in batches.items() if records}
+        if not found:
+            self._check_coordinator()
+        return found
 
-    async def commit(self, offsets: dict[int, int]) -> None:
-        """Commit ``offsets`` (the next offset to read, per partition) for the group."""
+    def _check_coordinator(self) -> None:
+        # A coordinator is briefly unknown at start-up and when it moves: only an absence
+        # longer than a heartbeat session is reported.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is None or coordinator.coordinator_id is not None:
+            self._coordinator_lost = None
+            return
+        now = time.monotonic()
+        self._coordinator_lost = self._coordinator_lost or now
+        waited = now - self._coordinator_lost
+        if waited * 1000 >= self._settings.session_timeout_ms:
+            raise BrokerError(
+                f"the group coordinator of {self.group_id} at {self._settings.bootstrap_servers} has been unreachable "
+                f"for {waited:.0f}s; waiting for the broker to come back (nothing is lost meanwhile)"
+            )
+
+    async def commit(self, offsets: dict[int, int], metadata: dict[int, str] | None = None) -> None:
+        """Commit ``offsets`` (the next offset to read, per partition) for the group, with optional metadata."""
         if offsets:
-            with translate("committing offsets"):
-                await self._consumer.commit({TopicPartition(self.topic, p): o for p, o in offsets.items()})
+            notes = metadata or {}
+            coordinator = getattr(self._consumer, "_coordinator", None)
+            if coordinator is not None and coordinator.coordinator_id is None:
+                # aiokafka would wait for the coordinator forever, and the loop with it.
+                raise BrokerError("committing offsets failed: the group coordinator is unreachable; they are committed once it is back")
+            # Bounded like a heartbeat session: a commit that waits longer holds up the loop, and
+            # a coordinator that silent is gone (the next commit says so at once).
+            limit_ms = min(self._settings.request_timeout_ms, self._settings.session_timeout_ms)
+            try:
+                with translate("committing offsets"):
+                    async with asyncio.timeout(limit_ms / 1000):
+                        await self._consumer.commit({TopicPartition(self.topic, p): (o, notes.get(p, "")) for p, o in offsets.items()})
+            except TimeoutError:
+                raise BrokerError(f"committing offsets failed: no answer within {limit_ms} ms") from None
 
     async def committed(self, partition: int) -> int | None:
         """The group's committed offset for ``partition``."""
@@ -150,6 +268,21 @@ class Consumer:
             ends = await self._consumer.end_offsets([TopicPartition(self.topic, p) for p in partitions])
         return {tp.partition: offset for tp, offset in ends.items()}
 
+    async def lag(self) -> dict[int, int]:
+        """Records between the fetch position and the log end, per assigned partition."""
+        assigned = list(self._consumer.assignment())
+        if not assigned:
+            return {}
+        with translate("measuring consumer lag"):
+            ends = await self._consumer.end_offsets(assigned)
+            return {tp.partition: max(0, ends[tp] - await self._consumer.position(tp)) for tp in assigned}
+
+    def in_group(self) -> bool:
+        """Whether this member holds a generation of the group and can reach its coordinator."""
+        # aiokafka has no public call for this; its group coordinator is the only source.
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        return coordinator is not None and coordinator.coordinator_id is not None and coordinator.generation > 0
+
 
 class Outgoing(NamedTuple):
     """A record to produce; ``partition`` None lets the key decide."""
@@ -170,8 +303,12 @@ class Producer:
         self._partitioner = DefaultPartitioner()
 
     async def __aenter__(self) -> Producer:
-        with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
-            await self._producer.start()
+        try:
+            with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
+                await self._producer.start()
+        except BaseException:
+            await _close(self._producer)  # a half-started client keeps sockets and tasks
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -210,8 +347,12 @@ class Reader:
         self._lock = asyncio.Lock()  # assign() is per consumer: one range read at a time
 
     async def __aenter__(self) -> Reader:
-        with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
-            await self._consumer.start()
+        try:
+            with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
+                await self._consumer.start()
+        except BaseException:
+            await _close(self._consumer)  # a half-started client keeps sockets and tasks
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -296,5 +437,155 @@ async def read_topic(settings: KafkaSettings, topic: str, *, idle_timeout_ms: in
                     yield _raw(record)
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
+    finally:
+        await consumer.stop()
+
+
+# -- tools: reading ranges outside any group, and administering a group (rc-worker replay,
+#    dump, dlq, offsets) ----------------------------------------------------------------------
+
+
+async def _start_bounded(client: Any, bootstrap: str, timeout_s: float) -> None:
+    """Start ``client`` within ``timeout_s``: an operator's command must not hang on a dead broker."""
+    try:
+        with translate(f"connecting to Kafka at {bootstrap}"):
+            async with asyncio.timeout(timeout_s):
+                await client.start()
+    except TimeoutError:
+        await _close(client)
+        raise BrokerError(f"connecting to Kafka at {bootstrap} failed: no answer within {timeout_s:g}s; is the broker running?") from None
+    except BaseException:
+        await _close(client)
+        raise
+
+
+async def _close(client: Any) -> None:
+    stop = getattr(client, "stop", None) or client.close
+    with contextlib.suppress(KafkaError, OSError):
+        await stop()
+
+
+async def topic_partitions(settings: KafkaSettings, topic: str, timeout_s: float = 10.0) -> list[int]:
+    """The partitions of ``topic``; empty if it does not exist."""
+    client = AIOKafkaAdminClient(**client_options(settings))
+    await _start_bounded(client, settings.bootstrap_servers, timeout_s)
+    try:
+        with translate(f"describing topic {topic}"):
+            described = await client.describe_topics([topic])
+    finally:
+        await client.close()
+    return sorted({p["partition"] for found in described if not found["error_code"] for p in found["partitions"]})
+
+
+class PartitionReader:
+    """Reads chosen partitions of one topic between offsets, outside any consumer group.
+
+    Partitions are assigned, not subscribed: no group sees a member and nothing is committed,
+    so a replay or a dump never moves a live group's offsets.
+    """
+
+    def __init__(self, settings: KafkaSettings, topic: str, *, timeout_s: float = 10.0) -> None:
+        self.topic = topic
+        self._settings = settings
+        self._timeout_s = timeout_s
+        self._consumer = AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest", **client_options(settings))
+
+    async def __aenter__(self) -> PartitionReader:
+        await _start_bounded(self._consumer, self._settings.bootstrap_servers, self._timeout_s)
+        # Let aiokafka's group-less coordinator task start: stopping a consumer before that
+        # task first runs raises CancelledError out of stop().
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._consumer.stop()
+
+    def _tps(self, partitions: Iterable[int]) -> list[TopicPartition]:
+        return [TopicPartition(self.topic, p) for p in partitions]
+
+    async def bounds(self, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        """The first and the log-end offset of each partition."""
+        tps = self._tps(partitions)
+        with translate(f"reading the offsets of {self.topic}"):
+            firsts = await self._consumer.beginning_offsets(tps)
+            ends = await self._consumer.end_offsets(tps)
+        return {tp.partition: (firsts[tp], ends[tp]) for tp in tps}
+
+    async def offsets_for_time(self, partitions: Iterable[int], timestamp_ms: int) -> dict[int, int | None]:
+        """Per partition, the first offset whose timestamp is at or after ``timestamp_ms`` (None: none is)."""
+        with translate(f"looking up offsets by time in {self.topic}"):
+            found = await self._consumer.offsets_for_times({tp: timestamp_ms for tp in self._tps(partitions)})
+        return {tp.partition: (None if hit is None else hit.offset) for tp, hit in found.items()}
+
+    def assign(self, positions: dict[int, int]) -> None:
+        """Read exactly these partitions, each from its given offset."""
+        tps = self._tps(sorted(positions))
+        self._consumer.assign(tps)
+        for tp in tps:
+            self._consumer.seek(tp, positions[tp.partition])
+
+    async def fetch(self, partitions: Iterable[int], timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
+        """The next records of ``partitions`` (assigned ones), by partition in offset order."""
+        with translate(f"fetching from {self.topic}"):
+            batches = await self._consumer.getmany(*self._tps(partitions), timeout_ms=timeout_ms, max_records=max_records)
+        return {tp.partition: [_raw(r) for r in records] for tp, records in batches.items() if records}
+
+    async def position(self, partition: int) -> int:
+        """The offset the next fetch of ``partition`` starts at."""
+        with translate(f"reading the position in {self.topic}[{partition}]"):
+            position: int = await self._consumer.position(TopicPartition(self.topic, partition))
+        return position
+
+
+class GroupInfo(NamedTuple):
+    """A consumer group's state (``Empty``, ``Stable``, ``Dead``...) and its active members."""
+
+    state: str
+    members: list[str]  # "client-id@host" of each
+
+
+async def describe_group(settings: KafkaSettings, group_id: str, timeout_s: float = 10.0) -> GroupInfo:
+    """The state and the active members of ``group_id``."""
+    client = AIOKafkaAdminClient(**client_options(settings))
+    await _start_bounded(client, settings.bootstrap_servers, timeout_s)
+    try:
+        with translate(f"describing consumer group {group_id}"):
+            responses = await client.describe_consumer_groups([group_id])
+    finally:
+        await client.close()
+    for response in responses:
+        for group in response.to_object()["groups"]:
+            if group["group"] == group_id:
+                members = [f"{m['client_id']}@{m['client_host'].lstrip('/')}" for m in group["members"]]
+                return GroupInfo(group["state"], members)
+    return GroupInfo("Dead", [])
+
+
+async def group_offsets(settings: KafkaSettings, group_id: str, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, str]]:
+    """The committed ``(offset, metadata)`` of ``group_id`` per partition of ``topic`` that has one."""
+    client = AIOKafkaAdminClient(**client_options(settings))
+    await _start_bounded(client, settings.bootstrap_servers, timeout_s)
+    try:
+        with translate(f"reading the offsets of consumer group {group_id}"):
+            found = await client.list_consumer_group_offsets(group_id)
+    finally:
+        await client.close()
+    return {tp.partition: (meta.offset, meta.metadata or "") for tp, meta in found.items() if tp.topic == topic and meta.offset >= 0}
+
+
+async def commit_group_offsets(
+    settings: KafkaSettings, group_id: str, topic: str, offsets: dict[int, int], timeout_s: float = 10.0
+) -> None:
+    """Set ``group_id``'s committed offsets from outside the group, as Kafka's reset tool does.
+
+    The broker accepts such a commit only while the group has no active member.
+    """
+    consumer = AIOKafkaConsumer(group_id=group_id, enable_auto_commit=False, **client_options(settings))
+    await _start_bounded(consumer, settings.bootstrap_servers, timeout_s)
+    try:
+        tps = {p: TopicPartition(topic, p) for p in offsets}
+        consumer.assign(list(tps.values()))
+        with translate(f"committing offsets for consumer group {group_id}"):
+            await consumer.commit({tps[p]: offset for p, offset in offsets.items()})
     finally:
         await consumer.stop()

@@ -16,13 +16,16 @@ from collections.abc import Callable
 import structlog
 from structlog.contextvars import bound_contextvars
 
+from worker import tracing
 from worker.config import ProcessingSettings
 from worker.dispatch import ConflictsExhausted, Dispatcher, backoff
 from worker.errors import BrokerError, FencedError, PersistenceError
 from worker.events import RawRecord
+from worker.observability import observe
 from worker.offsets import OffsetTracker
 from worker.outbox import OutboxPublisher
 from worker.persistence.store import Fence
+from worker.persistence.unit import Snapshot
 
 log = structlog.get_logger("worker.lane")
 
@@ -44,6 +47,7 @@ class Lane:
         offsets: OffsetTracker,
         settings: ProcessingSettings,
         on_idle: Callable[[int], None],
+        on_failure: Callable[[BaseException], None],
     ) -> None:
         self.fence = fence
         self.partition = fence.partition
@@ -57,8 +61,11 @@ class Lane:
         self._outbox_dirty = True  # a new owner first publishes what the last one left
         self.busy = False
         self._locked_batches = 0
+        self._snapshot = Snapshot()  # what this partition's last commit left in the database
         self.last_progress = time.monotonic()
         self.task = asyncio.create_task(self._run(), name=f"lane-{fence.topic}-{fence.partition}")
+        # A lane that dies would hold its partition paused forever, silently: surface it.
+        self.task.add_done_callback(lambda task: None if task.cancelled() or task.exception() is None else on_failure(task.exception()))  # type: ignore[arg-type]
 
     def submit(self, records: list[RawRecord]) -> None:
         """Hand the lane its next batch; the runner pauses the partition until it is idle."""
@@ -104,18 +111,36 @@ class Lane:
         attempt = 0
         while not self._closed.is_set() or attempt == 0:
             try:
-                result = await self._dispatcher.dispatch(records, self.fence, locked=self._locked_batches > 0)
+                with tracing.span("rc_worker.batch", topic=self.fence.topic, partition=self.partition, records=len(records)):
+                    result = await self._dispatcher.dispatch(records, self.fence, locked=self._locked_batches > 0, snapshot=self._snapshot)
             except FencedError as exc:
                 log.warning("partition_fenced", reason=str(exc))
                 self._closed.set()
                 return
             except (PersistenceError, ConflictsExhausted) as exc:
+                self._snapshot.clear()  # the database may come back changed (a restore, a reset)
                 attempt += 1
                 log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=records[0].offset)
                 await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
                 continue
+            except Exception as exc:
+                # A bug below (an error nothing translated) must stall this partition loudly
+                # and try again, not end its lane in silence with the partition paused.
+                self._snapshot.clear()
+                attempt += 1
+                log.error(
+                    "batch_failed",
+                    error_type=type(exc).__name__,
+                    error=str(exc),
+                    attempt=attempt,
+                    first_offset=records[0].offset,
+                    exc_info=exc,
+                )
+                await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
+                continue
             self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
             self._offsets.mark(self.partition, result.next_offset)
+            observe.batch_committed(result)
             self.last_progress = time.monotonic()
             self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
             log.info(
@@ -140,6 +165,8 @@ class Lane:
             self._closed.set()
         except (BrokerError, PersistenceError) as exc:
             log.warning("outbox_publish_failed", reason=str(exc))
+        except Exception as exc:  # as in _process: retried (the lane keeps it dirty), never silent
+            log.error("outbox_publish_failed", reason=f"{type(exc).__name__}: {exc}", exc_info=exc)
         else:
             self._outbox_dirty = False
 

@@ -23,11 +23,12 @@ import structlog
 from worker.apps import App
 from worker.config import Settings
 from worker.dispatch import Dispatcher, Topics
-from worker.errors import BrokerError, PersistenceError
+from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
 from worker.http import Http
 from worker.kafka import Consumer, Producer, Reader
 from worker.lane import Lane
+from worker.observability import observe
 from worker.offsets import OffsetTracker
 from worker.outbox import OutboxPublisher
 from worker.persistence.store import Store
@@ -54,7 +55,15 @@ class Worker:
         self.offsets = OffsetTracker()
         self.lanes: dict[int, Lane] = {}
         self.stopping = asyncio.Event()
+        self.failure: BaseException | None = None
         self.last_poll = time.monotonic()
+
+    def _lane_failed(self, exc: BaseException) -> None:
+        # A bug, not an outage (those are retried inside the lane): stop, and let the process
+        # exit non-zero so its supervisor restarts it, rather than sit on a paused partition.
+        log.error("lane_failed", error_type=type(exc).__name__, error=str(exc), exc_info=exc)
+        self.failure = self.failure or exc
+        self.stop()
 
     def stop(self) -> None:
         """Ask the loop to finish the batches in flight, commit and leave the group."""
@@ -68,9 +77,12 @@ class Worker:
         async with self._running():
             while not self.stopping.is_set():
                 batches = await self._fetch(kafka.fetch_timeout_ms, kafka.max_batch_records)
+                observe.polled(batches)
                 for partition, records in batches.items():
                     self._hand_over(partition, records)
                 await self._commit_offsets()
+        if self.failure is not None:
+            raise WorkerError(f"stopped because a partition's lane failed: {type(self.failure).__name__}: {self.failure}") from self.failure
 
     async def _fetch(self, timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
         try:
@@ -116,6 +128,7 @@ class Worker:
     # -- rebalance -------------------------------------------------------------------------
 
     async def _on_revoked(self, partitions: set[int]) -> None:
+        observe.revoked(partitions)
         lanes = [self.lanes.pop(p) for p in sorted(partitions) if p in self.lanes]
         timeout = self.settings.processing.shutdown_timeout_s
         await asyncio.gather(*(lane.close(timeout) for lane in lanes))
@@ -124,6 +137,7 @@ class Worker:
         log.info("partitions_revoked", partitions=sorted(partitions))
 
     async def _on_assigned(self, partitions: set[int]) -> None:
+        observe.assigned(partitions)
         kafka = self.settings.kafka
         attempt = 0
         while True:
@@ -142,7 +156,9 @@ class Worker:
                     # where the state ends, so nothing is processed twice.
                     self.consumer.seek(partition, claim.next_offset)
             self.consumer.resume(partition)
-            self.lanes[partition] = Lane(claim.fence, self.dispatcher, self.publisher, self.offsets, self.settings.processing, self._resume)
+            self.lanes[partition] = Lane(
+                claim.fence, self.dispatcher, self.publisher, self.offsets, self.settings.processing, self._resume, self._lane_failed
+            )
         log.info(
             "partitions_assigned",
             partitions=sorted(partitions),
