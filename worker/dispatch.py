@@ -239,7 +239,7 @@ class Dispatcher:
                 return "processed"
             except (VersionConflict, FencedError, PersistenceError):
                 raise  # not the handler's doing: the whole batch is retried or abandoned
-            except Exception as exc:  # noqa: BLE001 - a plugin may raise anything; it must not stop the worker
+            except Exception as exc:
                 if unit.failure is not None:
                     # The handler failed because the database did (perhaps wrapped in its own
                     # error): the batch is retried or abandoned, never this event dead-lettered.
