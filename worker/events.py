@@ -7,6 +7,7 @@ contract raises DecodeError with a reason short enough for a dead-letter header.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -131,6 +132,7 @@ def decode(record: RawRecord) -> Event:
         DecodeError: the record is not a contract event; ``reason`` says why.
 
     """
+    _check_headers(record.headers)
     value = record.value
     if value is None:
         raise DecodeError("value is empty (a tombstone); the contract needs an event")
@@ -185,7 +187,41 @@ def _validate_envelope(attributes: dict[str, Any], prefix: str = "") -> _Envelop
         raise DecodeError(_describe(exc, prefix.rstrip("_") if prefix else "")) from None
 
 
+def _check_headers(headers: tuple[tuple[str, bytes], ...]) -> None:
+    if len(headers) > constants.MAX_HEADERS:
+        raise DecodeError(f"record has {len(headers)} headers, over the limit of {constants.MAX_HEADERS}")
+    size = sum(len(name.encode("utf-8", "surrogatepass")) + len(value) for name, value in headers)
+    if size > constants.MAX_HEADER_BYTES:
+        raise DecodeError(f"headers are {size} bytes, over the limit of {constants.MAX_HEADER_BYTES}")
+
+
+# A JSON string (escapes included), and the bytes that are not brackets once strings are gone.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+
+
+def _too_deep(value: bytes) -> bool:
+    """Whether ``value`` nests arrays and objects more than MAX_JSON_DEPTH levels deep.
+
+    Checked before parsing, in a few passes of C-speed byte operations, so a hostile value
+    never builds a deep structure (or a deep recursion in validation) at all.
+    """
+    if value.count(b"[") + value.count(b"{") <= constants.MAX_JSON_DEPTH:
+        return False  # every event we expect: too few brackets to nest that deep
+    brackets = _JSON_STRING.sub(b"", value).translate(_SQUARE, _NOT_BRACKETS)
+    # Each pass removes the innermost pairs; one left after MAX_JSON_DEPTH passes lies deeper.
+    for _ in range(constants.MAX_JSON_DEPTH):
+        shorter = brackets.replace(b"[]", b"")
+        if len(shorter) == len(brackets):
+            return False
+        brackets = shorter
+    return b"[]" in brackets
+
+
 def _parse_json(value: bytes) -> Any:
+    if _too_deep(value):
+        raise DecodeError(f"value nests JSON more than {constants.MAX_JSON_DEPTH} levels deep")
     try:
         return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
