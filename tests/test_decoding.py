@@ -38,7 +38,11 @@ EXPECTED_REASONS = {
 
 
 class TestContractSamples:
-    @pytest.mark.parametrize("line", _lines("valid.jsonl"), ids=lambda line: json.loads(line["value"])["id"] if "specversion" in line["value"] else line["headers"].get("ce_id", "?"))
+    @pytest.mark.parametrize(
+        "line",
+        _lines("valid.jsonl"),
+        ids=lambda line: json.loads(line["value"])["id"] if "specversion" in line["value"] else line["headers"].get("ce_id", "?"),
+    )
     def test_every_valid_sample_decodes_to_a_post_message_sent(self, line: dict[str, Any]) -> None:
         """Every valid sample is a PostMessageSent with its room and sender."""
         event = decode(_record(line))
@@ -106,7 +110,9 @@ class TestModes:
         ],
         ids=["tombstone", "foreign-content-type", "not-a-cloudevent", "oversized"],
     )
-    def test_records_outside_the_contract_are_refused(self, value: bytes | None, headers: tuple[tuple[str, bytes], ...], reason: str) -> None:
+    def test_records_outside_the_contract_are_refused(
+        self, value: bytes | None, headers: tuple[tuple[str, bytes], ...], reason: str
+    ) -> None:
         """Anything else that is not the contract is refused with a reason."""
         with pytest.raises(DecodeError, match=reason):
             decode(RawRecord("t", 0, 0, 0, None, value, headers))
@@ -115,5 +121,5 @@ class TestModes:
         """createdAt must be an RFC 3339 string, not a number pydantic would coerce."""
         envelope = json.loads(_lines("valid.jsonl")[0]["value"])
         envelope["data"]["createdAt"] = 1764410400
-        with pytest.raises(DecodeError, match="data.createdAt"):
+        with pytest.raises(DecodeError, match=r"data\.createdAt"):
             decode(RawRecord("t", 0, 0, 0, None, json.dumps(envelope).encode()))

@@ -131,7 +131,9 @@ class Snapshot:
         self.records.update(unit.base)
         for ref, record in unit.staged.items():
             version = new_versions.get(id_key(*ref))
-            self.records[ref] = None if record is None or version is None else StoredRecord(record.id, record.data, version, record.associations)
+            self.records[ref] = (
+                None if record is None or version is None else StoredRecord(record.id, record.data, version, record.associations)
+            )
         # A query whose association was written by this unit is now what the unit saw.
         for query in unit.queries:
             self.queries[query] = tuple(r.id for r in unit.query_result(query))
