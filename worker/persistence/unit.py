@@ -126,6 +126,10 @@ class Snapshot:
         """Take over what ``unit`` read and wrote, now that it has committed."""
         if len(self.versions) > SNAPSHOT_MAX_KEYS:
             self.clear()
+        # Where the unit read a newer version from the database, what this snapshot derived
+        # from the older one (queries, records) is stale: kept beside the newer version, a
+        # later unit would adopt it and its commit check would pass.
+        self.forget([key for key, version in unit.seen.items() if self.versions.get(key, version) != version])
         self.versions.update(unit.seen)
         self.versions.update(new_versions)
         self.records.update(unit.base)
@@ -340,7 +344,7 @@ class UnitOfWork:
     def _adopt_record(self, ref: RecordRef) -> bool:
         """Take a record read by id from the snapshot, with the version to check."""
         key = id_key(*ref)
-        if self.snapshot is None or ref not in self.snapshot.records or key not in self.snapshot.versions:
+        if self.snapshot is None or ref not in self.snapshot.records or not self._agrees(self.snapshot, [key]):
             return False
         self.base[ref] = self.snapshot.records[ref]
         self.seen.setdefault(key, self.snapshot.versions[key])
@@ -354,13 +358,30 @@ class UnitOfWork:
         app_id, wanted = query
         keys = [association_key(app_id, a) for a in wanted]
         ids = snapshot.queries[query]
-        if any(k not in snapshot.versions for k in keys) or any((app_id, i) not in snapshot.records for i in ids):
+        if not self._agrees(snapshot, keys) or any((app_id, i) not in snapshot.records for i in ids):
+            return False
+        # The snapshot's result is as of its versions: once this unit has read another version
+        # of a key (from the database), that result is stale and checking the newer version at
+        # commit would not catch it.
+        if any(self.seen.get(k, snapshot.versions[k]) != snapshot.versions[k] for k in keys):
             return False
         for key in keys:
             self.seen.setdefault(key, snapshot.versions[key])
         for record_id in ids:
             self.base.setdefault((app_id, record_id), snapshot.records[(app_id, record_id)])
         self.queries[query] = ids
+        return True
+
+    def _agrees(self, snapshot: Snapshot, keys: Sequence[Key]) -> bool:
+        """Whether the snapshot knows ``keys`` at the versions this unit has already seen.
+
+        A unit that read a key from the database at a newer version must not then take an
+        older cached result for it: the commit would check the newer version and pass.
+        """
+        for key in keys:
+            version = snapshot.versions.get(key)
+            if version is None or self.seen.get(key, version) != version:
+                return False
         return True
 
     def _unseen(self, keys: Iterable[Key]) -> list[Key]:
