@@ -1,0 +1,1 @@
+"""Scripts the multi-process tests run as separate OS processes, and measurement scripts run by hand."""
