@@ -13,11 +13,12 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.services import _own_kafka_session, _own_postgres_session, own_kafka, own_postgres  # noqa: F401 - fixtures
-from tests.support import ROOT, Services, TopicSet, create_postgres_database, drop_postgres_database
+from tests.support import ROOT, Services, StartWorker, TopicSet, WorkerProcess, create_postgres_database, drop_postgres_database
 from worker.config import KafkaSettings
 from worker.kafka import create_topics
 from worker.persistence.store import Store
@@ -114,3 +115,19 @@ async def store(database_url: str) -> AsyncIterator[Store]:
 
 
 __all__ = ["IN_CI", "KafkaSettings"]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
+    """Start `rc-worker run` processes; any still running at the end is killed."""
+    started: list[WorkerProcess] = []
+
+    def start(env: dict[str, str] | Any, name: str) -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / f"{name}.log").start()
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.alive():
+            worker.kill()

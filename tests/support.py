@@ -84,6 +84,9 @@ def rc_worker(*args: str, env: Mapping[str, str], timeout: float = 120, check: b
     return result
 
 
+StartWorker = Callable[[Mapping[str, str], str], "WorkerProcess"]
+
+
 @dataclass
 class WorkerProcess:
     """An `rc-worker run` subprocess whose JSON log lines are kept in a file."""

@@ -10,7 +10,7 @@ import base64
 import json
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tests.support import (
     FIXTURES,
+    StartWorker,
     TopicSet,
     WorkerProcess,
     counts,
@@ -34,24 +35,6 @@ from worker.events import RawRecord, decode
 from worker.kafka import admin, read_topic
 
 pytestmark = pytest.mark.kafka
-
-StartWorker = Callable[[Mapping[str, str], str], WorkerProcess]
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
-    """Start `rc-worker run` processes; any still running at the end is killed."""
-    started: list[WorkerProcess] = []
-
-    def start(env: Mapping[str, str], name: str) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"{name}.log").start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.alive():
-            worker.kill()
 
 
 # -- helpers ---------------------------------------------------------------------------------

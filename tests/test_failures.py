@@ -16,7 +16,7 @@ import json
 import signal
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -519,22 +519,6 @@ class Plugged:
 
     env: dict[str, str]
     marker: Path
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[Callable[[Mapping[str, str], str], WorkerProcess]]:
-    """Start `rc-worker run` processes; any still running at the end is killed."""
-    started: list[WorkerProcess] = []
-
-    def start(env: Mapping[str, str], name: str) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"{name}.log").start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.alive():
-            worker.kill()
 
 
 async def plugged(tmp_path: Path, env: Mapping[str, str], *, seconds: float, once: bool = False, **extra: str) -> Plugged:

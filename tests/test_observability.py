@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
-from tests.support import FIXTURES, ROOT, TopicSet, WorkerProcess, make_events, rc_worker, store_for, wait_until
+from tests.support import FIXTURES, ROOT, StartWorker, TopicSet, WorkerProcess, make_events, rc_worker, store_for, wait_until
 from worker import tracing
 from worker.cli import read_records_file
 from worker.config import ProcessingSettings, Settings
@@ -363,25 +363,6 @@ async def table_locked(url: str, table: str) -> AsyncIterator[None]:
             yield
     finally:
         await conn.close()
-
-
-StartWorker = Callable[[Mapping[str, str], str], WorkerProcess]
-
-
-@pytest.fixture
-def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
-    """Start `rc-worker run` processes; any still running at the end is killed."""
-    started: list[WorkerProcess] = []
-
-    def start(env: Mapping[str, str], name: str) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"{name}.log").start()
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        if worker.alive():
-            worker.kill()
 
 
 @pytest.mark.kafka
