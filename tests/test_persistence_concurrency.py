@@ -30,7 +30,7 @@ WORKERS = 4
 
 
 class TestManyProcessesOneCounter:
-    EVENTS = 240
+    EVENTS = 300
 
     async def test_four_processes_count_every_event_exactly_once(self, database_url: str, store: Store) -> None:
         """Four processes, each its share of the events, all incrementing the same counters: both end at the event count."""
@@ -44,7 +44,7 @@ class TestManyProcessesOneCounter:
 
 
 class TestDuplicatedEvents:
-    EVENTS = 120
+    EVENTS = 160
 
     async def test_an_event_delivered_to_every_process_is_counted_once(self, database_url: str, store: Store) -> None:
         """Each of four processes dispatches every event (same CloudEvents source and id): each is counted once."""
