@@ -18,19 +18,24 @@ from typing import Any
 import pytest
 
 from tests.services import _own_kafka_session, _own_postgres_session, own_kafka, own_postgres  # noqa: F401 - fixtures
-from tests.support import ROOT, Services, StartWorker, TopicSet, WorkerProcess, create_postgres_database, drop_postgres_database
+from tests.support import (
+    IN_CI,
+    ROOT,
+    Services,
+    StartWorker,
+    TopicSet,
+    WorkerProcess,
+    create_postgres_database,
+    drop_postgres_database,
+    unavailable,
+)
 from worker.config import KafkaSettings
 from worker.kafka import create_topics
 from worker.persistence.store import Store
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-
 
 def _unavailable(what: str, detail: str) -> None:
-    message = f"{what} is not available: {detail}"
-    if IN_CI:
-        pytest.fail(message + " (CI=true: a missing service fails the run)")
-    pytest.skip(message)
+    unavailable(f"{what} is not available: {detail}")
 
 
 def _start(script: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support import TopicSet, WorkerProcess, rc_worker, store_for, wait_until, write_distribution
+from tests.support import TopicSet, WorkerProcess, load_events, store_for, wait_until, write_distribution
 from worker import App, Association, AssociationModel, IHttp, IModify, IPersistence, IRead, Message, User
 from worker.config import PersistenceSettings
 from worker.constants import OUTBOX_ID_HEADER
@@ -218,15 +218,7 @@ class TestCommandsTopic:
             RC_WORKER_HANDLERS__SETTINGS=json.dumps({"flaky-tagger": {"db_path": db_path}}),
         )
         events = [cloud_event(message(f"m{n}", room=f"room-{n % 3}")) for n in range(12)]
-        lines = [
-            json.dumps(
-                {"key": e["data"]["room"]["id"], "headers": {"content-type": "application/cloudevents+json"}, "value": json.dumps(e)}
-            )
-            for e in events
-        ]
-        (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
-        rc_worker("db", "upgrade", env=env)
-        rc_worker("load", str(tmp_path / "events.jsonl"), env=env)
+        load_events(events, tmp_path / "events.jsonl", env)
 
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import os
 import random
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.support import TopicSet, WorkerProcess, rc_worker, store_for, wait_until, write_distribution
+from tests.support import TopicSet, WorkerProcess, load_events, store_for, wait_until, write_distribution
 from worker.constants import OUTBOX_ID_HEADER
 from worker.kafka import Outgoing, Producer, Reader, read_topic
 from worker.outbox import OutboxPublisher, outbox_id
@@ -119,15 +118,7 @@ class TestWorkersKilled:
         )
         count = 3000
         events = [cloud_event(message(f"m{n}", room=f"room-{n % 12}")) for n in range(count)]
-        lines = [
-            json.dumps(
-                {"key": e["data"]["room"]["id"], "headers": {"content-type": "application/cloudevents+json"}, "value": json.dumps(e)}
-            )
-            for e in events
-        ]
-        (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
-        rc_worker("db", "upgrade", env=env)
-        rc_worker("load", str(tmp_path / "events.jsonl"), env=env)
+        load_events(events, tmp_path / "events.jsonl", env)
 
         steady = WorkerProcess(env, tmp_path / "steady.log").start()
         victim = WorkerProcess(env, tmp_path / "victim.log").start()
