@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.support import TopicSet, WorkerProcess, rc_worker, store_for, wait_until
+from tests.support import TopicSet, WorkerProcess, load_events, rc_worker, store_for, wait_until
 from worker.errors import ConfigError
 from worker.scaffold import Names, render
 from worker.testing import cloud_event, message
@@ -144,22 +144,15 @@ class TestInstalledPackage:
             cloud_event(message(text, sender=sender, room=room))
             for text, sender, room in [("hi", "ann", "r1"), ("yo", "ann", "r2"), ("hey", "ben", "r1"), ("", "ben", "r2")]
         ]
-        lines = [
-            json.dumps(
-                {"key": e["data"]["room"]["id"], "headers": {"content-type": "application/cloudevents+json"}, "value": json.dumps(e)}
-            )
-            for e in events
-        ]
-        (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
-        rc_worker("db", "upgrade", env=env)
-        rc_worker("load", str(tmp_path / "events.jsonl"), env=env)
+        load_events(events, tmp_path / "events.jsonl", env)
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         try:
 
             async def counts() -> dict[str, int]:
                 async with store_for(sqlite_url) as store:
-                    found = {r.associations[0]: json.loads(r.data)["count"] for r in await store.app_records(app_id)}
+                    # The count first: once every event is processed, the records read after it are final.
                     done = await store.processed_count(app_id)
+                    found = {r.associations[0]: json.loads(r.data)["count"] for r in await store.app_records(app_id)}
                 return found if done == len(events) else {}
 
             found = await wait_until(counts, timeout=120, what=f"{app_id} to process every event")
