@@ -14,12 +14,13 @@ import base64
 import contextlib
 import json
 import signal
+import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -37,7 +38,7 @@ from tests.support import (
     wait_until,
     write_distribution,
 )
-from worker import constants
+from worker import Association, AssociationModel, IHttp, IModify, IPersistence, IRead, constants, testing
 from worker.apps import App
 from worker.config import HandlerSettings, ObservabilitySettings, PersistenceSettings, ProcessingSettings, Settings
 from worker.errors import DeadLetterNow, DecodeError
@@ -364,6 +365,48 @@ class TestInvalidRecords:
 
 
 # -- handler errors -------------------------------------------------------------------------------
+
+
+class ConflictedFailure(App):
+    """Reads an association, meets a concurrent commit to it on its first run per event, and always raises."""
+
+    RUNS: ClassVar[Counter[str]] = Counter()
+    DB_PATH: ClassVar[Path]
+
+    async def execute_post_message_sent(
+        self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify
+    ) -> None:
+        await read.get_persistence_reader().read_by_association(COUNTED)
+        self.RUNS[message.id] += 1
+        if self.RUNS[message.id] == 1:
+            await asyncio.to_thread(_bump_version, self.DB_PATH, self.id, f"as:{COUNTED}")
+        raise RuntimeError("always fails")
+
+
+COUNTED = Association(AssociationModel.MISC, "counted")
+
+
+def _bump_version(path: Path, app_id: str, key: str) -> None:
+    """What another worker's commit does to a key this run has read."""
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as conn, conn:
+        conn.execute(
+            "INSERT INTO key_versions (app_id, key, version) VALUES (?, ?, 1) "
+            "ON CONFLICT (app_id, key) DO UPDATE SET version = version + 1",
+            (app_id, key),
+        )
+
+
+class TestHandlerAttemptsAcrossConflicts:
+    async def test_a_batch_run_again_after_a_conflict_does_not_run_a_failing_handler_again(self, tmp_path: Path) -> None:
+        """handler_max_attempts bounds a handler's runs per event across every run of its batch, conflicts included."""
+        ConflictedFailure.RUNS.clear()
+        ConflictedFailure.DB_PATH = tmp_path / "state.db"
+        async with testing.Harness(ConflictedFailure, app_id="conflicted", directory=tmp_path) as harness:
+            delivery = await harness.deliver([testing.message("a"), testing.message("b")], batch_size=2, check=False)
+            dead_letters = await harness.dead_letters()
+        assert delivery.conflicts >= 1
+        assert sorted(ConflictedFailure.RUNS.values()) == [3, 3]  # TEST_PROCESSING: handler_max_attempts=3
+        assert len(dead_letters) == 2
 
 
 class TestHandlerErrors:

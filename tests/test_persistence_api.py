@@ -16,7 +16,7 @@ from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, Ve
 from worker.persistence.accessors import PersistenceReader, PersistenceWriter
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot, UnitOfWork
+from worker.persistence.unit import Snapshot, UnitOfWork, guard_key
 
 APP = "app-a"
 OTHER_APP = "app-b"
@@ -943,12 +943,40 @@ class TestLaneSnapshots:
         unit.create(APP, {"n": 1}, [ROOM, USER])
         await self._lane_commit(store, snapshot, unit)
         unit = UnitOfWork(store, snapshot)
+        assert len(await unit.read_by_associations(APP, [ROOM])) == 1
+        await self._lane_commit(store, snapshot, unit)
+        await create(store, {"n": 2}, ROOM, USER)  # another lane
+        unit = UnitOfWork(store, snapshot)
+        # From the database, guarded by the room's key: a newer version of it than the lane's.
+        assert len(await unit.read_by_associations(APP, [ROOM, USER])) == 2
+        assert sorted(s.data for s in await unit.read_by_associations(APP, [ROOM])) == [b'{"n":1}', b'{"n":2}']
+
+    async def test_a_stale_result_for_an_association_the_unit_did_not_check_never_commits(self, store: Store) -> None:
+        """A lane result for the user's association, older than what the unit read through the room's, makes the commit conflict."""
+        snapshot = Snapshot()
+        unit = UnitOfWork(store, snapshot)
+        unit.create(APP, {"n": 1}, [ROOM, USER])
+        await self._lane_commit(store, snapshot, unit)
+        unit = UnitOfWork(store, snapshot)
         assert len(await unit.read_by_associations(APP, [USER])) == 1
         await self._lane_commit(store, snapshot, unit)
         await create(store, {"n": 2}, ROOM, USER)  # another lane
         unit = UnitOfWork(store, snapshot)
-        assert len(await unit.read_by_associations(APP, [ROOM, USER])) == 2  # from the database: newer versions
-        assert sorted(s.data for s in await unit.read_by_associations(APP, [USER])) == [b'{"n":1}', b'{"n":2}']
+        assert len(await unit.read_by_associations(APP, [ROOM, USER])) == 2
+        assert len(await unit.read_by_associations(APP, [USER])) == 1  # the lane's older result
+        unit.create(APP, {"saw": 1}, [TOTAL])
+        with pytest.raises(VersionConflict):
+            await store.commit(unit)
+        assert sorted(d.get("n", 0) for d in await datas(store)) == [1, 2]
+
+    async def test_a_query_is_not_conflicted_by_writes_to_its_global_association_elsewhere(self, store: Store) -> None:
+        """A query for room and misc associations is checked by the room's key: another room's write to the misc one does not conflict it."""
+        unit = UnitOfWork(store)
+        assert await unit.read_by_associations(APP, [TOTAL, ROOM]) == []
+        await create(store, {"n": 1}, TOTAL, Association(AssociationModel.ROOM, "elsewhere"))  # another lane
+        unit.create(APP, {"n": 2}, [TOTAL, ROOM])
+        await store.commit(unit)
+        assert sorted(d["n"] for d in await datas(store)) == [1, 2]
 
     async def test_a_snapshot_forgets_results_made_stale_by_a_newer_read(self, store: Store) -> None:
         """A unit that read a newer version of an association makes the lane drop its older result for it."""
@@ -957,12 +985,30 @@ class TestLaneSnapshots:
         unit.create(APP, {"n": 1}, [ROOM, USER])
         await self._lane_commit(store, snapshot, unit)
         unit = UnitOfWork(store, snapshot)
-        assert len(await unit.read_by_associations(APP, [USER])) == 1
+        assert len(await unit.read_by_associations(APP, [ROOM])) == 1
         await self._lane_commit(store, snapshot, unit)
         await run(store, lambda _r, w: w.remove_by_association(ROOM))  # another lane
         unit = UnitOfWork(store, snapshot)
         assert await unit.read_by_associations(APP, [ROOM, USER]) == []  # from the database: newer versions
         await self._lane_commit(store, snapshot, unit)
         unit = UnitOfWork(store, snapshot)
-        assert await unit.read_by_associations(APP, [USER]) == []
+        assert await unit.read_by_associations(APP, [ROOM]) == []
         await store.commit(unit)
+
+
+class TestQueryGuards:
+    """Which association's version checks a query: the one whose records have the fewest writers."""
+
+    @pytest.mark.parametrize(
+        ("associations", "guard"),
+        [
+            (["misc:unread", "room:r1", "user:u1"], "room:r1"),
+            (["misc:unread", "user:u1"], "user:u1"),
+            (["message:m1", "user:u1"], "message:m1"),
+            (["misc:b", "misc:a"], "misc:a"),
+            (["misc:count"], "misc:count"),
+        ],
+    )
+    def test_the_guard_prefers_room_then_message_then_user_over_misc(self, associations: list[str], guard: str) -> None:
+        """Rooms own their partition's records; misc associations are often global."""
+        assert guard_key(APP, associations) == (APP, f"as:{guard}")

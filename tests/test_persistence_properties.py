@@ -272,7 +272,7 @@ class SerialEquivalence(RuleBasedStateMachine):
             self.stats.conflicts += 1
             if snapshot is not None:
                 snapshot.forget(exc.keys) if exc.keys is not None else snapshot.clear()
-            pending = self.run(self._retry(pending.ops, snapshot))
+            pending = self.run(self._retry(pending.ops, snapshot, pending.session.unit))
         else:
             if snapshot is not None:
                 snapshot.absorb(pending.session.unit, new_versions)
@@ -282,7 +282,7 @@ class SerialEquivalence(RuleBasedStateMachine):
             assert actual == expected(op, model, actual), f"{op} returned {actual!r}; serial execution gives otherwise"
         self.model = model
 
-    async def _retry(self, ops: list[Op], snapshot: Snapshot | None) -> Pending:
+    async def _retry(self, ops: list[Op], snapshot: Snapshot | None, failed: UnitOfWork) -> Pending:
         # Nothing else commits in between, so the retry must not conflict.
         if snapshot is None:
             retry = Pending(Session(self.store, self.app_ids), list(ops))
@@ -290,7 +290,9 @@ class SerialEquivalence(RuleBasedStateMachine):
             await self.store.commit(retry.session.unit)
             return retry
         async with self.store.session() as locked:
-            await locked.refresh(snapshot)
+            # As the dispatcher's locked attempt does after an unlocked run: lock what the
+            # conflicted unit read and wrote, then run the calls again within the locks.
+            assert not await locked.revalidate(failed, snapshot), "a unit that conflicted must find a change"
             retry = Pending(Session(locked, self.app_ids, snapshot), list(ops))
             retry.results = [await perform(op, retry.session) for op in ops]
             new_versions = await locked.commit(retry.session.unit)

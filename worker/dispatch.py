@@ -68,6 +68,25 @@ class BatchResult:
         self.outcomes.update(other.outcomes)
 
 
+@dataclass(slots=True)
+class HandlerFailures:
+    """Each (app, event)'s failed handler runs so far, across every run of its batch.
+
+    A batch runs again after a conflict (and its locked attempt runs the handlers once
+    unlocked first): counting across runs keeps ``processing.handler_max_attempts`` a bound
+    on the whole delivery, and keeps a failing handler's backoff out of the locked run.
+    """
+
+    runs: Counter[Marker] = field(default_factory=Counter)
+    last: dict[Marker, Exception] = field(default_factory=dict)
+
+    def failed(self, marker: Marker, exc: Exception) -> int:
+        """Count a failed run; returns how many there have been."""
+        self.runs[marker] += 1
+        self.last[marker] = exc
+        return self.runs[marker]
+
+
 @dataclass(frozen=True, slots=True)
 class Topics:
     """Where dead letters and commands go."""
@@ -123,13 +142,14 @@ class Dispatcher:
         self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, locked: bool, snapshot: Snapshot
     ) -> BatchResult:
         next_offset = decoded[-1][0].offset + 1
+        failures = HandlerFailures()
         for attempt in range(1, self.settings.conflict_max_attempts + 1):
             hold = locked or attempt > 1
             try:
                 if hold:
-                    result = await self._locked_attempt(decoded, fence, next_offset, snapshot)
+                    result = await self._locked_attempt(decoded, fence, next_offset, snapshot, failures)
                 else:
-                    result = await self._optimistic_attempt(decoded, fence, next_offset, snapshot)
+                    result = await self._optimistic_attempt(decoded, fence, next_offset, snapshot, failures)
             except VersionConflict as exc:
                 observe.conflict(exc)
                 if exc.keys is None:
@@ -148,10 +168,15 @@ class Dispatcher:
         )
 
     async def _optimistic_attempt(
-        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int, snapshot: Snapshot
+        self,
+        decoded: Sequence[tuple[RawRecord, Event | DecodeError]],
+        fence: Fence | None,
+        next_offset: int,
+        snapshot: Snapshot,
+        failures: HandlerFailures,
     ) -> BatchResult:
         unit = UnitOfWork(self.store, snapshot)
-        result = await self._run(unit, decoded, next_offset)
+        result = await self._run(unit, decoded, next_offset, failures)
         with observe.commit():
             new_versions = await self.store.commit(unit, fence, next_offset)
         snapshot.absorb(unit, new_versions)
@@ -159,12 +184,23 @@ class Dispatcher:
         return result
 
     async def _locked_attempt(
-        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, next_offset: int, snapshot: Snapshot
+        self,
+        decoded: Sequence[tuple[RawRecord, Event | DecodeError]],
+        fence: Fence | None,
+        next_offset: int,
+        snapshot: Snapshot,
+        failures: HandlerFailures,
     ) -> BatchResult:
+        # The handlers run first without locks, so their work and most of their reads do not
+        # hold anyone up; then what they read and wrote is locked, in one statement. Only if
+        # some of it changed meanwhile do they run again, inside the locks, re-reading just
+        # that: the commit can then no longer conflict on it.
+        unit = UnitOfWork(self.store, snapshot)
+        result = await self._run(unit, decoded, next_offset, failures)
         async with self.store.session() as session:
-            await session.refresh(snapshot)
-            unit = UnitOfWork(session, snapshot)
-            result = await self._run(unit, decoded, next_offset)
+            if not await session.revalidate(unit, snapshot):
+                unit = UnitOfWork(session, snapshot)
+                result = await self._run(unit, decoded, next_offset, failures)
             with observe.commit():
                 new_versions = await session.commit(unit, fence, next_offset)
         snapshot.absorb(unit, new_versions)  # only once the transaction has committed
@@ -182,7 +218,9 @@ class Dispatcher:
         await self.store.commit(unit, fence, record.offset + 1)
         return BatchResult(record.offset + 1, dead_lettered=1, conflicts=self.settings.conflict_max_attempts, staged_outbox=1)
 
-    async def _run(self, unit: UnitOfWork, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], next_offset: int) -> BatchResult:
+    async def _run(
+        self, unit: UnitOfWork, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], next_offset: int, failures: HandlerFailures
+    ) -> BatchResult:
         result = BatchResult(next_offset)
         done = await unit.already_processed(
             [
@@ -213,19 +251,19 @@ class Dispatcher:
                         result.duplicates += 1
                         result.outcomes[app.id, "duplicate"] += 1
                         continue
-                    result.outcomes[app.id, await self._run_app(unit, app, item, marker)] += 1
+                    result.outcomes[app.id, await self._run_app(unit, app, item, marker, failures)] += 1
                     done.add(marker)
                     result.per_app[app.id] = result.per_app.get(app.id, 0) + 1
             result.processed += 1
         return result
 
-    async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker) -> str:
+    async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker, failures: HandlerFailures) -> str:
         """One app on one event: retried on its errors, dead-lettered when they persist; returns which."""
         checkpoint = unit.checkpoint()
         message = event.message
         if message is None:  # the caller passes PostMessageSent events only
             raise TypeError("only PostMessageSent events reach apps")
-        for attempt in range(1, self.settings.handler_max_attempts + 1):
+        while failures.runs[marker] < self.settings.handler_max_attempts:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(self.settings.handler_timeout_s), observe.handler(app.id):
@@ -245,30 +283,34 @@ class Dispatcher:
                     # error): the batch is retried or abandoned, never this event dead-lettered.
                     raise unit.failure from exc
                 unit.rollback_to(checkpoint)
+                attempt = failures.failed(marker, exc)
                 retriable = isinstance(exc, TimeoutError) or getattr(exc, "retriable", True)
-                elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
-                if retriable and attempt < self.settings.handler_max_attempts:
+                if not retriable:
+                    break
+                if attempt < self.settings.handler_max_attempts:
                     observe.handler_retried(app.id)
+                    elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
                     log.info(
                         "handler_retry", app=app.id, attempt=attempt, error_type=type(exc).__name__, error=str(exc), duration_ms=elapsed_ms
                     )
                     await asyncio.sleep(backoff(attempt, self.settings))
-                    continue
-                log.error("handler_dead_lettered", app=app.id, attempts=attempt, error_type=type(exc).__name__, error=str(exc))
-                unit.publish(
-                    dead_letter(
-                        event.record,
-                        self.topics.dead_letter,
-                        f"{type(exc).__name__}: {exc}",
-                        stage="handler",
-                        app_id=app.id,
-                        error_type=type(exc).__name__,
-                    )
-                )
-                # Not marked processed: its state never changed, so a redrive of this event
-                # (or a later redelivery) must be able to process it.
-                return "dead_lettered"
-        raise AssertionError("unreachable: the last attempt returns")  # handler_max_attempts >= 1
+        # Out of attempts, in this run or an earlier run of the batch: the last error decides.
+        error, attempts = failures.last[marker], failures.runs[marker]
+        failures.runs[marker] = self.settings.handler_max_attempts  # a non-retriable error ends it in every run
+        log.error("handler_dead_lettered", app=app.id, attempts=attempts, error_type=type(error).__name__, error=str(error))
+        unit.publish(
+            dead_letter(
+                event.record,
+                self.topics.dead_letter,
+                f"{type(error).__name__}: {error}",
+                stage="handler",
+                app_id=app.id,
+                error_type=type(error).__name__,
+            )
+        )
+        # Not marked processed: its state never changed, so a redrive of this event (or a
+        # later redelivery) must be able to process it.
+        return "dead_lettered"
 
 
 def _decode(record: RawRecord) -> Event | DecodeError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import groupby
@@ -38,17 +38,13 @@ from worker.persistence.schema import (
 )
 from worker.persistence.unit import Key, Marker, OutboxMessage, Snapshot, StoredRecord, UnitOfWork
 
-# PostgreSQL's codes for "try again": serialization failure and deadlock.
 # PostgreSQL's codes for "try again": serialization failure, deadlock, and lock_timeout
 # expired (what an optimistic commit gets instead of waiting behind a locked one).
 _RETRY_SQLSTATES = {"40001", "40P01", "55P03"}
 # How long an optimistic commit waits for a row lock before it counts as a conflict. Locked
-# units take their keys in the order their handlers read them, optimistic commits in key
-# order; giving way quickly breaks any cycle long before deadlock detection (1 s) would.
+# units take their keys in key order too, but may lock a key they had not foreseen later;
+# giving way quickly breaks any such cycle long before deadlock detection (1 s) would.
 _OPTIMISTIC_LOCK_TIMEOUT = "200ms"
-# The advisory lock that runs locked units of work (the retry path) one at a time, as
-# SQLite's write lock does: they then never deadlock on each other's keys.
-_LOCKED_SESSION_KEY = 0x7263776B  # "rcwk"
 # Rows per multi-row statement: far below SQLite's 32,766 bound parameters.
 _CHUNK = 400
 
@@ -94,8 +90,13 @@ class Store:
         self._versions_statement = select(key_versions.c.key, key_versions.c.version).where(
             key_versions.c.app_id == bindparam("app_id"), key_versions.c.key.in_(bindparam("keys", expanding=True))
         )
-        self._locked_versions_statement = self._versions_statement.with_for_update()
-        self._ensure_version_statement = self._insert(key_versions).on_conflict_do_nothing()
+        # Lock a version row, creating it (version 0) if absent, and return its version, in
+        # one statement: a no-op update takes the row lock as FOR UPDATE would, and also
+        # waits for a concurrent insert of the same key instead of missing it.
+        lock = self._insert(key_versions)
+        self._lock_statement = lock.on_conflict_do_update(
+            index_elements=[key_versions.c.app_id, key_versions.c.key], set_={"version": key_versions.c.version}
+        ).returning(key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
         self._processed_statement = select(processed_events.c.event_id).where(
             processed_events.c.app_id == bindparam("app_id"),
             processed_events.c.source == bindparam("source"),
@@ -170,29 +171,25 @@ class Store:
     async def _load(self, keys: Sequence[Key], query: Any) -> tuple[dict[Key, int], list[StoredRecord]]:
         with _translate("reading records"):
             async with self._read() as conn:
-                return await self._load_on(conn, keys, query, lock=False)
-
-    async def _load_on(
-        self, conn: AsyncConnection, keys: Sequence[Key], query: Any, lock: bool
-    ) -> tuple[dict[Key, int], list[StoredRecord]]:
-        # Versions first: a record changed between the two reads then shows up as a conflict
-        # at commit, never as a stale read that passes the check.
-        versions = await self._versions(conn, keys, lock)
-        rows = (await conn.execute(query)).all()
+                # Versions first: a record changed between the two reads then shows up as a
+                # conflict at commit, never as a stale read that passes the check.
+                versions = await self._versions(conn, keys)
+                rows = (await conn.execute(query)).all()
         return versions, [_stored(row) for row in rows]
 
     async def _versions(self, conn: AsyncConnection, keys: Sequence[Key], lock: bool = False) -> dict[Key, int]:
         versions: dict[Key, int] = {key: 0 for key in keys}
+        if lock and not self.is_sqlite:  # SQLite's whole database is locked already
+            # In key order, as every commit takes them, so lockers queue rather than deadlock.
+            if keys:
+                wanted = [{"app_id": app_id, "key": key, "version": 0} for app_id, key in sorted(keys)]
+                versions.update({(row.app_id, row.key): row.version for row in await conn.execute(self._lock_statement, wanted)})
+            return versions
         by_app: dict[str, list[str]] = {}
         for app_id, key in sorted(keys):
             by_app.setdefault(app_id, []).append(key)
-        locking = lock and not self.is_sqlite
         for app_id, names in by_app.items():
-            if locking:
-                # A row must exist to be locked: "nothing there yet" becomes version 0, locked.
-                await conn.execute(self._ensure_version_statement, [{"app_id": app_id, "key": k, "version": 0} for k in names])
-            statement = self._locked_versions_statement if locking else self._versions_statement
-            rows = await conn.execute(statement, {"app_id": app_id, "keys": names})
+            rows = await conn.execute(self._versions_statement, {"app_id": app_id, "keys": names})
             versions.update({(app_id, row.key): row.version for row in rows})
         return versions
 
@@ -218,17 +215,15 @@ class Store:
 
     @contextlib.asynccontextmanager
     async def session(self) -> AsyncIterator[LockedSession]:
-        """A write transaction held while a unit of work runs: the pessimistic path.
+        """A write transaction whose reads lock what they read: the pessimistic path.
 
         What the unit reads is locked until it commits (SQLite: the whole database, taken at
-        BEGIN IMMEDIATE; PostgreSQL: the version rows read, FOR UPDATE), so its commit cannot
-        conflict. Used after an optimistic attempt conflicted, so a hot key is taken in turn
-        instead of by whole batches run again and again.
+        BEGIN IMMEDIATE; PostgreSQL: the version rows read or passed to ``lock``), so its
+        commit cannot conflict on them. Used after an optimistic attempt conflicted, so a hot
+        key is taken in turn instead of by whole batches run again and again.
         """
         with _translate("running a locked unit of work"):
             async with self._write() as conn:
-                if not self.is_sqlite:
-                    await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCKED_SESSION_KEY})
                 yield LockedSession(self, conn)
 
     async def _apply(self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None) -> dict[Key, int]:
@@ -507,21 +502,50 @@ class LockedSession:
     def __init__(self, store: Store, conn: AsyncConnection) -> None:
         self._store = store
         self._conn = conn
+        # Versions of the keys locked so far: they cannot change until this session ends.
+        self._locked: dict[Key, int] = {}
 
     # These run inside handlers, which may catch anything: translate here, at the call, so a
     # deadlock reaches the dispatcher as a VersionConflict, never as a handler's own error.
 
     async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
         """Versions of ``keys`` (locked), then the records with ``ids``."""
-        with _translate("reading records (locked)"):
-            return await self._store._load_on(self._conn, keys, _by_ids(app_id, ids), lock=True)
+        return await self._load(keys, _by_ids(app_id, ids))
 
     async def load_by_associations(
         self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
     ) -> tuple[dict[Key, int], list[StoredRecord]]:
         """Versions of ``keys`` (locked), then the records having all ``associations``."""
+        return await self._load(keys, _by_associations(app_id, associations))
+
+    async def lock(self, keys: Iterable[Key]) -> dict[Key, int]:
+        """Lock ``keys`` (absent ones as version 0) until the session ends; returns their versions."""
+        with _translate("locking version keys"):
+            wanted = [key for key in keys if key not in self._locked]
+            self._locked.update(await self._store._versions(self._conn, wanted, lock=True))
+        return self._locked
+
+    async def revalidate(self, unit: UnitOfWork, snapshot: Snapshot) -> bool:
+        """Lock what ``unit`` read and wrote; True if nothing it read has changed since.
+
+        Otherwise ``snapshot`` learns what the unit read, less what changed, so that running
+        the unit's work again in this session reads from the database only what changed, and
+        finds the rest locked (in key order, before any other lock: lockers queue, never
+        deadlock, as long as the second run reads what the first one did).
+        """
+        current = await self.lock(unit.seen.keys() | unit.written)
+        changed = {key for key, version in unit.seen.items() if current[key] != version}
+        if changed:
+            snapshot.learn(unit)
+            snapshot.forget(changed)
+        return not changed
+
+    async def _load(self, keys: Sequence[Key], query: Any) -> tuple[dict[Key, int], list[StoredRecord]]:
+        # Keys locked already cannot have changed: only the records are read again.
         with _translate("reading records (locked)"):
-            return await self._store._load_on(self._conn, keys, _by_associations(app_id, associations), lock=True)
+            versions = await self.lock(keys)
+            rows = (await self._conn.execute(query)).all()
+        return {key: versions[key] for key in keys}, [_stored(row) for row in rows]
 
     async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
         """The markers among ``markers`` already recorded."""
@@ -532,12 +556,6 @@ class LockedSession:
         """Apply ``unit``; the transaction commits when the session's block ends."""
         return await self._store._apply(self._conn, unit, fence, next_offset)
 
-    async def refresh(self, snapshot: Snapshot) -> None:
-        """Lock the snapshot's keys and forget those changed since it was taken."""
-        if not snapshot.versions:
-            return
-        current = await self._store._versions(self._conn, list(snapshot.versions), lock=True)
-        snapshot.forget({key for key, version in snapshot.versions.items() if current.get(key, 0) != version})
 
 
 def _by_ids(app_id: str, ids: Sequence[str]) -> Any:
