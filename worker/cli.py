@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="manage the database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="create or migrate the schema (idempotent)")
+    db.add_parser("prune", help="delete processed-event markers past their retention; print how many").add_argument(
+        "--older-than-hours", type=int, metavar="N", help="processed over N hours ago (default: processed_retention_hours; 0 keeps all)"
+    )
 
     state = commands.add_parser("state", help="inspect an app's persisted records").add_subparsers(dest="action", required=True)
     get = state.add_parser("get", help="the data of an app's records with an association, as a JSON list")
@@ -278,6 +281,12 @@ async def _state_dump(settings: Settings, args: argparse.Namespace) -> int:
 # The data tools live in modules of their own, imported only by the command that uses them.
 
 
+async def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.persistence.retention import prune_command
+
+    return await prune_command(settings, args)
+
+
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from worker.replay import command
 
@@ -319,6 +328,7 @@ _COMMANDS: dict[tuple[str, str | None], Callable[[Settings, argparse.Namespace],
     ("topics", "create"): _topics_create,
     ("load", None): _load,
     ("db", "upgrade"): _db_upgrade,
+    ("db", "prune"): _db_prune,
     ("state", "get"): _state_get,
     ("state", "dump"): _state_dump,
     ("handlers", None): handlers_command,

@@ -64,6 +64,8 @@ class PersistenceSettings(_Section):
     busy_timeout_ms: int = Field(30_000, ge=0, description="SQLite: wait this long for a lock")
     pool_size: int = Field(5, ge=1, le=100)
     echo: bool = False
+    processed_retention_hours: int = Field(168, ge=0, description="keep processed-event markers this long; 0 keeps them forever")
+    prune_interval_s: float = Field(600.0, ge=0, description="how often a running worker prunes; 0: only `rc-worker db prune`")
 
     @field_validator("url")
     @classmethod

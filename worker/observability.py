@@ -114,6 +114,9 @@ class Metrics:
         self.outbox_backlog = Gauge(
             "rc_worker_outbox_backlog", "Outbox rows (commands, dead letters) committed but not yet published.", registry=registry
         )
+        self.markers_pruned = Counter(
+            "rc_worker_processed_markers_pruned", "Processed-event markers deleted by retention.", registry=registry
+        )
         self.live = Gauge("rc_worker_live", "1 while /healthz passes.", registry=registry)
         self.ready = Gauge("rc_worker_ready", "1 while /readyz passes.", registry=registry)
         self.info = Info("rc_worker", "The worker's version, group and topic.", registry=registry)
@@ -306,6 +309,10 @@ class Observer:
         """An app raised and runs again after a backoff."""
         self.metrics.retries.labels(app_id).inc()
         self.health.progress()
+
+    def markers_pruned(self, count: int) -> None:
+        """Retention deleted ``count`` processed-event markers."""
+        self.metrics.markers_pruned.inc(count)
 
     # -- the monitor ------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from worker.lane import Lane
 from worker.observability import observe
 from worker.offsets import OffsetTracker
 from worker.outbox import OutboxPublisher
+from worker.persistence.retention import pruning
 from worker.persistence.store import Store
 
 log = structlog.get_logger("worker.runner")
@@ -174,7 +175,8 @@ class Worker:
             await self.consumer.start(self._on_revoked, self._on_assigned)
             log.info("worker_started", owner=self.owner, group=self.settings.kafka.group_id, topic=self.consumer.topic)
             try:
-                yield
+                async with pruning(self.store, self.settings.persistence):
+                    yield
             finally:
                 await asyncio.shield(self._shutdown())
 

@@ -69,6 +69,8 @@ processed_events = Table(
     # The event id leads: app and source are the same on nearly every row, so a key that
     # started with them left the planner scanning the whole app's markers on a fresh table.
     PrimaryKeyConstraint("event_id", "source", "app_id", name="processed_events_pkey"),
+    # Retention (persistence/retention.py) deletes the oldest markers a batch at a time.
+    Index("ix_processed_events_processed_at", "processed_at"),
 )
 
 partition_offsets = Table(

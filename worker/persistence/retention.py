@@ -1,0 +1,169 @@
+"""Retention of processed-event markers: delete those no redelivery can hit any more.
+
+Every commit leaves a marker per (app, event) so that a redelivered or duplicated event is
+recognised (``store.py``). Kept forever they grow without bound; a marker older than the
+event topic's retention (plus a margin) can only be hit by a replay from further back than
+the topic holds, which the operator chose. ``persistence.processed_retention_hours`` is
+that window. A running worker prunes every ``persistence.prune_interval_s`` beside its loop
+(:func:`pruning`, started by the runner); ``rc-worker db prune`` does the same once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import bindparam, delete, select, tuple_
+
+from worker.config import PersistenceSettings, Settings
+from worker.errors import ConfigError, PersistenceError
+from worker.observability import Observer, observe
+from worker.persistence.schema import processed_events
+from worker.persistence.store import Store, _translate
+
+log = structlog.get_logger("worker.persistence.retention")
+
+# Markers deleted per transaction: each batch is short (milliseconds), so the commits of the
+# worker's lanes, which queue behind it for SQLite's write lock, barely notice a long prune.
+DEFAULT_BATCH = 5000
+
+
+async def prune_processed(store: Store, older_than: datetime, batch: int = DEFAULT_BATCH) -> int:
+    """Delete the markers processed before ``older_than``, ``batch`` per transaction; returns how many.
+
+    Args:
+        store: the database.
+        older_than: a timezone-aware time; markers processed before it are deleted.
+        batch: most markers deleted by one statement (one transaction).
+
+    Raises:
+        PersistenceError: the database failed; batches already committed stay deleted.
+        ValueError: ``older_than`` is naive or ``batch`` below 1.
+
+    """
+    if older_than.tzinfo is None:
+        raise ValueError("older_than must be timezone-aware (e.g. datetime.now(UTC) - timedelta(hours=168))")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}")
+    statement = _batch_statement(store, batch)
+    # SQLite keeps the UTC wall time without an offset (as the store writes it): compare in UTC.
+    cutoff = older_than.astimezone(UTC)
+    removed = 0
+    while True:
+        with _translate("pruning processed-event markers"):
+            async with store._write() as conn:
+                count = (await conn.execute(statement, {"cutoff": cutoff})).rowcount
+        removed += count
+        # A short batch is the last: markers are written with the current time, so none older
+        # than the cutoff appears meanwhile.
+        if count < batch:
+            return removed
+
+
+def _batch_statement(store: Store, batch: int) -> Any:
+    """DELETE by primary key of at most ``batch`` markers processed before :cutoff."""
+    key = (processed_events.c.event_id, processed_events.c.source, processed_events.c.app_id)
+    oldest = select(*key).where(processed_events.c.processed_at < bindparam("cutoff")).limit(batch)
+    if not store.is_sqlite:
+        # Workers prune concurrently: each takes rows no other pruner holds, instead of
+        # waiting on their locks only to find them gone.
+        oldest = oldest.with_for_update(skip_locked=True)
+    return delete(processed_events).where(tuple_(*key).in_(oldest))
+
+
+def cutoff_for(hours: int, now: datetime | None = None) -> datetime:
+    """The time before which markers are pruned under a retention of ``hours``."""
+    return (now or datetime.now(UTC)) - timedelta(hours=hours)
+
+
+# -- beside the worker's loop ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def pruning(store: Store, settings: PersistenceSettings, observer: Observer = observe) -> AsyncIterator[None]:
+    """Prune expired markers every ``prune_interval_s`` while the block runs.
+
+    Nothing runs when the retention or the interval is 0. The task is cancelled, and awaited,
+    when the block ends, before the caller closes the store.
+    """
+    if settings.processed_retention_hours == 0 or settings.prune_interval_s == 0:
+        yield
+        return
+    task = asyncio.create_task(
+        _prune_every(store, settings.processed_retention_hours, settings.prune_interval_s, observer), name="processed-pruner"
+    )
+    try:
+        yield
+    finally:
+        task.cancel()
+        # wait() never raises the task's CancelledError into us, but still lets our own through.
+        await asyncio.wait([task])
+
+
+async def _prune_every(store: Store, retention_hours: int, interval_s: float, observer: Observer) -> None:
+    # The first round comes at a random point of the first interval, so workers started
+    # together (a rollout) do not all prune at once.
+    await asyncio.sleep(interval_s * random.uniform(0.1, 1.0))  # noqa: S311 - spreading, not cryptography
+    while True:
+        await prune_once(store, retention_hours, observer)
+        await asyncio.sleep(interval_s)
+
+
+async def prune_once(store: Store, retention_hours: int, observer: Observer = observe) -> int | None:
+    """One round of the worker's pruning: logged and counted; a failure is logged, never raised.
+
+    Returns:
+        The markers removed, or None when the round failed (the next round tries again).
+
+    """
+    cutoff = cutoff_for(retention_hours)
+    started = time.perf_counter()
+    try:
+        removed = await prune_processed(store, cutoff)
+    except Exception as exc:  # housekeeping never stops the worker; the next round retries
+        log.warning(
+            "processed_prune_failed",
+            cutoff=cutoff.isoformat(),
+            error_type=type(exc).__name__,
+            reason=str(exc),
+            # An outage needs no traceback; anything else is a bug, and it does.
+            exc_info=not isinstance(exc, PersistenceError),
+        )
+        return None
+    observer.markers_pruned(removed)
+    log.info(
+        "processed_markers_pruned",
+        count=removed,
+        cutoff=cutoff.isoformat(),
+        duration_ms=round((time.perf_counter() - started) * 1000, 1),
+    )
+    return removed
+
+
+# -- rc-worker db prune -------------------------------------------------------------------
+
+
+async def prune_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``rc-worker db prune [--older-than-hours N]``: delete expired markers once, print how many."""
+    hours: int = settings.persistence.processed_retention_hours if args.older_than_hours is None else args.older_than_hours
+    if hours < 0:
+        raise ConfigError(f"--older-than-hours must be 0 (keep forever) or more, not {hours}")
+    if hours == 0:
+        print("retention is 0 hours (keep forever): no processed-event markers removed")
+        return 0
+    cutoff = cutoff_for(hours)
+    store = Store.from_settings(settings.persistence)
+    try:
+        await store.check_schema()
+        removed = await prune_processed(store, cutoff)
+    finally:
+        await store.close()
+    print(f"removed {removed} processed-event markers older than {hours} hours (processed before {cutoff.isoformat()})")
+    return 0
