@@ -557,7 +557,6 @@ class LockedSession:
         return await self._store._apply(self._conn, unit, fence, next_offset)
 
 
-
 def _by_ids(app_id: str, ids: Sequence[str]) -> Any:
     return select(records).where(records.c.app_id == app_id, records.c.id.in_(ids))
 
