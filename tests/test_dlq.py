@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from tests.support import FIXTURES, TopicSet, counts, rc_worker, store_for
@@ -12,12 +13,15 @@ from worker.dispatch import dead_letter
 from worker.dlq import DeadLetter, read_dead_letters, redrive, select
 from worker.events import RawRecord
 from worker.kafka import Outgoing, PartitionReader, Producer
+from worker.oversize import truncate
 from worker.persistence.admin import claim_redrives, redrives
 from worker.plugins import load_apps
 from worker.tools import Start, plan, read_spans
 
 HANDLER_FAILURES = 3
 DECODE_FAILURES = 2
+# The value size of the dead letter fabricate_truncated() cuts to 10,000 bytes.
+TRUNCATED_FROM = 20_000
 
 
 async def fabricate(topics: TopicSet) -> list[RawRecord]:
@@ -37,6 +41,20 @@ async def fabricate(topics: TopicSet) -> list[RawRecord]:
     async with Producer(topics.kafka_settings()) as producer:
         await producer.send_many(letters)
     return originals
+
+
+async def fabricate_truncated(topics: TopicSet) -> None:
+    """After fabricate()'s: a handler's dead letter as the outbox publishes one too large for its topic (value cut short)."""
+    line = read_records_file(FIXTURES / "valid.jsonl")[HANDLER_FAILURES]
+    value = line.value + b" " * (TRUNCATED_FROM - len(line.value))
+    original = RawRecord(topics.topic, 5, 105, 1_764_410_400_005, line.key, value, line.headers)
+    letter = dead_letter(
+        original, topics.dead_letter_topic, "RuntimeError: boom", stage="handler", app_id="message-count", error_type="RuntimeError"
+    )
+    cut = truncate(Outgoing(letter.topic, letter.key, letter.value, [*letter.headers, (OUTBOX_ID_HEADER, b"g:5")], 0), 10_000)
+    assert cut is not None
+    async with Producer(topics.kafka_settings()) as producer:
+        await producer.send_many([cut])
 
 
 async def topic_records(topics: TopicSet) -> list[tuple[bytes | None, tuple[tuple[str, bytes], ...], bytes | None]]:
@@ -75,8 +93,19 @@ class TestList:
         result = rc_worker("dlq", "list", env=topics.env(ledger_url))
         lines = [line.split("\t") for line in result.stdout.splitlines()]
         assert len(lines) == HANDLER_FAILURES + DECODE_FAILURES
-        assert lines[0] == ["0/0", f"{topics.topic}/0/100", "message-count", "handler", "RuntimeError: boom", "-"]
-        assert lines[-1] == ["0/4", f"{topics.topic}/4/104", "-", "decode", "value is not JSON", "-"]
+        assert lines[0] == ["0/0", f"{topics.topic}/0/100", "message-count", "handler", "RuntimeError: boom", "-", "-"]
+        assert lines[-1] == ["0/4", f"{topics.topic}/4/104", "-", "decode", "value is not JSON", "-", "-"]
+
+    async def test_list_shows_the_original_size_of_a_value_cut_short(self, topics: TopicSet, ledger_url: str) -> None:
+        """A truncated dead letter ends its line with "truncated from N bytes" and has truncated_from_bytes in JSON."""
+        await fabricate(topics)
+        await fabricate_truncated(topics)
+        env = topics.env(ledger_url)
+        lines = [line.split("\t") for line in rc_worker("dlq", "list", env=env).stdout.splitlines()]
+        items = [orjson.loads(line) for line in rc_worker("dlq", "list", "--json", env=env).stdout.splitlines()]
+        whole = HANDLER_FAILURES + DECODE_FAILURES
+        assert [line[-1] for line in lines] == ["-"] * whole + [f"truncated from {TRUNCATED_FROM} bytes"]
+        assert [item["truncated_from_bytes"] for item in items] == [None] * whole + [TRUNCATED_FROM]
 
 
 @pytest.mark.kafka
@@ -92,6 +121,23 @@ class TestRedrive:
         second = rc_worker("dlq", "redrive", env=env)
         assert second.stdout.splitlines()[-1] == "sent 0 dead letters to their topics; 5 already re-driven, left alone"
         assert sorted(await topic_records(topics), key=repr) == expected
+
+    async def test_redrive_skips_a_truncated_dead_letter_and_says_so(self, topics: TopicSet, ledger_url: str) -> None:
+        """A value cut short is not sent nor claimed: logged with its position, counted in the summary; the whole ones go."""
+        originals = await fabricate(topics)
+        await fabricate_truncated(topics)
+        result = rc_worker("dlq", "redrive", env=topics.env(ledger_url))
+        summary = result.stdout.splitlines()[-1]
+        assert summary.startswith("sent 5 dead letters to their topics; 0 already re-driven, left alone; 1 cut short")
+        assert f"skipped dead letter 0/5 (from {topics.topic}/5/105)" in result.stdout
+        logged = [orjson.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        [skipped] = [e for e in logged if e["event"] == "dlq_redrive_skipped"]
+        assert (skipped["topic"], skipped["partition"], skipped["offset"]) == (topics.dead_letter_topic, 0, 5)
+        assert (skipped["reason"], skipped["original_value_bytes"]) == ("value_truncated", TRUNCATED_FROM)
+        assert (skipped["original_topic"], skipped["original_partition"], skipped["original_offset"]) == (topics.topic, 5, 105)
+        assert sorted(await topic_records(topics), key=repr) == sorted(((r.key, r.headers, r.value) for r in originals), key=repr)
+        async with store_for(ledger_url) as store:
+            assert sorted(await redrives(store, topics.dead_letter_topic)) == [(0, n) for n in range(5)]
 
     async def test_redrive_through_an_app_changes_state_once(self, topics: TopicSet, any_ledger_url: str) -> None:
         """--app runs its dead letters through that app into the database, once; the topic gets nothing."""

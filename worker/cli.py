@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     dump_topic.add_argument("--output", "-o", type=Path, metavar="FILE", help="write FILE (whole or not at all) instead of stdout")
 
     dlq = commands.add_parser("dlq", help="inspect and re-drive the dead-letter topic").add_subparsers(dest="action", required=True)
-    dlq_list = dlq.add_parser("list", help="one line per dead letter: position, origin, app, stage, reason, redrive status")
+    dlq_list = dlq.add_parser("list", help="one line per dead letter: position, origin, app, stage, reason, redrive status, truncation")
     dlq_redrive = dlq.add_parser("redrive", help="send dead letters back, each once: to their topic, or with --app through that app")
     for dlq_command in (dlq_list, dlq_redrive):
         dlq_command.add_argument("--app", metavar="A", help="only app A's dead letters (redrive: straight through A into the database)")

@@ -54,6 +54,11 @@ class KafkaSettings(_Section):
     heartbeat_interval_ms: int = Field(3_000, ge=100, le=100_000)
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
     request_timeout_ms: int = Field(30_000, ge=1_000)
+    producer_max_request_bytes: int = Field(
+        constants.KAFKA_DEFAULT_MAX_MESSAGE_BYTES + constants.RECORD_HEADROOM_BYTES,
+        ge=constants.MAX_COMMAND_BYTES + constants.RECORD_HEADROOM_BYTES,
+        description="the largest record the worker produces; at least the dead-letter topic's max.message.bytes",
+    )
     security: KafkaSecurity = KafkaSecurity()
 
 

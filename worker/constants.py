@@ -29,8 +29,24 @@ DLQ_TOPIC = "rc-dlq-topic"
 DLQ_PARTITION = "rc-dlq-partition"
 DLQ_OFFSET = "rc-dlq-offset"
 DLQ_TIMESTAMP = "rc-dlq-timestamp"
+# A dead letter cut to fit its topic: the value's original size in bytes (the value is its
+# first bytes), and how many of the record's own headers had to be left out as well.
+DLQ_TRUNCATED = "rc-dlq-truncated"
+DLQ_HEADERS_DROPPED = "rc-dlq-headers-dropped"
 # Every record published from the outbox carries its row id, so a reader can drop repeats.
 OUTBOX_ID_HEADER = "rc-outbox-id"
+
+# Record sizes on the way out. Kafka's max.message.bytes bounds a whole record batch, so any
+# record an event topic holds can be about that large. A dead letter adds rc-dlq-* headers
+# (the reason alone up to 2,000 bytes) and the outbox id: `rc-worker topics create` gives the
+# dead-letter topic this much more than the event topic, so it takes any dead letter whole.
+RECORD_HEADROOM_BYTES = 65_536
+# Kafka's default message.max.bytes (1 MiB + 12), when the cluster does not say its own.
+KAFKA_DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
+# The largest command (value and key) a handler may stage: a larger one is refused at
+# staging, as a handler error, so it never blocks the outbox behind it. Well within Kafka's
+# default limit, headers and batch framing included, so the commands topic needs no setting.
+MAX_COMMAND_BYTES = 1_000_000
 
 # Bounds on untrusted input: larger values go to the dead-letter topic, not into memory twice.
 MAX_VALUE_BYTES = 1_000_000

@@ -10,6 +10,12 @@ the outbox. Each dead letter is claimed in the database's redrive ledger (``dlq_
 before it is sent, so the same redrive run again sends nothing; one whose send failed is
 sent by the next redrive. The ledger lives beside the state, not in a Kafka topic, because
 the claim must be atomic among concurrent redrives and the state is what it protects.
+
+A dead letter too large for its topic was published with its value cut short
+(``rc-dlq-truncated``, see ``worker.oversize``): it is never re-driven, since the cut value
+would fail to decode or, worse, be processed as something it is not. Its whole record stays at
+its original topic, partition and offset for as long as that topic retains it. Nothing goes
+into the ledger for it: the header says so on every read, and a ledger row means "sent".
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
+import structlog
 
 from worker import constants
 from worker.apps import App
@@ -40,6 +47,8 @@ from worker.tools import CONNECT_TIMEOUT_S, Start, configured_store, plan, read_
 # The database claims under which `redrive --app` commits and publishes, apart from the live group.
 REDRIVE_GROUP = "rc-worker:redrive"
 
+log = structlog.get_logger("worker.dlq")
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -51,6 +60,7 @@ class DeadLetter:
     stage: str
     reason: str
     original: RawRecord  # at its original topic, partition and offset; rc-dlq-* headers removed
+    truncated: int | None = None  # the original value's size in bytes, if the value was cut short
 
     @property
     def position(self) -> tuple[int, int]:
@@ -92,6 +102,7 @@ def parse(record: RawRecord, default_topic: str) -> DeadLetter:
         text(constants.DLQ_STAGE) or "?",
         text(constants.DLQ_REASON) or "",
         original,
+        number(constants.DLQ_TRUNCATED),
     )
 
 
@@ -110,10 +121,11 @@ def select(letters: Sequence[DeadLetter], app: str | None, reason: str | None) -
 
 @dataclass(frozen=True, slots=True)
 class RedriveResult:
-    """What a redrive sent, and what it left because an earlier redrive had it."""
+    """What a redrive sent, what it left because an earlier redrive had it, and what it left because it was cut short."""
 
     sent: list[DeadLetter]
     skipped: list[DeadLetter]
+    truncated: list[DeadLetter]
 
 
 async def redrive(
@@ -127,13 +139,28 @@ async def redrive(
 
     """
     dlq_topic = settings.kafka.dead_letter_topic
+    truncated = [d for d in letters if d.truncated is not None]
+    for letter in truncated:
+        origin = letter.original
+        log.warning(
+            "dlq_redrive_skipped",
+            topic=dlq_topic,
+            partition=letter.partition,
+            offset=letter.offset,
+            reason="value_truncated",
+            original_value_bytes=letter.truncated,
+            original_topic=origin.topic,
+            original_partition=origin.partition,
+            original_offset=origin.offset,
+        )
+    letters = [d for d in letters if d.truncated is None]
     ledger = await redrives(store, dlq_topic)
     fresh = [d for d in letters if d.position not in ledger]
     # Claimed by an earlier run whose send failed: the same target may have them now.
     unsent = [d for d in letters if _unsent(ledger.get(d.position), d.target(app))]
     skipped = [d for d in letters if d.position in ledger and d not in unsent]
     if dry_run:
-        return RedriveResult([*fresh, *unsent], skipped)
+        return RedriveResult([*fresh, *unsent], skipped, truncated)
     claimed = await claim_redrives(store, dlq_topic, {d.position: d.target(app) for d in fresh})
     chosen = [*(d for d in fresh if d.position in claimed), *unsent]
     skipped += [d for d in fresh if d.position not in claimed]
@@ -142,7 +169,7 @@ async def redrive(
     else:
         await _through_app(settings, store, app, chosen)
     await mark_sent(store, dlq_topic, [d.position for d in chosen])
-    return RedriveResult(chosen, skipped)
+    return RedriveResult(chosen, skipped, truncated)
 
 
 def _unsent(entry: Redrive | None, target: str) -> bool:
@@ -195,6 +222,7 @@ def _line(letter: DeadLetter, entry: Redrive | None) -> str:
         letter.stage,
         letter.reason,
         status,
+        f"truncated from {letter.truncated} bytes" if letter.truncated is not None else "-",
     ]
     return "\t".join(field.replace("\t", " ").replace("\n", " ") for field in fields)
 
@@ -211,6 +239,7 @@ def _as_json(letter: DeadLetter, entry: Redrive | None) -> str:
         "stage": letter.stage,
         "reason": letter.reason,
         "redriven_to": entry.target if entry and entry.sent_at else None,
+        "truncated_from_bytes": letter.truncated,
     }
     return orjson.dumps(item).decode()
 
@@ -273,6 +302,19 @@ async def redrive_command(settings: Settings, args: argparse.Namespace) -> int:
         origin = letter.original
         where = f"app {app.id}" if app is not None else f"topic {origin.topic}"
         print(f"{verb} dead letter {letter.partition}/{letter.offset} (from {origin.topic}/{origin.partition}/{origin.offset}) to {where}")
+    for letter in result.truncated:
+        origin = letter.original
+        print(
+            f"{'would skip' if args.dry_run else 'skipped'} dead letter {letter.partition}/{letter.offset} (from {origin.topic}/{origin.partition}/{origin.offset}): "
+            f"its value was cut short from {letter.truncated} bytes"
+        )
     target = f"app {app.id}" if app is not None else "their topics"
-    print(f"{verb} {len(result.sent)} dead letters to {target}; {len(result.skipped)} already re-driven, left alone")
+    summary = f"{verb} {len(result.sent)} dead letters to {target}; {len(result.skipped)} already re-driven, left alone"
+    if result.truncated:
+        summary += (
+            f"; {len(result.truncated)} cut short to fit the dead-letter topic, not sent: each whole record is still at "
+            "the topic/partition/offset it came from (shown above; its rc-dlq-topic/-partition/-offset headers) "
+            "while that topic retains it, to be re-sent from there"
+        )
+    print(summary)
     return 0

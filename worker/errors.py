@@ -9,6 +9,7 @@ these. The tree::
     ├── PluginError               a handler plugin cannot be loaded or set up
     ├── DecodeError               a Kafka record is not a valid contract event
     ├── BrokerError               Kafka cannot be reached or refused a request   (retriable)
+    │   └── RecordTooLargeError   a record is larger than the producer or its topic takes
     ├── PersistenceError          the database failed                             (retriable)
     │   ├── SchemaError           the schema is missing or behind; run `rc-worker db upgrade`
     │   └── VersionConflict       something read changed before commit            (retriable)
@@ -17,6 +18,7 @@ these. The tree::
         ├── InvalidDataError      data handed to persistence is not a JSON object
         ├── RecordNotFoundError   update without upsert matched no record
         ├── HttpError             an http accessor call failed
+        ├── CommandTooLargeError  a command staged through modify is over MAX_COMMAND_BYTES
         └── DeadLetterNow         the handler asks to dead-letter this event without retries
 
 ``retriable`` says whether doing the same thing again may succeed, so the dispatcher can
@@ -52,6 +54,16 @@ class BrokerError(WorkerError):
     """Raised when Kafka cannot be reached or refuses a request."""
 
     retriable = True
+
+
+class RecordTooLargeError(BrokerError):
+    """Raised when the producer or the broker refuses a record as too large for the producer or its topic.
+
+    The limits are ``kafka.producer_max_request_bytes`` and the topic's ``max.message.bytes``.
+    Sending the same record again fails the same way, so it is not retriable.
+    """
+
+    retriable = False
 
 
 class PersistenceError(WorkerError):
@@ -111,6 +123,12 @@ class HttpError(AppError):
         super().__init__(message)
         self.status_code = status_code
         self.retriable = status_code is None or status_code >= 500 or status_code in (408, 429)
+
+
+class CommandTooLargeError(AppError):
+    """Raised at ``finish`` when a command is over ``constants.MAX_COMMAND_BYTES``; that app's event is dead-lettered."""
+
+    retriable = False
 
 
 class DeadLetterNow(AppError):

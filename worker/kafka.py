@@ -17,11 +17,21 @@ from typing import Any, NamedTuple
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, SaslAuthenticationFailed, TopicAlreadyExistsError, UnsupportedSaslMechanismError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
+from worker import constants
 from worker.config import KafkaSettings
-from worker.errors import BrokerError, ConfigError
+from worker.errors import BrokerError, ConfigError, RecordTooLargeError
 from worker.events import RawRecord
 
 log = structlog.get_logger("worker.kafka")
@@ -299,8 +309,20 @@ class Producer:
 
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
-        self._producer = AIOKafkaProducer(enable_idempotence=True, acks="all", linger_ms=5, **client_options(settings))
+        self._producer = self._client()
         self._partitioner = DefaultPartitioner()
+        self._renewing = asyncio.Lock()
+        self._limits: dict[str, int] = {}  # topic -> the largest record it takes from us
+        self._refused: dict[str, int] = {}  # topic -> the smallest record its broker refused
+
+    def _client(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=5,
+            max_request_size=self._settings.producer_max_request_bytes,
+            **client_options(self._settings),
+        )
 
     async def __aenter__(self) -> Producer:
         try:
@@ -328,14 +350,79 @@ class Producer:
         return chosen
 
     async def send_many(self, records: Sequence[Outgoing]) -> None:
-        """Send ``records`` in order and wait until every one is acknowledged."""
+        """Send ``records`` in order and wait until every one is acknowledged.
+
+        Raises:
+            RecordTooLargeError: a record was refused as too large; those before it were sent,
+                later ones perhaps not. :meth:`max_record_bytes` says what fits.
+            BrokerError: Kafka failed; some of the records may have been sent.
+
+        """
+        producer = self._producer  # one client for the whole call, though another call may renew it
+        futures = []
+        refused: set[int] = set()
         with translate("producing records"):
-            futures = [
-                await self._producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers), partition=r.partition)
-                for r in records
-            ]
-            for future in futures:
-                await future
+            for index, r in enumerate(records):
+                try:
+                    futures.append(await producer.send(r.topic, value=r.value, key=r.key, headers=list(r.headers), partition=r.partition))
+                except MessageSizeTooLargeError:
+                    refused.add(index)  # over max_request_size: refused before sending, and nothing after it is sent
+                    break
+            outcomes: list[Any] = await asyncio.gather(*futures, return_exceptions=True)
+        by_broker = {i for i, outcome in enumerate(outcomes) if isinstance(outcome, MessageSizeTooLargeError)}
+        if by_broker or any(isinstance(outcome, OutOfOrderSequenceNumber) for outcome in outcomes):
+            # aiokafka does not rewind an idempotent producer's sequence numbers past a batch the
+            # broker refused, so every later send to that partition would fail with
+            # OutOfOrderSequenceNumber: a new client, with a new producer id, starts afresh.
+            await self._renew(producer)
+        if refused or by_broker:
+            raise self._too_large(records, refused, by_broker)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                with translate("producing records"):
+                    raise outcome
+
+    def _too_large(self, records: Sequence[Outgoing], refused: set[int], by_broker: set[int]) -> RecordTooLargeError:
+        for index in by_broker:
+            topic, size = records[index].topic, record_bytes(records[index].key, records[index].value, records[index].headers)
+            self._limits.pop(topic, None)  # the topic takes less than we thought
+            self._refused[topic] = min(size, self._refused.get(topic, size))
+        first = records[min(refused | by_broker)]
+        maximum = self._settings.producer_max_request_bytes
+        limit = "its topic's max.message.bytes" if by_broker else f"kafka.producer_max_request_bytes ({maximum})"
+        return RecordTooLargeError(
+            f"producing records failed: a record of {record_bytes(first.key, first.value, first.headers)} bytes for {first.topic} "
+            f"is larger than {limit}"
+        )
+
+    async def _renew(self, old: AIOKafkaProducer) -> None:
+        async with self._renewing:
+            if self._producer is not old:
+                return  # another send renewed it already
+            fresh = self._client()
+            try:
+                with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
+                    await fresh.start()
+            except BaseException:
+                await _close(fresh)
+                raise
+            self._producer = fresh
+        log.info("producer_renewed", reason="the broker refused a batch of the idempotent producer")
+        await _close(old)  # what other sends queued on it still goes out (or fails, and is sent again)
+
+    async def max_record_bytes(self, topic: str) -> int:
+        """The largest record ``topic`` takes from this producer: its max.message.bytes, at most kafka.producer_max_request_bytes."""
+        limit = self._limits.get(topic)
+        if limit is None:
+            async with admin(self._settings) as client:
+                found = await max_message_bytes(client, topic)
+            limit = min(self._settings.producer_max_request_bytes, found or self._settings.producer_max_request_bytes)
+            if found is None and topic in self._refused:
+                # The cluster does not tell us (no DescribeConfigs permission): it refused a
+                # record of that size, so halve it until records fit.
+                limit = min(limit, self._refused[topic] // 2)
+            self._limits[topic] = limit
+        return limit
 
 
 class Reader:
@@ -391,22 +478,81 @@ async def admin(settings: KafkaSettings) -> AsyncIterator[AIOKafkaAdminClient]:
         await client.close()
 
 
+def record_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:
+    """At most how many bytes a record takes in a batch of its own: what both size limits count."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, list(headers)))
+
+
+async def max_message_bytes(client: AIOKafkaAdminClient, topic: str | None) -> int | None:
+    """``topic``'s effective max.message.bytes, or (``None``) the broker's default; None if the cluster does not say."""
+    if topic is None:
+        with translate("describing the cluster"):
+            brokers = (await client.describe_cluster())["brokers"]
+        if not brokers:
+            return None
+        resource = ConfigResource(ConfigResourceType.BROKER, str(brokers[0]["node_id"]), configs={"message.max.bytes": None})
+    else:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, configs={"max.message.bytes": None})
+    with translate(f"reading the configuration of {topic or 'the broker'}"):
+        responses = await client.describe_configs([resource])
+    for response in responses:
+        for error_code, _message, _type, _name, entries in response.resources:
+            for name, value, *_ in entries if not error_code else ():
+                if name in ("max.message.bytes", "message.max.bytes") and value:
+                    return int(value)
+    return None
+
+
 async def create_topics(settings: KafkaSettings, partitions: int, replication: int = 1) -> list[str]:
-    """Create the event topic (``partitions`` partitions) and the DLQ and commands topics if missing."""
+    """Create the event topic (``partitions`` partitions) and the DLQ and commands topics if missing.
+
+    The dead-letter topic takes the event topic's max.message.bytes plus
+    ``RECORD_HEADROOM_BYTES``, so any record the event topic holds can be dead-lettered whole
+    with its rc-dlq-* headers. (Commands need nothing special: ``MAX_COMMAND_BYTES`` is well
+    within Kafka's default.)
+    """
     created = []
     async with admin(settings) as client:
         existing = set(await client.list_topics())
+        # A new event topic gets the broker's default; an existing one may have its own.
+        event_limit = await max_message_bytes(client, settings.topic if settings.topic in existing else None)
+        dead_letter_limit = (event_limit or constants.KAFKA_DEFAULT_MAX_MESSAGE_BYTES) + constants.RECORD_HEADROOM_BYTES
         for name in (settings.topic, settings.dead_letter_topic, settings.commands_topic):
             if name in existing:
+                if name == settings.dead_letter_topic:
+                    await _warn_if_smaller(client, name, dead_letter_limit)
                 continue
+            configs = {"max.message.bytes": str(dead_letter_limit)} if name == settings.dead_letter_topic else {}
             try:
                 with translate(f"creating topic {name}"):
-                    await client.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=replication)])
+                    await client.create_topics(
+                        [NewTopic(name, num_partitions=partitions, replication_factor=replication, topic_configs=configs)]
+                    )
             except BrokerError as exc:
                 if not isinstance(exc.__cause__, TopicAlreadyExistsError):
                     raise
             created.append(name)
+    if settings.producer_max_request_bytes < dead_letter_limit:
+        log.warning(
+            "producer_max_request_bytes_too_small",
+            producer_max_request_bytes=settings.producer_max_request_bytes,
+            dead_letter_max_message_bytes=dead_letter_limit,
+            hint="set kafka.producer_max_request_bytes to the dead-letter topic's limit, or near-limit dead letters are truncated",
+        )
     return created
+
+
+async def _warn_if_smaller(client: AIOKafkaAdminClient, topic: str, needed: int) -> None:
+    found = await max_message_bytes(client, topic)
+    if found is not None and found < needed:
+        log.warning(
+            "topic_max_message_bytes_too_small",
+            topic=topic,
+            max_message_bytes=found,
+            needed=needed,
+            hint=f"kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config max.message.bytes={needed}; "
+            "until then larger dead letters are truncated",
+        )
 
 
 async def read_topic(settings: KafkaSettings, topic: str, *, idle_timeout_ms: int = 2_000) -> AsyncIterator[RawRecord]:

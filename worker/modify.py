@@ -16,6 +16,7 @@ import orjson
 
 from worker import constants
 from worker.apps import MessageBuilder
+from worker.errors import CommandTooLargeError
 from worker.events import Event, User
 from worker.persistence.unit import OutboxMessage, UnitOfWork
 
@@ -57,7 +58,16 @@ class _Stager:
         }
         headers = (("content-type", constants.STRUCTURED_CONTENT_TYPE.encode()),)
         value = orjson.dumps(envelope)
-        self._unit.publish(OutboxMessage(self._app_id, self._topic, key.encode() if key else None, value, headers))
+        encoded_key = key.encode() if key else None
+        size = len(value) + len(encoded_key or b"")
+        if size > constants.MAX_COMMAND_BYTES:
+            # Refused here, as this handler's error, rather than by Kafka once committed, where
+            # it would hold up every command and dead letter of the partition after it.
+            raise CommandTooLargeError(
+                f"{kind} command {identifier} of app {self._app_id} is {size} bytes, over the limit of "
+                f"{constants.MAX_COMMAND_BYTES}; stage less (shorter text, fewer or smaller attachments and custom fields)"
+            )
+        self._unit.publish(OutboxMessage(self._app_id, self._topic, encoded_key, value, headers))
         return identifier
 
 
@@ -75,6 +85,7 @@ class MessageUpdater(_Stager):
 
         Raises:
             ValueError: the builder did not come from :meth:`message`.
+            CommandTooLargeError: the command is over ``constants.MAX_COMMAND_BYTES``.
 
         """
         if builder.message_id is None:
@@ -103,6 +114,7 @@ class MessageCreator(_Stager):
 
         Raises:
             ValueError: the builder has no room, or came from the updater.
+            CommandTooLargeError: the command is over ``constants.MAX_COMMAND_BYTES``.
 
         """
         if builder.message_id is not None:

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 import structlog
 
 from worker.constants import OUTBOX_ID_HEADER
-from worker.kafka import Outgoing, Producer, Reader
+from worker.errors import RecordTooLargeError
+from worker.kafka import Outgoing, Producer, Reader, record_bytes
+from worker.oversize import is_dead_letter, origin, truncate
 from worker.persistence.store import Fence, PendingMessage, Store
 
 log = structlog.get_logger("worker.outbox")
@@ -58,18 +60,51 @@ class OutboxPublisher:
 
     async def _send(self, fence: Fence, rows: Sequence[PendingMessage]) -> None:
         targets = [await self.producer.partition_for(r.message.topic, r.message.key, r.id) for r in rows]
+        records, cut = [], []
+        for row, target in zip(rows, targets, strict=True):
+            headers = [*row.message.headers, (OUTBOX_ID_HEADER, outbox_id(fence, row.id))]
+            record = Outgoing(row.message.topic, row.message.key, row.message.value, headers, target)
+            records.append(await self._fitting(row, record))
+            if records[-1] is not record:
+                cut.append((row, records[-1]))
         ends = await self.reader.end_offsets({(r.message.topic, t) for r, t in zip(rows, targets, strict=True)})
         await self.store.record_attempts(fence, [(r.id, t, ends[(r.message.topic, t)]) for r, t in zip(rows, targets, strict=True)])
-        await self.producer.send_many(
-            [
-                Outgoing(
-                    r.message.topic, r.message.key, r.message.value, [*r.message.headers, (OUTBOX_ID_HEADER, outbox_id(fence, r.id))], t
-                )
-                for r, t in zip(rows, targets, strict=True)
-            ]
-        )
+        # A RecordTooLargeError here means a topic takes less than it said: the producer forgets
+        # what it knew, and the next try (the lane retries) cuts to the new limit.
+        await self.producer.send_many(records)
         await self.store.mark_published([r.id for r in rows])
+        for row, letter in cut:
+            log.warning(
+                "dead_letter_truncated",
+                **origin(letter.headers),
+                dead_letter_topic=letter.topic,
+                outbox_id=row.id,
+                original_value_bytes=len(row.message.value),
+                kept_value_bytes=len(letter.value),
+                limit_bytes=await self.producer.max_record_bytes(letter.topic),
+            )
         log.info("outbox_published", partition=fence.partition, count=len(rows), first_id=rows[0].id)
+
+    async def _fitting(self, row: PendingMessage, record: Outgoing) -> Outgoing:
+        """``record``, or if its topic cannot take it and it is a dead letter, that cut to fit (see worker.oversize).
+
+        Raises:
+            RecordTooLargeError: a command too large (never cut), or a dead letter that does not
+                fit even cut; nothing is sent, and the partition's outbox waits.
+
+        """
+        limit = await self.producer.max_record_bytes(record.topic)
+        size = record_bytes(record.key, record.value, record.headers)
+        if size <= limit:
+            return record
+        letter = truncate(record, limit) if is_dead_letter(record.headers) else None
+        if letter is None:
+            what = "dead letter, even cut to its rc-dlq-* headers," if is_dead_letter(record.headers) else "command"
+            raise RecordTooLargeError(
+                f"outbox row {row.id} ({what} of {size} bytes) is larger than the {limit} bytes {record.topic} takes; raise its "
+                "max.message.bytes and kafka.producer_max_request_bytes: this partition's outbox waits until then"
+            )
+        return letter
 
     async def _read_back(self, fence: Fence, attempted: Sequence[PendingMessage]) -> set[int]:
         """Ids of ``attempted`` rows that an earlier owner did publish."""
