@@ -17,16 +17,13 @@ import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, delete, select, tuple_
 
 from worker.config import PersistenceSettings, Settings
 from worker.errors import ConfigError, PersistenceError
 from worker.observability import Observer, observe
-from worker.persistence.schema import processed_events
-from worker.persistence.store import Store, _translate
+from worker.persistence.store import Store
 
 log = structlog.get_logger("worker.persistence.retention")
 
@@ -52,30 +49,16 @@ async def prune_processed(store: Store, older_than: datetime, batch: int = DEFAU
         raise ValueError("older_than must be timezone-aware (e.g. datetime.now(UTC) - timedelta(hours=168))")
     if batch < 1:
         raise ValueError(f"batch must be at least 1, not {batch}")
-    statement = _batch_statement(store, batch)
     # SQLite keeps the UTC wall time without an offset (as the store writes it): compare in UTC.
     cutoff = older_than.astimezone(UTC)
     removed = 0
     while True:
-        with _translate("pruning processed-event markers"):
-            async with store._write() as conn:
-                count = (await conn.execute(statement, {"cutoff": cutoff})).rowcount
+        count = await store.delete_processed_before(cutoff, batch)
         removed += count
         # A short batch is the last: markers are written with the current time, so none older
         # than the cutoff appears meanwhile.
         if count < batch:
             return removed
-
-
-def _batch_statement(store: Store, batch: int) -> Any:
-    """DELETE by primary key of at most ``batch`` markers processed before :cutoff."""
-    key = (processed_events.c.event_id, processed_events.c.source, processed_events.c.app_id)
-    oldest = select(*key).where(processed_events.c.processed_at < bindparam("cutoff")).limit(batch)
-    if not store.is_sqlite:
-        # Workers prune concurrently: each takes rows no other pruner holds, instead of
-        # waiting on their locks only to find them gone.
-        oldest = oldest.with_for_update(skip_locked=True)
-    return delete(processed_events).where(tuple_(*key).in_(oldest))
 
 
 def cutoff_for(hours: int, now: datetime | None = None) -> datetime:

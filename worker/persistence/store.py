@@ -476,6 +476,18 @@ class Store:
                 count = await conn.scalar(select(func.count()).select_from(processed_events).where(processed_events.c.app_id == app_id))
         return int(count or 0)
 
+    async def delete_processed_before(self, cutoff: datetime, limit: int) -> int:
+        """Delete at most ``limit`` processed-event markers older than ``cutoff``, in one transaction; returns how many."""
+        key = (processed_events.c.event_id, processed_events.c.source, processed_events.c.app_id)
+        oldest = select(*key).where(processed_events.c.processed_at < cutoff).limit(limit)
+        if not self.is_sqlite:
+            # Workers prune concurrently: each takes rows no other pruner holds, instead of
+            # waiting on their locks only to find them gone.
+            oldest = oldest.with_for_update(skip_locked=True)
+        with _translate("pruning processed-event markers"):
+            async with self._write() as conn:
+                return int((await conn.execute(delete(processed_events).where(tuple_(*key).in_(oldest)))).rowcount)
+
     # -- internals -----------------------------------------------------------------------
 
     def _insert(self, table: Table) -> Any:
