@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("run", help="run one worker of the consumer group until SIGTERM/SIGINT")
+    commands.add_parser("ingest", help="serve the HTTP endpoint that puts Rocket.Chat's messages on the topic (config: ingest)")
+    commands.add_parser("apply", help="apply the commands topic to Rocket.Chat through its REST API (config: rocketchat)")
 
     topics = commands.add_parser("topics", help="manage the worker's topics").add_subparsers(dest="action", required=True)
     create = topics.add_parser("create", help="create the event, dead-letter and commands topics if missing")
@@ -157,6 +159,28 @@ async def _run(settings: Settings, _args: argparse.Namespace) -> int:
     except asyncio.CancelledError:
         print(f"rc-worker: shutdown took longer than {settings.processing.shutdown_timeout_s}s; stopped hard", file=sys.stderr)
         return 1
+    return 0
+
+
+async def _ingest(settings: Settings, _args: argparse.Namespace) -> int:
+    from worker.bridge.ingest import serve
+
+    if not settings.ingest.secret.get_secret_value() and not settings.ingest.webhook_token.get_secret_value():
+        raise ConfigError("ingest.secret and ingest.webhook_token are both empty: set at least one (RC_WORKER_INGEST__SECRET)")
+    await serve(settings)
+    return 0
+
+
+async def _apply(settings: Settings, _args: argparse.Namespace) -> int:
+    from worker.bridge.apply import Applier
+
+    if not settings.rocketchat.user_id or not settings.rocketchat.auth_token.get_secret_value():
+        raise ConfigError("rocketchat.user_id and rocketchat.auth_token must be set (RC_WORKER_ROCKETCHAT__AUTH_TOKEN)")
+    applier = Applier(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, applier.stop)
+    await applier.run()
     return 0
 
 
@@ -325,6 +349,8 @@ async def _offsets_reset(settings: Settings, args: argparse.Namespace) -> int:
 
 _COMMANDS: dict[tuple[str, str | None], Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
     ("run", None): _run,
+    ("ingest", None): _ingest,
+    ("apply", None): _apply,
     ("topics", "create"): _topics_create,
     ("load", None): _load,
     ("db", "upgrade"): _db_upgrade,

@@ -47,7 +47,12 @@ class Worker:
         self.http = Http(settings.http)
         kafka = settings.kafka
         self.dispatcher = Dispatcher(
-            apps, self.store, self.http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing
+            apps,
+            self.store,
+            self.http,
+            Topics(kafka.dead_letter_topic, kafka.commands_topic),
+            settings.processing,
+            own_user_id=settings.rocketchat.app_user_id,
         )
         self.consumer = Consumer(kafka)
         self.producer = Producer(kafka)
