@@ -29,7 +29,7 @@ class TestCall:
     async def test_wrong_token_is_a_permanent_401(self) -> None:
         """Bad credentials: 401, not retriable, under the WorkerError root."""
         fake = FakeRocketChat()
-        async with _client(fake, auth_token="wrong") as client:
+        async with _client(fake, auth_token="wrong") as client:  # noqa: S106 - a test credential
             with pytest.raises(RocketChatError) as caught:
                 await client.call("GET", "chat.getMessage", params={"msgId": "m1"})
         assert isinstance(caught.value, WorkerError)
@@ -62,7 +62,7 @@ class TestCall:
 
     async def test_no_answer_is_status_zero_and_retriable(self) -> None:
         """A refused connection is reported as no answer, retriable."""
-        settings = RocketChatSettings(url="http://127.0.0.1:9", user_id="u", auth_token="t", timeout_s=2)  # type: ignore[arg-type]
+        settings = RocketChatSettings(url="http://127.0.0.1:9", user_id="u", auth_token="t", timeout_s=2)  # type: ignore[arg-type]  # noqa: S106
         async with RocketChatClient(settings) as client:
             with pytest.raises(RocketChatError) as caught:
                 await client.call("GET", "chat.getMessage", params={"msgId": "m1"})
