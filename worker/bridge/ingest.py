@@ -12,10 +12,12 @@ Retry-After: the broker did not acknowledge in ``ingest.produce_timeout_s``, sen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
+import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import orjson
 import structlog
@@ -189,8 +191,32 @@ def _key(event: Event) -> bytes:
     return str(orjson.loads(event.record.value or b"{}")["data"]["room"]["id"]).encode()
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, stopped by SIGTERM/SIGINT without dying of the signal afterwards.
+
+    uvicorn re-raises a captured signal once it has drained, so the process would end with
+    the signal's status; for ingest a signal is the ordinary way to stop, and it exits 0.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _stop(self) -> None:
+        # A second signal stops at once, without waiting for requests in flight.
+        self.force_exit = self.should_exit
+        self.should_exit = True
+
+
 async def serve(settings: Settings) -> None:
-    """Serve ingest until SIGTERM/SIGINT (uvicorn's own handlers), then close the producer."""
+    """Serve ingest until SIGTERM/SIGINT (requests in flight finish), then close the producer."""
     publisher = Publisher(settings.kafka, settings.ingest)
     config = uvicorn.Config(
         build_app(settings, publisher),
@@ -200,7 +226,7 @@ async def serve(settings: Settings) -> None:
         access_log=False,
         lifespan="off",
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
     watcher = asyncio.create_task(_announce(server))
     try:
         await server.serve()
