@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("apply", help="apply the commands topic to Rocket.Chat through its REST API (config: rocketchat)")
 
     topics = commands.add_parser("topics", help="manage the worker's topics").add_subparsers(dest="action", required=True)
-    create = topics.add_parser("create", help="create the event, dead-letter and commands topics if missing")
+    create = topics.add_parser("create", help="create the event, dead-letter, commands and apply dead-letter topics if missing")
     create.add_argument("--partitions", type=int, default=6, help="partitions of the event topic (default 6)")
 
     load = commands.add_parser("load", help="produce the records of a contract JSON-lines file, in order")
@@ -185,11 +185,12 @@ async def _apply(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 async def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bridge.apply import dead_letter_topic_of
     from worker.kafka import create_topics
 
     if args.partitions < 1:
         raise ConfigError("--partitions must be at least 1")
-    created = await create_topics(settings.kafka, args.partitions)
+    created = await create_topics(settings.kafka, args.partitions, extra=[dead_letter_topic_of(settings)])
     for name in created:
         print(f"created {name}")
     if not created:

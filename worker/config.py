@@ -161,6 +161,12 @@ class RocketChatSettings(_Section):
     backoff_initial_s: float = Field(1.0, gt=0, description="first wait after a 429 or 5xx without Retry-After")
     backoff_max_s: float = Field(60.0, gt=0, description="longest wait between two tries of one command")
 
+    @field_validator("app_user_id", "dead_letter_topic", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # An empty variable (compose's ${VAR:-}) means "not set", as null does in the file.
+        return None if value == "" else value
+
 
 class Settings(BaseSettings):
     """The whole configuration; build it with :func:`load_settings`."""

@@ -28,6 +28,11 @@ from worker.rocketchat.client import RocketChatClient
 log = structlog.get_logger("worker.apply")
 
 
+def dead_letter_topic_of(settings: Settings) -> str:
+    """Where apply dead-letters commands: ``rocketchat.dead_letter_topic``, else ``<kafka.commands_topic>.dlq``."""
+    return settings.rocketchat.dead_letter_topic or f"{settings.kafka.commands_topic}.dlq"
+
+
 class Applier:
     """One member of the apply group."""
 
@@ -35,7 +40,7 @@ class Applier:
         kafka = settings.kafka
         self.settings = settings.rocketchat
         self.topic = kafka.commands_topic
-        self.dead_letter_topic = settings.rocketchat.dead_letter_topic or f"{kafka.commands_topic}.dlq"
+        self.dead_letter_topic = dead_letter_topic_of(settings)
         self.consumer = Consumer(kafka.model_copy(update={"topic": self.topic}), group_id=settings.rocketchat.apply_group_id)
         self.producer = Producer(kafka)
         self.client = client or RocketChatClient(settings.rocketchat)
