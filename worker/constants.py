@@ -60,3 +60,7 @@ MAX_JSON_DEPTH = 64
 # more than 64 KiB, are a bug or an attack, refused before anything else is read.
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65_536
+
+# rc-worker apply: tries of one offset commit (with backoff) before the run ends; a restart
+# resumes from the last commit, and the commands after it are applied again, harmlessly.
+APPLY_COMMIT_ATTEMPTS = 10

@@ -17,10 +17,11 @@ from collections.abc import Iterable
 
 import structlog
 
+from worker import constants
 from worker.bridge.commands import apply, parse
 from worker.config import Settings
 from worker.dispatch import dead_letter
-from worker.errors import DecodeError, RocketChatError
+from worker.errors import BrokerError, DecodeError, RocketChatError
 from worker.events import RawRecord
 from worker.kafka import Consumer, Outgoing, Producer
 from worker.rocketchat.client import RocketChatClient
@@ -80,9 +81,22 @@ class Applier:
     async def _lane(self, partition: int, records: list[RawRecord]) -> None:
         for record in records:
             await self._apply_one(record)
-            await self.consumer.commit({partition: record.offset + 1})
+            await self._commit(partition, record.offset + 1)
         if partition in self.consumer.assignment():
             self.consumer.resume(partition)
+
+    async def _commit(self, partition: int, offset: int) -> None:
+        """Commit after the effect; a broker blip is waited out here rather than ending the run."""
+        for attempt in range(1, constants.APPLY_COMMIT_ATTEMPTS + 1):
+            try:
+                await self.consumer.commit({partition: offset})
+                return
+            except BrokerError as exc:
+                if attempt == constants.APPLY_COMMIT_ATTEMPTS:
+                    raise
+                wait = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * 2 ** (attempt - 1))
+                log.warning("apply_commit_retry", partition=partition, offset=offset, attempt=attempt, error=str(exc), wait_s=wait)
+                await asyncio.sleep(wait)
 
     async def _apply_one(self, record: RawRecord) -> None:
         attempt = 0
