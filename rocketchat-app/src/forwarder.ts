@@ -1,0 +1,125 @@
+// The path of one message event (hook -> CloudEvent -> signed POST -> outbox on failure) and the
+// scheduled job that empties the outbox.
+import type { IHttp, ILogger, IPersistence, IRead } from '@rocket.chat/apps-engine/definition/accessors';
+import type { IMessage } from '@rocket.chat/apps-engine/definition/messages';
+import type { IJobContext, IProcessor } from '@rocket.chat/apps-engine/definition/scheduler';
+import { StartupType } from '@rocket.chat/apps-engine/definition/scheduler';
+
+import { EventKind, InvalidMessageError, toCloudEvent } from './cloudevent';
+import { HANDLER_RETRY, Outcome, postOnce, postWithRetry, RetryPolicy } from './delivery';
+import { hasPending, park, pending, unpark } from './outbox';
+import { BridgeSettings, readSettings, readSiteUrl } from './settings';
+
+export const RESEND_JOB_ID = 'rc-worker-outbox-resend';
+export const RESEND_INTERVAL = '30 seconds';
+/** How many parked events one run of the job sends at most, so a run stays short. */
+export const RESEND_BATCH = 100;
+
+export type ForwardResult = Outcome | 'parked' | 'disabled' | 'unconfigured' | 'invalid';
+
+/** Whether the hook for this kind should run at all (the check* methods). */
+export async function isEnabled(kind: EventKind, read: IRead): Promise<boolean> {
+    return (await readSettings(read)).enabled.has(kind);
+}
+
+/**
+ * Forwards one message event: delivered, rejected (logged and dropped) or parked for the job.
+ *
+ * While older events are parked, a new one is parked behind them instead of overtaking them, so
+ * the ingest sees each server's events in the order the hooks fired.
+ */
+export async function forward(
+    kind: EventKind,
+    message: IMessage,
+    read: IRead,
+    http: IHttp,
+    persistence: IPersistence,
+    logger: ILogger,
+    policy: RetryPolicy = HANDLER_RETRY,
+): Promise<ForwardResult> {
+    const settings = await readSettings(read);
+    if (!settings.enabled.has(kind)) {
+        return 'disabled';
+    }
+    if (!isConfigured(settings, logger)) {
+        return 'unconfigured';
+    }
+    let event;
+    try {
+        event = toCloudEvent(kind, message, await readSiteUrl(read));
+    } catch (error) {
+        if (error instanceof InvalidMessageError) {
+            logger.error('event_invalid', { kind, error: error.message });
+            return 'invalid';
+        }
+        throw error;
+    }
+    const body = JSON.stringify(event);
+    const reader = read.getPersistenceReader();
+    if (await hasPending(reader)) {
+        await park(persistence, reader, { id: event.id, type: event.type, body }, logger);
+        return 'parked';
+    }
+    const outcome = await postWithRetry(http, settings, event.id, body, logger, policy);
+    if (outcome === 'failed') {
+        await park(persistence, reader, { id: event.id, type: event.type, body }, logger);
+        return 'parked';
+    }
+    return outcome;
+}
+
+/** What one run of the resend job did. */
+export interface ResendReport {
+    delivered: number;
+    rejected: number;
+    left: number;
+}
+
+/**
+ * Sends parked events oldest first and removes each after a 2xx (or a permanent 4xx, logged).
+ * The run stops at the first event that fails again, so no event overtakes an older one.
+ */
+export async function resendParked(read: IRead, http: IHttp, persistence: IPersistence, logger: ILogger): Promise<ResendReport> {
+    const parked = await pending(read.getPersistenceReader());
+    const report: ResendReport = { delivered: 0, rejected: 0, left: parked.length };
+    if (parked.length === 0) {
+        return report;
+    }
+    const settings = await readSettings(read);
+    if (!isConfigured(settings, logger)) {
+        return report;
+    }
+    for (const event of parked.slice(0, RESEND_BATCH)) {
+        const outcome = await postOnce(http, settings, event.eventId, event.body, logger);
+        if (outcome === 'failed') {
+            break;
+        }
+        await unpark(persistence, event.eventId);
+        report[outcome === 'delivered' ? 'delivered' : 'rejected'] += 1;
+        report.left -= 1;
+    }
+    logger.info('outbox_resend_run', report);
+    return report;
+}
+
+/** The recurring job, registered in extendConfiguration and started with the app. */
+export function resendProcessor(logger: () => ILogger): IProcessor {
+    return {
+        id: RESEND_JOB_ID,
+        startupSetting: { type: StartupType.RECURRING, interval: RESEND_INTERVAL },
+        processor: async (_context: IJobContext, read, _modify, http, persistence) => {
+            await resendParked(read, http, persistence, logger());
+        },
+    };
+}
+
+// Without a URL or a secret there is nowhere to send and nothing to sign with; the events of an
+// app that was never configured are not kept (the setting is required, and the log says so).
+function isConfigured(settings: BridgeSettings, logger: ILogger): boolean {
+    const missing = [!settings.eventsUrl && 'ingest_url', !settings.secret && 'shared_secret'].filter(Boolean);
+    if (missing.length > 0) {
+        logger.error('bridge_not_configured', { missing, fix: 'set them in Administration > Apps > rc-apps-worker bridge > Settings' });
+        return false;
+    }
+    return true;
+}
