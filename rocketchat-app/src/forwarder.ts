@@ -15,6 +15,12 @@ export const RESEND_INTERVAL = '30 seconds';
 /** How many parked events one run of the job sends at most, so a run stays short. */
 export const RESEND_BATCH = 100;
 
+// The Apps-Engine gives one call into an app 30 s by default (APPS_ENGINE_RUNTIME_TIMEOUT). A hook
+// makes up to 3 tries, so one try gets at most 6 s (3 x 6 s + 0.75 s of backoff < 30 s), and the
+// job starts no new POST after 20 s of its run.
+export const MAX_TRY_TIMEOUT_MS = 6000;
+export const RESEND_BUDGET_MS = 20000;
+
 export type ForwardResult = Outcome | 'parked' | 'disabled' | 'unconfigured' | 'invalid';
 
 /** Whether the hook for this kind should run at all (the check* methods). */
@@ -60,7 +66,7 @@ export async function forward(
         await park(persistence, reader, { id: event.id, type: event.type, body }, logger);
         return 'parked';
     }
-    const outcome = await postWithRetry(http, settings, event.id, body, logger, policy);
+    const outcome = await postWithRetry(http, bounded(settings), event.id, body, logger, policy);
     if (outcome === 'failed') {
         await park(persistence, reader, { id: event.id, type: event.type, body }, logger);
         return 'parked';
@@ -79,7 +85,14 @@ export interface ResendReport {
  * Sends parked events oldest first and removes each after a 2xx (or a permanent 4xx, logged).
  * The run stops at the first event that fails again, so no event overtakes an older one.
  */
-export async function resendParked(read: IRead, http: IHttp, persistence: IPersistence, logger: ILogger): Promise<ResendReport> {
+export async function resendParked(
+    read: IRead,
+    http: IHttp,
+    persistence: IPersistence,
+    logger: ILogger,
+    clock: () => number = Date.now,
+): Promise<ResendReport> {
+    const started = clock();
     const parked = await pending(read.getPersistenceReader());
     const report: ResendReport = { delivered: 0, rejected: 0, left: parked.length };
     if (parked.length === 0) {
@@ -90,7 +103,10 @@ export async function resendParked(read: IRead, http: IHttp, persistence: IPersi
         return report;
     }
     for (const event of parked.slice(0, RESEND_BATCH)) {
-        const outcome = await postOnce(http, settings, event.eventId, event.body, logger);
+        if (clock() - started >= RESEND_BUDGET_MS) {
+            break;
+        }
+        const outcome = await postOnce(http, bounded(settings), event.eventId, event.body, logger);
         if (outcome === 'failed') {
             break;
         }
@@ -111,6 +127,10 @@ export function resendProcessor(logger: () => ILogger): IProcessor {
             await resendParked(read, http, persistence, logger());
         },
     };
+}
+
+function bounded(settings: BridgeSettings): BridgeSettings {
+    return { ...settings, timeoutMs: Math.min(settings.timeoutMs, MAX_TRY_TIMEOUT_MS) };
 }
 
 // Without a URL or a secret there is nowhere to send and nothing to sign with; the events of an

@@ -40,7 +40,7 @@ export const SETTINGS: ReadonlyArray<ISetting> = [
         required: false,
         public: false,
         i18nLabel: 'Request timeout (ms)',
-        i18nDescription: 'How long one POST to the ingest endpoint may take before it counts as failed and is retried',
+        i18nDescription: 'How long one POST to the ingest endpoint may take before it counts as failed and is retried (at most 6000)',
     },
     {
         id: SETTING_ENABLED_EVENTS,

@@ -59,7 +59,11 @@ function key(association: RocketChatAssociationRecord): string {
     return `${association.getModel()}:${association.getID()}`;
 }
 
-/** The app's persistence in memory, with the engine's association semantics (all must match). */
+/**
+ * The app's persistence in memory, with the semantics of Rocket.Chat's persistence bridge
+ * (apps/meteor/app/apps/server/bridges/persistence.ts): a read matches records holding all the
+ * given associations ($all), a remove by associations deletes one of them (deleteOne).
+ */
 export class FakePersistence {
     public readonly records: StoredRecord[] = [];
     private nextId = 0;
@@ -76,8 +80,8 @@ export class FakePersistence {
             updateByAssociation: unused,
             updateByAssociations: unused,
             remove: unused,
-            removeByAssociation: async (association) => this.removeAll([association]),
-            removeByAssociations: async (associations) => this.removeAll(associations),
+            removeByAssociation: async (association) => this.removeOne([association]),
+            removeByAssociations: async (associations) => this.removeOne(associations),
         };
     }
 
@@ -100,12 +104,12 @@ export class FakePersistence {
         return this.records.filter((record) => wanted.every((item) => record.associations.includes(item)));
     }
 
-    private removeAll(associations: RocketChatAssociationRecord[]): object[] {
-        const gone = this.matching(associations);
-        for (const record of gone) {
-            this.records.splice(this.records.indexOf(record), 1);
+    private removeOne(associations: RocketChatAssociationRecord[]): object[] {
+        const found = this.matching(associations);
+        if (found.length > 0) {
+            this.records.splice(this.records.indexOf(found[0]), 1);
         }
-        return gone.map((record) => record.data);
+        return found.map((record) => record.data);
     }
 }
 

@@ -2,7 +2,7 @@ import * as assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { describe, it } from 'node:test';
 
-import { forward, resendParked } from '../src/forwarder';
+import { forward, MAX_TRY_TIMEOUT_MS, RESEND_BUDGET_MS, resendParked } from '../src/forwarder';
 import { pending } from '../src/outbox';
 import { DEFAULT_APP_SETTINGS, FakeHttp, FakeLogger, FakePersistence, fakeRead, noWaitPolicy, SECRET } from './fakes.cjs';
 import { sentMessage } from './messages.cjs';
@@ -17,7 +17,8 @@ async function parkMessages(n: number) {
         await forward('sent', message, fakeRead(store), http.asHttp(), store.asPersistence(), logger.asLogger(), noWaitPolicy());
     }
     http.requests.length = 0;
-    const resend = (settings = DEFAULT_APP_SETTINGS) => resendParked(fakeRead(store, settings), http.asHttp(), store.asPersistence(), logger.asLogger());
+    const resend = (settings = DEFAULT_APP_SETTINGS, clock?: () => number) =>
+        resendParked(fakeRead(store, settings), http.asHttp(), store.asPersistence(), logger.asLogger(), clock);
     return { http, store, logger, resend };
 }
 
@@ -75,6 +76,23 @@ describe('the resend job', () => {
         const [request] = http.requests;
         assert.equal(request.headers['X-Signature'], `sha256=${createHmac('sha256', 'rotated').update(request.content).digest('hex')}`);
         assert.notEqual(request.headers['X-Signature'], `sha256=${createHmac('sha256', SECRET).update(request.content).digest('hex')}`);
+    });
+
+    it('starts no new POST once the run has used its time budget', async () => {
+        /** The clock passes 20 s after the first POST: one sent, the rest wait for the next run. */
+        const { http, store, resend } = await parkMessages(3);
+        http.script([202]);
+        const clock = () => 1_000_000 + (http.requests.length > 0 ? RESEND_BUDGET_MS : 0);
+        assert.deepEqual(await resend(DEFAULT_APP_SETTINGS, clock), { delivered: 1, rejected: 0, left: 2 });
+        assert.deepEqual(await parkedIds(store), ['msg-2', 'msg-3']);
+    });
+
+    it('caps the timeout of one POST so a run fits the engine call timeout', async () => {
+        /** request_timeout_ms of 60 s is sent as 6 s. */
+        const { http, resend } = await parkMessages(1);
+        http.script([202]);
+        await resend({ ...DEFAULT_APP_SETTINGS, request_timeout_ms: 60000 });
+        assert.equal(http.requests[0].timeout, MAX_TRY_TIMEOUT_MS);
     });
 
     it('sends nothing when nothing is parked', async () => {
