@@ -7,14 +7,11 @@ import { StartupType } from '@rocket.chat/apps-engine/definition/scheduler';
 
 import { EventKind, InvalidMessageError, toCloudEvent } from './cloudevent';
 import { HANDLER_RETRY, Outcome, postOnce, postWithRetry, RetryPolicy } from './delivery';
-import { hasPending, park, pending, unpark } from './outbox';
+import { park, pending, unpark } from './outbox';
 import { BridgeSettings, readSettings, readSiteUrl } from './settings';
 
 export const RESEND_JOB_ID = 'rc-worker-outbox-resend';
 export const RESEND_INTERVAL = '30 seconds';
-/** How many parked events one run of the job sends at most, so a run stays short. */
-export const RESEND_BATCH = 100;
-
 // The Apps-Engine gives one call into an app 30 s by default (APPS_ENGINE_RUNTIME_TIMEOUT). A hook
 // makes up to 3 tries, so one try gets at most 6 s (3 x 6 s + 0.75 s of backoff < 30 s), and the
 // job starts no new POST after 20 s of its run.
@@ -31,8 +28,10 @@ export async function isEnabled(kind: EventKind, read: IRead): Promise<boolean> 
 /**
  * Forwards one message event: delivered, rejected (logged and dropped) or parked for the job.
  *
- * While older events are parked, a new one is parked behind them instead of overtaking them, so
- * the ingest sees each server's events in the order the hooks fired.
+ * A new event is sent even while older ones wait in the outbox: checking the outbox would read
+ * every parked record on every message, just when the outbox is large, and events parked behind
+ * it would only drain as fast as the job runs. So after an outage new events may reach the
+ * ingest before older parked ones; each keeps its own id and the worker deduplicates by it.
  */
 export async function forward(
     kind: EventKind,
@@ -61,14 +60,9 @@ export async function forward(
         throw error;
     }
     const body = JSON.stringify(event);
-    const reader = read.getPersistenceReader();
-    if (await hasPending(reader)) {
-        await park(persistence, reader, { id: event.id, type: event.type, body }, logger);
-        return 'parked';
-    }
     const outcome = await postWithRetry(http, bounded(settings), event.id, body, logger, policy);
     if (outcome === 'failed') {
-        await park(persistence, reader, { id: event.id, type: event.type, body }, logger);
+        await park(persistence, read.getPersistenceReader(), { id: event.id, type: event.type, body }, logger);
         return 'parked';
     }
     return outcome;
@@ -83,7 +77,8 @@ export interface ResendReport {
 
 /**
  * Sends parked events oldest first and removes each after a 2xx (or a permanent 4xx, logged).
- * The run stops at the first event that fails again, so no event overtakes an older one.
+ * The run stops at the first event that fails again, so no parked event overtakes an older one,
+ * and once its time budget is used; the next run goes on from there.
  */
 export async function resendParked(
     read: IRead,
@@ -102,7 +97,7 @@ export async function resendParked(
     if (!isConfigured(settings, logger)) {
         return report;
     }
-    for (const event of parked.slice(0, RESEND_BATCH)) {
+    for (const event of parked) {
         if (clock() - started >= RESEND_BUDGET_MS) {
             break;
         }

@@ -48,10 +48,6 @@ export async function pending(reader: IPersistenceRead): Promise<ParkedEvent[]> 
     return records.filter(isParkedEvent).sort((a, b) => a.parkedAt - b.parkedAt || a.seq - b.seq);
 }
 
-export async function hasPending(reader: IPersistenceRead): Promise<boolean> {
-    return (await reader.readByAssociation(ALL)).length > 0;
-}
-
 export async function unpark(persistence: IPersistence, eventId: string): Promise<void> {
     await persistence.removeByAssociation(eventAssociation(eventId));
 }

@@ -35,6 +35,16 @@ describe('the resend job', () => {
         assert.deepEqual(await parkedIds(store), []);
     });
 
+    it('sends every parked event in one run when the ingest is quick', async () => {
+        /** No fixed batch: 250 parked events drain in one run, so the outbox outpaces new traffic. */
+        const { http, store, resend } = await parkMessages(250);
+        http.script([202]);
+        assert.deepEqual(await resend(), { delivered: 250, rejected: 0, left: 0 });
+        assert.deepEqual(sentIds(http).slice(0, 3), ['msg-1', 'msg-2', 'msg-3']);
+        assert.equal(sentIds(http)[249], 'msg-250');
+        assert.deepEqual(await parkedIds(store), []);
+    });
+
     it('keeps an event until a 2xx and stops the run at the first failure', async () => {
         /** 202 then 503: msg-1 removed, msg-2 kept, msg-3 not tried (it must not overtake msg-2). */
         const { http, store, resend } = await parkMessages(3);
