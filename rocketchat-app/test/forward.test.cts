@@ -127,6 +127,15 @@ describe('forward and the settings', () => {
         assert.deepEqual((logger.entries[0].items[1] as { missing: string[] }).missing, ['ingest_url', 'shared_secret']);
     });
 
+    it('logs and drops a message without an id', async () => {
+        /** Nothing to identify the event by: no request, no record, an error in the log. */
+        const { http, store, logger, run } = setup([202]);
+        assert.equal(await run('sent', sentMessage({ id: undefined })), 'invalid');
+        assert.equal(http.requests.length, 0);
+        assert.equal(store.records.length, 0);
+        assert.deepEqual(logger.events('error'), ['event_invalid']);
+    });
+
     it('never writes the shared secret to the log', async () => {
         /** Every path that logs (failure, parking, refusal) is taken; the secret appears in none. */
         const { logger, run } = setup([503, 'network', 503, 401]);
