@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from tests.services import OwnKafka
-from tests.support import FIXTURES, TopicSet
+from tests.support import FIXTURES, ROOT, TopicSet
 from worker import constants
 from worker.bridge.ingest import Publisher, build_app
 from worker.config import IngestSettings, Settings
@@ -142,22 +142,22 @@ class TestAppEvents:
         """/healthz answers while the process serves."""
         assert (await ingest.get("/healthz")).json() == {"status": "ok"}
 
-    async def test_fixtures_of_the_app_are_accepted_when_present(self, ingest: httpx.AsyncClient, topics: TopicSet) -> None:
-        """Every signed body the Rocket.Chat App's tests wrote (secret "test-secret") is accepted as it is."""
-        directory = FIXTURES.parent.parent / "rocketchat-app" / "test" / "fixtures"
-        bodies = sorted(directory.glob("*.json")) if directory.is_dir() else []
-        if not bodies:
-            pytest.skip("rocketchat-app/test/fixtures is not in this checkout yet")
-        accepted = 0
-        for path in bodies:
-            fixture = json.loads(path.read_text())
-            if not isinstance(fixture, dict) or "body" not in fixture or "signature" not in fixture:
-                continue
-            body = fixture["body"].encode() if isinstance(fixture["body"], str) else orjson.dumps(fixture["body"])
-            response = await ingest.post(**_post_event(body, fixture["signature"]))
-            assert response.status_code == 202, (path.name, response.text)
-            accepted += 1
-        assert accepted, f"no fixture in {directory} has body and signature"
+    async def test_every_signed_body_of_the_rocket_chat_app_is_accepted(self, ingest: httpx.AsyncClient, topics: TopicSet) -> None:
+        """Interop: each body the app's own tests sign (rocketchat-app/test/fixtures, secret "test-secret") gets 202, byte for byte on the topic."""
+        directory = ROOT / "rocketchat-app" / "test" / "fixtures"
+        index = json.loads((directory / "signatures.json").read_text())
+        assert index["secret"] == SECRET
+        events = index["events"]
+        assert {e["type"] for e in events} == {constants.POST_MESSAGE_SENT, constants.POST_MESSAGE_UPDATED, constants.POST_MESSAGE_DELETED}
+        for entry in events:
+            body = (directory / entry["file"]).read_bytes()
+            headers = {"Content-Type": index["contentType"], index["header"]: entry["signature"]}
+            response = await ingest.post("/v1/events", content=body, headers=headers)
+            assert response.status_code == 202, (entry["file"], response.text)
+            assert response.json() == {"id": entry["id"], "type": entry["type"]}
+        on_topic = await _on_topic(topics)
+        assert sorted(r.value for r in on_topic) == sorted((directory / e["file"]).read_bytes() for e in events)
+        assert all(decode(r).id in {e["id"] for e in events} for r in on_topic)
 
 
 @pytest.mark.kafka

@@ -138,7 +138,7 @@ class IngestSettings(_Section):
     """``rc-worker ingest``: the HTTP endpoint the Rocket.Chat App and outgoing webhooks post to."""
 
     host: str = Field("127.0.0.1", min_length=1, description="0.0.0.0 to take posts from other hosts (containers)")
-    port: int = Field(8470, ge=0, le=65535, description="0 picks a free port and logs it")
+    port: int = Field(8088, ge=0, le=65535, description="0 picks a free port and logs it")
     secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key shared with the app; empty refuses /v1/events")
     webhook_token: SecretStr = Field(SecretStr(""), description="the outgoing webhook's token; empty refuses /v1/webhooks/rocketchat")
     max_body_bytes: int = Field(constants.MAX_VALUE_BYTES, ge=1_024, le=constants.MAX_VALUE_BYTES, description="a larger body gets 413")
