@@ -162,26 +162,16 @@ async def _run(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ingest(settings: Settings, _args: argparse.Namespace) -> int:
-    from worker.bridge.ingest import serve
+async def _ingest(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bridge.ingest import ingest_command
 
-    if not settings.ingest.secret.get_secret_value() and not settings.ingest.webhook_token.get_secret_value():
-        raise ConfigError("ingest.secret and ingest.webhook_token are both empty: set at least one (RC_WORKER_INGEST__SECRET)")
-    await serve(settings)
-    return 0
+    return await ingest_command(settings, args)
 
 
-async def _apply(settings: Settings, _args: argparse.Namespace) -> int:
-    from worker.bridge.apply import Applier
+async def _apply(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bridge.apply import apply_command
 
-    if not settings.rocketchat.user_id or not settings.rocketchat.auth_token.get_secret_value():
-        raise ConfigError("rocketchat.user_id and rocketchat.auth_token must be set (RC_WORKER_ROCKETCHAT__AUTH_TOKEN)")
-    applier = Applier(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, applier.stop)
-    await applier.run()
-    return 0
+    return await apply_command(settings, args)
 
 
 async def _topics_create(settings: Settings, args: argparse.Namespace) -> int:

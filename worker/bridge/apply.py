@@ -11,8 +11,10 @@ point, the commands after the last commit are applied again, which changes nothi
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
+import signal
 from collections.abc import Iterable
 
 import structlog
@@ -21,7 +23,7 @@ from worker import constants
 from worker.bridge.commands import apply, parse
 from worker.config import Settings
 from worker.dispatch import dead_letter
-from worker.errors import BrokerError, DecodeError, RocketChatError
+from worker.errors import BrokerError, ConfigError, DecodeError, RocketChatError
 from worker.events import RawRecord
 from worker.kafka import Consumer, Outgoing, Producer
 from worker.rocketchat.client import RocketChatClient
@@ -145,3 +147,20 @@ class Applier:
             task.cancel()
         # A cancelled lane's command may have reached Rocket.Chat: its next owner repeats it, harmlessly.
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def apply_command(settings: Settings, _args: argparse.Namespace) -> int:
+    """``rc-worker apply``: apply commands until SIGTERM/SIGINT.
+
+    Raises:
+        ConfigError: ``rocketchat.user_id`` or ``rocketchat.auth_token`` is not set.
+
+    """
+    if not settings.rocketchat.user_id or not settings.rocketchat.auth_token.get_secret_value():
+        raise ConfigError("rocketchat.user_id and rocketchat.auth_token must be set (RC_WORKER_ROCKETCHAT__AUTH_TOKEN)")
+    applier = Applier(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, applier.stop)
+    await applier.run()
+    return 0

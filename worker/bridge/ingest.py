@@ -11,6 +11,7 @@ Retry-After: the broker did not acknowledge in ``ingest.produce_timeout_s``, sen
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -31,7 +32,7 @@ from starlette.routing import Route
 from worker import constants
 from worker.bridge import webhook
 from worker.config import IngestSettings, KafkaSettings, Settings
-from worker.errors import BrokerError, DecodeError, WorkerError
+from worker.errors import BrokerError, ConfigError, DecodeError, WorkerError
 from worker.events import Event, Message, RawRecord, decode
 from worker.kafka import Outgoing, Producer
 
@@ -242,3 +243,16 @@ async def _announce(server: uvicorn.Server) -> None:
             log.info("ingest_listening", host=server.config.host, ports=ports)
             return
         await asyncio.sleep(0.05)
+
+
+async def ingest_command(settings: Settings, _args: argparse.Namespace) -> int:
+    """``rc-worker ingest``: serve until SIGTERM/SIGINT.
+
+    Raises:
+        ConfigError: neither ``ingest.secret`` nor ``ingest.webhook_token`` is set.
+
+    """
+    if not settings.ingest.secret.get_secret_value() and not settings.ingest.webhook_token.get_secret_value():
+        raise ConfigError("ingest.secret and ingest.webhook_token are both empty: set at least one (RC_WORKER_INGEST__SECRET)")
+    await serve(settings)
+    return 0
