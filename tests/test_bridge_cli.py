@@ -21,7 +21,8 @@ def test_missing_credentials_exit_2_naming_the_keys(command: str, names: str, sq
 
 def test_secrets_given_in_the_environment_never_reach_the_output(sqlite_url: str) -> None:
     """check-config shows the bridge's secrets redacted."""
-    env = local_env(sqlite_url, RC_WORKER_INGEST__SECRET="s3cr3t-ingest", RC_WORKER_ROCKETCHAT__AUTH_TOKEN="s3cr3t-token")
+    secrets = {"RC_WORKER_INGEST__SECRET": "s3cr3t-ingest", "RC_WORKER_ROCKETCHAT__AUTH_TOKEN": "s3cr3t-token"}
+    env = local_env(sqlite_url, **secrets)
     result = rc_worker("check-config", env=env, check=False, timeout=60)
     assert "s3cr3t" not in result.stdout + result.stderr
     assert "secret: '***'" in result.stdout
