@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.support import ROOT, rc_worker
-from worker.check_config import REDACTED, check_config_command, reference_rows, reference_table
+from worker.tools.check_config import REDACTED, check_config_command, reference_rows, reference_table
 from worker.config import Settings, load_settings
 
 CONFIG = ROOT / "config.yaml"

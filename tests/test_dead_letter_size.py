@@ -37,7 +37,7 @@ from worker import App, Message, constants
 from worker.config import KafkaSettings
 from worker.events import RawRecord
 from worker.kafka import Outgoing, admin, create_topics, max_message_bytes, record_bytes
-from worker.oversize import truncate
+from worker.pipeline.dead_letters import truncate
 from worker.testing import Harness, message
 
 # A record with a 4-byte key, no headers and an n-byte value (n >= 16384) takes n + 76 bytes

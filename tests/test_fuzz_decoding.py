@@ -22,12 +22,12 @@ from hypothesis import strategies as st
 from handlers.message_count import MessageCount
 from tests.support import FIXTURES
 from worker import constants
-from worker.apps import App
+from worker.apps.contract import App
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
-from worker.dispatch import Dispatcher, Topics
+from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.errors import DecodeError
 from worker.events import Event, Message, RawRecord, decode
-from worker.http import Http
+from worker.apps.http import Http
 from worker.persistence.store import Fence, Store
 from worker.plugins import instantiate
 

@@ -12,7 +12,7 @@ import pytest
 
 from worker.config import HttpSettings, Settings
 from worker.errors import HttpError
-from worker.http import Http
+from worker.apps.http import Http
 from worker.testing import HttpStub, StubRequest
 
 

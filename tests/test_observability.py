@@ -31,14 +31,14 @@ from tests.support import FIXTURES, ROOT, StartWorker, TopicSet, WorkerProcess, 
 from worker import tracing
 from worker.cli import read_records_file
 from worker.config import ProcessingSettings, Settings
-from worker.dispatch import BatchResult, Dispatcher, Topics
+from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
 from worker.errors import ConfigError, VersionConflict
 from worker.events import RawRecord
-from worker.http import Http
+from worker.apps.http import Http
 from worker.kafka import create_topics
-from worker.observability import Endpoint, Health, Metrics, Observer, serve
+from worker.observability.metrics import Endpoint, Health, Metrics, Observer, serve
 from worker.plugins import load_apps
-from worker.runner import Worker
+from worker.pipeline.runner import Worker
 
 # -- pure: liveness and readiness ---------------------------------------------------------------
 

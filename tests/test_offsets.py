@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.offsets import OffsetTracker
+from worker.pipeline.offsets import OffsetTracker
 
 
 class TestReady:

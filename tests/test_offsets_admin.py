@@ -13,7 +13,7 @@ from worker.cli import read_records_file
 from worker.config import PersistenceSettings, Settings
 from worker.errors import ConfigError
 from worker.kafka import Consumer, Outgoing, PartitionReader, Producer, commit_group_offsets, group_offsets
-from worker.offsets_admin import reset_command, targets
+from worker.tools.offsets import reset_command, targets
 from worker.persistence.store import Store
 from worker.persistence.unit import UnitOfWork
 

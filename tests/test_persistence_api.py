@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from worker.apps import Record
+from worker.apps.contract import Record
 from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
-from worker.persistence.accessors import PersistenceReader, PersistenceWriter
+from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import Snapshot, UnitOfWork, guard_key

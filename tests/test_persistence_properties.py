@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from worker.config import PersistenceSettings
 from worker.errors import RecordNotFoundError, VersionConflict
-from worker.persistence.accessors import PersistenceReader, PersistenceWriter
+from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.persistence.associations import Association
 from worker.persistence.store import Store
 from worker.persistence.unit import Loader, Snapshot, UnitOfWork

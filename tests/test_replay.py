@@ -24,8 +24,8 @@ from worker.errors import BrokerError, ConfigError
 from worker.kafka import Outgoing, Producer, create_topics, group_offsets
 from worker.persistence.schema import records
 from worker.plugins import load_apps
-from worker.replay import Replay, ReplaySummary, command
-from worker.tools import Start, state_store
+from worker.tools.replay import Replay, ReplaySummary, command
+from worker.tools.common import Start, state_store
 
 pytestmark = pytest.mark.kafka
 
@@ -251,12 +251,12 @@ async def _ends(topics: TopicSet) -> dict[int, int]:
 
 
 def _start(args: argparse.Namespace) -> Start:
-    from worker.tools import start_from_args
+    from worker.tools.common import start_from_args
 
     return start_from_args(args)
 
 
 def _ms(text: str) -> int:
-    from worker.tools import parse_time
+    from worker.tools.common import parse_time
 
     return parse_time(text, "--to-time")

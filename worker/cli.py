@@ -19,12 +19,12 @@ from typing import Any
 import orjson
 
 from worker import logs
-from worker.check_config import check_config_command
+from worker.tools.check_config import check_config_command
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError, InvalidDataError, PluginError, WorkerError
 from worker.persistence.associations import Association
 from worker.plugins import handlers_command
-from worker.scaffold import new_handler_command
+from worker.tools.scaffold import new_handler_command
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run(settings: Settings, _args: argparse.Namespace) -> int:
-    from worker.observability import serve
+    from worker.observability.metrics import serve
     from worker.plugins import load_apps
-    from worker.runner import Worker
+    from worker.pipeline.runner import Worker
 
     apps = load_apps(settings.handlers.enabled, settings.handlers.settings)
     worker = Worker(settings, apps)
@@ -288,37 +288,37 @@ async def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.replay import command
+    from worker.tools.replay import command
 
     return await command(settings, args)
 
 
 async def _dump(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dump import command
+    from worker.tools.dump import command
 
     return await command(settings, args)
 
 
 async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dlq import list_command
+    from worker.tools.dlq import list_command
 
     return await list_command(settings, args)
 
 
 async def _dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dlq import redrive_command
+    from worker.tools.dlq import redrive_command
 
     return await redrive_command(settings, args)
 
 
 async def _offsets_show(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.offsets_admin import show_command
+    from worker.tools.offsets import show_command
 
     return await show_command(settings, args)
 
 
 async def _offsets_reset(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.offsets_admin import reset_command
+    from worker.tools.offsets import reset_command
 
     return await reset_command(settings, args)
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from worker import logs
 from worker.config import LoggingSettings, PersistenceSettings, ProcessingSettings
-from worker.dispatch import ConflictsExhausted, Dispatcher, Topics
+from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics
 from worker.events import RawRecord
-from worker.http import Http
+from worker.apps.http import Http
 from worker.persistence.store import Store
 from worker.plugins import load_apps
 

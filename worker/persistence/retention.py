@@ -22,7 +22,7 @@ import structlog
 
 from worker.config import PersistenceSettings, Settings
 from worker.errors import ConfigError, PersistenceError
-from worker.observability import Observer, observe
+from worker.observability.metrics import Observer, observe
 from worker.persistence.store import Store
 
 log = structlog.get_logger("worker.persistence.retention")

@@ -18,12 +18,12 @@ from structlog.contextvars import bound_contextvars
 
 from worker import tracing
 from worker.config import ProcessingSettings
-from worker.dispatch import ConflictsExhausted, Dispatcher, backoff
+from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, backoff
 from worker.errors import BrokerError, FencedError, PersistenceError
 from worker.events import RawRecord
-from worker.observability import observe
-from worker.offsets import OffsetTracker
-from worker.outbox import OutboxPublisher
+from worker.observability.metrics import observe
+from worker.pipeline.offsets import OffsetTracker
+from worker.pipeline.outbox import OutboxPublisher
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
 

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from worker import constants
-from worker.apps import MessageBuilder
+from worker.apps.contract import MessageBuilder
 from worker.errors import CommandTooLargeError
 from worker.events import Event, User
 from worker.persistence.unit import OutboxMessage, UnitOfWork

@@ -32,17 +32,17 @@ import orjson
 import structlog
 
 from worker import constants
-from worker.apps import App
+from worker.apps.contract import App
 from worker.config import KafkaSettings, Settings
-from worker.dispatch import Dispatcher, Topics
+from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.errors import ConfigError, PersistenceError
 from worker.events import RawRecord
-from worker.http import Http
+from worker.apps.http import Http
 from worker.kafka import Outgoing, PartitionReader, Producer, Reader
-from worker.outbox import OutboxPublisher
+from worker.pipeline.outbox import OutboxPublisher
 from worker.persistence.admin import Redrive, claim_redrives, mark_sent, redrives
 from worker.persistence.store import Store
-from worker.tools import CONNECT_TIMEOUT_S, Start, configured_store, plan, read_spans
+from worker.tools.common import CONNECT_TIMEOUT_S, Start, configured_store, plan, read_spans
 
 # The database claims under which `redrive --app` commits and publishes, apart from the live group.
 REDRIVE_GROUP = "rc-worker:redrive"

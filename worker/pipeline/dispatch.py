@@ -19,14 +19,14 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from worker import constants, tracing
-from worker.apps import App, Read
+from worker.apps.contract import App, Read
 from worker.config import ProcessingSettings
 from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
-from worker.http import Http
-from worker.modify import Modify
-from worker.observability import observe
-from worker.persistence.accessors import PersistenceReader, PersistenceWriter
+from worker.apps.http import Http
+from worker.apps.modify import Modify
+from worker.observability.metrics import observe
+from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import Marker, OutboxMessage, Snapshot, UnitOfWork
 

@@ -16,7 +16,7 @@ import structlog
 from pydantic import BaseModel
 
 from worker.events import Message, Room, User
-from worker.http import HttpResponse
+from worker.apps.http import HttpResponse
 from worker.persistence.associations import Association
 
 

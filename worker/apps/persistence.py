@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from worker.apps import Record
+from worker.apps.contract import Record
 from worker.persistence.associations import Association
 from worker.persistence.unit import StoredRecord, UnitOfWork, decode_data
 

@@ -49,12 +49,12 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from worker import constants, plugins
-from worker.apps import App, Record
+from worker.apps.contract import App, Record
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
-from worker.dispatch import BatchResult, Dispatcher, Topics
+from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
 from worker.errors import DecodeError, PluginError, VersionConflict
 from worker.events import Message, RawRecord, decode
-from worker.http import Http
+from worker.apps.http import Http
 from worker.persistence.associations import Association
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import OutboxMessage, UnitOfWork, decode_data

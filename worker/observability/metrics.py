@@ -42,8 +42,8 @@ from worker.config import ObservabilitySettings
 from worker.errors import BrokerError, ConfigError, FencedError, PersistenceError, VersionConflict
 
 if TYPE_CHECKING:
-    from worker.dispatch import BatchResult
-    from worker.runner import Worker
+    from worker.pipeline.dispatch import BatchResult
+    from worker.pipeline.runner import Worker
 
 log = structlog.get_logger("worker.observability")
 

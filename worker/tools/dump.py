@@ -28,7 +28,7 @@ from worker.config import KafkaSettings, Settings
 from worker.errors import WorkerError
 from worker.events import RawRecord
 from worker.kafka import PartitionReader
-from worker.tools import CONNECT_TIMEOUT_S, Start, parse_time, plan, read_spans, require_records
+from worker.tools.common import CONNECT_TIMEOUT_S, Start, parse_time, plan, read_spans, require_records
 
 # Keep this much of a dump in memory before spilling to a temporary file.
 SPOOL_BYTES = 32 * 1024 * 1024

@@ -20,17 +20,17 @@ from collections.abc import AsyncIterator
 
 import structlog
 
-from worker.apps import App
+from worker.apps.contract import App
 from worker.config import Settings
-from worker.dispatch import Dispatcher, Topics
+from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
-from worker.http import Http
+from worker.apps.http import Http
 from worker.kafka import Consumer, Producer, Reader
-from worker.lane import Lane
-from worker.observability import observe
-from worker.offsets import OffsetTracker
-from worker.outbox import OutboxPublisher
+from worker.pipeline.lane import Lane
+from worker.observability.metrics import observe
+from worker.pipeline.offsets import OffsetTracker
+from worker.pipeline.outbox import OutboxPublisher
 from worker.persistence.retention import pruning
 from worker.persistence.store import Store
 

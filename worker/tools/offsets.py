@@ -22,7 +22,7 @@ from worker.errors import WorkerError
 from worker.kafka import PartitionReader, commit_group_offsets, describe_group, group_offsets
 from worker.persistence.admin import schema_revision, set_stored_offsets
 from worker.persistence.store import Store
-from worker.tools import CONNECT_TIMEOUT_S, Start, configured_store, parse_offsets, parse_time, plan
+from worker.tools.common import CONNECT_TIMEOUT_S, Start, configured_store, parse_offsets, parse_time, plan
 
 
 class GroupActiveError(WorkerError):
