@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.support import ROOT, rc_worker
-from worker.tools.check_config import REDACTED, check_config_command, reference_rows, reference_table
 from worker.config import Settings, load_settings
+from worker.tools.check_config import REDACTED, check_config_command, reference_rows, reference_table
 
 CONFIG = ROOT / "config.yaml"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.support import FIXTURES, ROOT, TopicSet, rc_worker, store_for
+from worker.apps.persistence import PersistenceWriter
 from worker.cli import main, read_records_file
 from worker.errors import ConfigError
 from worker.kafka import admin, read_topic
-from worker.apps.persistence import PersistenceWriter
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.unit import UnitOfWork
 

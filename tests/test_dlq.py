@@ -9,14 +9,14 @@ from tests.support import FIXTURES, TopicSet, counts, rc_worker, store_for
 from worker.cli import read_records_file
 from worker.config import PersistenceSettings, Settings
 from worker.constants import OUTBOX_ID_HEADER
-from worker.pipeline.dispatch import dead_letter
-from worker.tools.dlq import DeadLetter, read_dead_letters, redrive, select
 from worker.events import RawRecord
 from worker.kafka import Outgoing, PartitionReader, Producer
-from worker.pipeline.dead_letters import truncate
 from worker.persistence.admin import claim_redrives, redrives
+from worker.pipeline.dead_letters import truncate
+from worker.pipeline.dispatch import dead_letter
 from worker.plugins import load_apps
 from worker.tools.common import Start, plan, read_spans
+from worker.tools.dlq import DeadLetter, read_dead_letters, redrive, select
 
 HANDLER_FAILURES = 3
 DECODE_FAILURES = 2

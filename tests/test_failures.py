@@ -45,8 +45,8 @@ from worker.errors import DeadLetterNow, DecodeError
 from worker.events import Message, RawRecord, decode
 from worker.kafka import Reader, admin, create_topics, read_topic
 from worker.persistence.schema import partition_offsets
-from worker.plugins import instantiate
 from worker.pipeline.runner import Worker
+from worker.plugins import instantiate
 
 pytestmark = pytest.mark.kafka
 

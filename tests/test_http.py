@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from worker.apps.http import Http
 from worker.config import HttpSettings, Settings
 from worker.errors import HttpError
-from worker.apps.http import Http
 from worker.testing import HttpStub, StubRequest
 
 

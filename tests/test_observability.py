@@ -29,16 +29,16 @@ from sqlalchemy.engine import make_url
 
 from tests.support import FIXTURES, ROOT, StartWorker, TopicSet, WorkerProcess, make_events, rc_worker, store_for, wait_until
 from worker import tracing
+from worker.apps.http import Http
 from worker.cli import read_records_file
 from worker.config import ProcessingSettings, Settings
-from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
 from worker.errors import ConfigError, VersionConflict
 from worker.events import RawRecord
-from worker.apps.http import Http
 from worker.kafka import create_topics
 from worker.observability.metrics import Endpoint, Health, Metrics, Observer, serve
-from worker.plugins import load_apps
+from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
 from worker.pipeline.runner import Worker
+from worker.plugins import load_apps
 
 # -- pure: liveness and readiness ---------------------------------------------------------------
 

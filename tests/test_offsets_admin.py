@@ -13,9 +13,9 @@ from worker.cli import read_records_file
 from worker.config import PersistenceSettings, Settings
 from worker.errors import ConfigError
 from worker.kafka import Consumer, Outgoing, PartitionReader, Producer, commit_group_offsets, group_offsets
-from worker.tools.offsets import reset_command, targets
 from worker.persistence.store import Store
 from worker.persistence.unit import UnitOfWork
+from worker.tools.offsets import reset_command, targets
 
 pytestmark = pytest.mark.kafka
 

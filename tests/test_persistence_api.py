@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from worker.apps.contract import Record
-from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
 from worker.apps.persistence import PersistenceReader, PersistenceWriter
+from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import Snapshot, UnitOfWork, guard_key

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.config import PersistenceSettings
 from worker.errors import RecordNotFoundError, VersionConflict
-from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.persistence.associations import Association
 from worker.persistence.store import Store
 from worker.persistence.unit import Loader, Snapshot, UnitOfWork

@@ -24,8 +24,8 @@ from worker.errors import BrokerError, ConfigError
 from worker.kafka import Outgoing, Producer, create_topics, group_offsets
 from worker.persistence.schema import records
 from worker.plugins import load_apps
-from worker.tools.replay import Replay, ReplaySummary, command
 from worker.tools.common import Start, state_store
+from worker.tools.replay import Replay, ReplaySummary, command
 
 pytestmark = pytest.mark.kafka
 

@@ -20,8 +20,8 @@ import pytest
 
 from tests.support import TopicSet, WorkerProcess, load_events, rc_worker, store_for, wait_until
 from worker.errors import ConfigError
-from worker.tools.scaffold import Names, render
 from worker.testing import cloud_event, message
+from worker.tools.scaffold import Names, render
 
 EXPECTED_FILES = ["README.md", "pyproject.toml", "src/{module}/__init__.py", "src/{module}/handler.py", "tests/test_handler.py"]
 

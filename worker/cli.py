@@ -19,11 +19,11 @@ from typing import Any
 import orjson
 
 from worker import logs
-from worker.tools.check_config import check_config_command
 from worker.config import Settings, load_settings
 from worker.errors import ConfigError, InvalidDataError, PluginError, WorkerError
 from worker.persistence.associations import Association
 from worker.plugins import handlers_command
+from worker.tools.check_config import check_config_command
 from worker.tools.scaffold import new_handler_command
 
 
@@ -133,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _run(settings: Settings, _args: argparse.Namespace) -> int:
     from worker.observability.metrics import serve
-    from worker.plugins import load_apps
     from worker.pipeline.runner import Worker
+    from worker.plugins import load_apps
 
     apps = load_apps(settings.handlers.enabled, settings.handlers.settings)
     worker = Worker(settings, apps)

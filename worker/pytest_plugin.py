@@ -151,8 +151,8 @@ def rc_replay(rc_kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Callab
         topic: str, handlers: Sequence[str] = ("message-count",), settings: Mapping[str, Mapping[str, Any]] | None = None
     ) -> ReplayResult:
         from worker.plugins import load_apps
-        from worker.tools.replay import Replay
         from worker.tools.common import state_store
+        from worker.tools.replay import Replay
 
         url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('rc-replay') / 'state.db'}"
         config = _settings(rc_kafka, topic, url, enabled=tuple(handlers), settings=dict(settings or {}))

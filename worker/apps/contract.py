@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Protocol
 import structlog
 from pydantic import BaseModel
 
-from worker.events import Message, Room, User
 from worker.apps.http import HttpResponse
+from worker.events import Message, Room, User
 from worker.persistence.associations import Association
 
 

@@ -20,13 +20,13 @@ from structlog.contextvars import bound_contextvars
 
 from worker import constants, tracing
 from worker.apps.contract import App, Read
+from worker.apps.http import Http
+from worker.apps.modify import Modify
+from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.config import ProcessingSettings
 from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
-from worker.apps.http import Http
-from worker.apps.modify import Modify
 from worker.observability.metrics import observe
-from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import Marker, OutboxMessage, Snapshot, UnitOfWork
 

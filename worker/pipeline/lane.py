@@ -18,14 +18,14 @@ from structlog.contextvars import bound_contextvars
 
 from worker import tracing
 from worker.config import ProcessingSettings
-from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, backoff
 from worker.errors import BrokerError, FencedError, PersistenceError
 from worker.events import RawRecord
 from worker.observability.metrics import observe
-from worker.pipeline.offsets import OffsetTracker
-from worker.pipeline.outbox import OutboxPublisher
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
+from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, backoff
+from worker.pipeline.offsets import OffsetTracker
+from worker.pipeline.outbox import OutboxPublisher
 
 log = structlog.get_logger("worker.lane")
 

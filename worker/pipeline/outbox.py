@@ -17,8 +17,8 @@ import structlog
 from worker.constants import OUTBOX_ID_HEADER
 from worker.errors import RecordTooLargeError
 from worker.kafka import Outgoing, Producer, Reader, record_bytes
-from worker.pipeline.dead_letters import is_dead_letter, origin, truncate
 from worker.persistence.store import Fence, PendingMessage, Store
+from worker.pipeline.dead_letters import is_dead_letter, origin, truncate
 
 log = structlog.get_logger("worker.outbox")
 

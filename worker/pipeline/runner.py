@@ -21,18 +21,18 @@ from collections.abc import AsyncIterator
 import structlog
 
 from worker.apps.contract import App
+from worker.apps.http import Http
 from worker.config import Settings
-from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
-from worker.apps.http import Http
 from worker.kafka import Consumer, Producer, Reader
-from worker.pipeline.lane import Lane
 from worker.observability.metrics import observe
-from worker.pipeline.offsets import OffsetTracker
-from worker.pipeline.outbox import OutboxPublisher
 from worker.persistence.retention import pruning
 from worker.persistence.store import Store
+from worker.pipeline.dispatch import Dispatcher, Topics
+from worker.pipeline.lane import Lane
+from worker.pipeline.offsets import OffsetTracker
+from worker.pipeline.outbox import OutboxPublisher
 
 log = structlog.get_logger("worker.runner")
 

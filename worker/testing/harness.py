@@ -50,14 +50,14 @@ import orjson
 
 from worker import constants, plugins
 from worker.apps.contract import App, Record
+from worker.apps.http import Http
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
-from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
 from worker.errors import DecodeError, PluginError, VersionConflict
 from worker.events import Message, RawRecord, decode
-from worker.apps.http import Http
 from worker.persistence.associations import Association
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import OutboxMessage, UnitOfWork, decode_data
+from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
 
 #: CloudEvents ``source`` of the events that :func:`cloud_event` wraps messages in.
 SOURCE = "//worker.testing"

@@ -33,15 +33,15 @@ import structlog
 
 from worker import constants
 from worker.apps.contract import App
+from worker.apps.http import Http
 from worker.config import KafkaSettings, Settings
-from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.errors import ConfigError, PersistenceError
 from worker.events import RawRecord
-from worker.apps.http import Http
 from worker.kafka import Outgoing, PartitionReader, Producer, Reader
-from worker.pipeline.outbox import OutboxPublisher
 from worker.persistence.admin import Redrive, claim_redrives, mark_sent, redrives
 from worker.persistence.store import Store
+from worker.pipeline.dispatch import Dispatcher, Topics
+from worker.pipeline.outbox import OutboxPublisher
 from worker.tools.common import CONNECT_TIMEOUT_S, Start, configured_store, plan, read_spans
 
 # The database claims under which `redrive --app` commits and publishes, apart from the live group.

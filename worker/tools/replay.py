@@ -24,14 +24,14 @@ import structlog
 from structlog.contextvars import bound_contextvars
 
 from worker.apps.contract import App
+from worker.apps.http import Http
 from worker.config import KafkaSettings, Settings
-from worker.pipeline.dispatch import BatchResult, ConflictsExhausted, Dispatcher, Topics, backoff
 from worker.errors import BrokerError, ConfigError, PersistenceError, WorkerError
 from worker.events import RawRecord
-from worker.apps.http import Http
 from worker.kafka import Consumer, PartitionReader, group_offsets
 from worker.persistence.admin import prepare
 from worker.persistence.store import Store
+from worker.pipeline.dispatch import BatchResult, ConflictsExhausted, Dispatcher, Topics, backoff
 from worker.tools.common import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
 
 log = structlog.get_logger("worker.replay")
