@@ -21,7 +21,7 @@ import yaml
 
 from tests.support import ROOT
 from worker.config import Settings
-from worker.observability.metrics import REGISTRY
+from worker.observability import REGISTRY
 from worker.tools.check_config import problems, reference_rows
 
 DOCKER = ROOT / "docker"

@@ -6,7 +6,6 @@ import orjson
 import pytest
 
 from tests.support import FIXTURES, TopicSet, counts, rc_worker, store_for
-from worker.cli import read_records_file
 from worker.config import PersistenceSettings, Settings
 from worker.constants import OUTBOX_ID_HEADER
 from worker.events import RawRecord
@@ -17,6 +16,7 @@ from worker.pipeline.dispatch import dead_letter
 from worker.plugins import load_apps
 from worker.tools.common import Start, plan, read_spans
 from worker.tools.dlq import DeadLetter, read_dead_letters, redrive, select
+from worker.tools.dump import read_records_file
 
 HANDLER_FAILURES = 3
 DECODE_FAILURES = 2

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.support import FIXTURES, TopicSet, make_events, rc_worker
-from worker.cli import FileRecord, read_records_file
 from worker.config import PersistenceSettings, Settings
 from worker.errors import ConfigError
 from worker.events import RawRecord
 from worker.kafka import Outgoing, PartitionReader, Producer, create_topics
 from worker.tools.common import parse_time
-from worker.tools.dump import DumpError, command, dump, encode_record
+from worker.tools.dump import DumpError, FileRecord, command, dump, encode_record, read_records_file
 
 Key = tuple[bytes | None, tuple[tuple[str, bytes], ...], bytes]
 

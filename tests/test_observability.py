@@ -30,15 +30,16 @@ from sqlalchemy.engine import make_url
 from tests.support import FIXTURES, ROOT, StartWorker, TopicSet, WorkerProcess, make_events, rc_worker, store_for, wait_until
 from worker import tracing
 from worker.apps.http import Http
-from worker.cli import read_records_file
 from worker.config import ProcessingSettings, Settings
 from worker.errors import ConfigError, VersionConflict
 from worker.events import RawRecord
 from worker.kafka import create_topics
-from worker.observability.metrics import Endpoint, Health, Metrics, Observer, serve
-from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
+from worker.observability import Endpoint, Health, Metrics, Observer, serve
+from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.runner import Worker
+from worker.pipeline.tally import BatchResult
 from worker.plugins import load_apps
+from worker.tools.dump import read_records_file
 
 # -- pure: liveness and readiness ---------------------------------------------------------------
 
@@ -261,7 +262,7 @@ class TestServe:
             pass  # migrated, as `rc-worker db upgrade` leaves it
         worker = Worker(settings, [])
         try:
-            async with serve(settings.observability, worker, observer) as endpoint:
+            async with serve(settings.observability, worker.status, observer) as endpoint:
                 assert endpoint is not None
                 url = endpoint.url
                 await wait_until(lambda: observer.health.database_ok, 10, interval=0.1, what="database checked")

@@ -9,12 +9,12 @@ import json
 import pytest
 
 from tests.support import FIXTURES, TopicSet, rc_worker, store_for
-from worker.cli import read_records_file
 from worker.config import PersistenceSettings, Settings
 from worker.errors import ConfigError
 from worker.kafka import Consumer, Outgoing, PartitionReader, Producer, commit_group_offsets, group_offsets
 from worker.persistence.store import Store
 from worker.persistence.unit import UnitOfWork
+from worker.tools.dump import read_records_file
 from worker.tools.offsets import reset_command, targets
 
 pytestmark = pytest.mark.kafka

@@ -18,13 +18,13 @@ import pytest
 from sqlalchemy import select
 
 from tests.support import FIXTURES, RC_WORKER, ROOT, TopicSet, WorkerProcess, counts, expected_counts, make_events, rc_worker, store_for
-from worker.cli import read_records_file
 from worker.config import HandlerSettings, PersistenceSettings, Settings
 from worker.errors import BrokerError, ConfigError
 from worker.kafka import Outgoing, Producer, create_topics, group_offsets
 from worker.persistence.schema import records
 from worker.plugins import load_apps
 from worker.tools.common import Start, state_store
+from worker.tools.dump import read_records_file
 from worker.tools.replay import Replay, ReplaySummary, command
 
 pytestmark = pytest.mark.kafka

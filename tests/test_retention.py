@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from tests.support import ROOT, StartWorker, TopicSet, make_events, rc_worker, store_for, wait_until
 from worker.config import PersistenceSettings
-from worker.observability.metrics import Health, Metrics, Observer
+from worker.observability import Health, Metrics, Observer
 from worker.persistence.retention import prune_processed, pruning
 from worker.persistence.schema import processed_events
 from worker.persistence.store import Store

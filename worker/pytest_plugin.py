@@ -125,8 +125,8 @@ def rc_topic_from_file(rc_kafka: str) -> Callable[..., str]:
     """A factory: ``rc_topic_from_file(path, partitions=6)`` loads a contract JSON-lines file into a fresh topic; returns its name."""
 
     def load(path: str | os.PathLike[str], partitions: int = 6) -> str:
-        from worker.cli import read_records_file
         from worker.kafka import Outgoing, Producer, create_topics
+        from worker.tools.dump import read_records_file
 
         records = read_records_file(Path(path))
         topic = f"rc-test-{uuid.uuid4().hex[:12]}"

@@ -1,27 +1,11 @@
-"""What an operator sees of one worker: Prometheus metrics, liveness, readiness and lag.
-
-The runner and the dispatcher report what happens through :data:`observe` in one-line
-calls; prometheus-client counts it in :data:`REGISTRY`. ``rc-worker run`` wraps the loop in
-:func:`serve`, which starts a small HTTP server in a thread (/metrics, /healthz, /readyz)
-and a monitor task beside the loop that measures consumer lag, the outbox backlog, and
-whether the group coordinator and the database answer. The server runs in a thread so that
-/healthz still answers, and says so, when the event loop itself is stuck.
-"""
+"""The worker's Prometheus metrics, and the Observer: the pipeline's hooks counted into them and into health."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
-from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 from prometheus_client import (
@@ -35,28 +19,26 @@ from prometheus_client import (
     Info,
     disable_created_metrics,
 )
-from prometheus_client.exposition import MetricsHandler
 
-from worker import tracing
-from worker.config import ObservabilitySettings
-from worker.errors import BrokerError, ConfigError, FencedError, PersistenceError, VersionConflict
+from worker.errors import FencedError, VersionConflict
+from worker.pipeline.hooks import Hooks
 
 if TYPE_CHECKING:
-    from worker.pipeline.dispatch import BatchResult
-    from worker.pipeline.runner import Worker
+    from worker.pipeline.tally import BatchResult
+from worker.observability.health import Health
 
 log = structlog.get_logger("worker.observability")
+
 
 # The *_created series double every counter and histogram and no alert or dashboard here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client leaves it unannotated
 
-# How often the monitor asks the group coordinator and the database whether they answer,
-# and how long one such question may take: readiness is at most this stale.
-HEALTH_CHECK_S = 2.0
-HEALTH_TIMEOUT_S = 5.0
+
 # Seconds buckets for handler runs and commits: 1 ms (an in-memory counter) to 30 s (the
 # default handler timeout).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 UNKNOWN_APP = "unknown"
 
 
@@ -129,97 +111,7 @@ def _registry() -> CollectorRegistry:
     return registry
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """The answer of a probe: whether it passes, and why, as the JSON body says."""
-
-    ok: bool
-    detail: dict[str, Any] = field(default_factory=dict)
-
-
-class Health:
-    """Liveness and readiness, judged from what the loop reports.
-
-    Written from the event loop, read from the HTTP thread; every field is one atomic
-    assignment, so no lock is needed.
-
-    Liveness fails when the event loop stops running (the monitor stops ticking), when
-    fetching stops while the group coordinator answers, or when batches wait with no
-    progress anywhere (no handler run, commit or retry) while the database answers, each for
-    longer than ``stall_s``. A worker with nothing to do, or one waiting for a broker or a
-    database that is down, is alive: restarting it would not help, and readiness says why.
-    """
-
-    def __init__(self, stall_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stall_s = stall_s
-        self._clock = clock
-        now = clock()
-        self.last_tick = now  # the monitor's last round: the event loop runs
-        self.last_poll = now  # the fetch loop's last successful fetch
-        self.last_progress = now  # records handed over, a handler run, a commit or a retry
-        self.busy = 0  # partitions with a batch in flight
-        self.member = False  # holds an assignment (possibly empty) since the last rebalance
-        self.coordinator_ok = False
-        self.database_ok: bool | None = None  # None until first asked
-        self.database_error = ""
-        self.stopping = False
-
-    def now(self) -> float:
-        """The clock this health is judged by."""
-        return self._clock()
-
-    def progress(self) -> None:
-        """Processing moved: records handed over, a handler ran, a commit finished, a retry began."""
-        self.last_progress = self._clock()
-
-    def tick(self, busy: int, last_poll: float) -> None:
-        """The monitor's round: the loop runs, ``busy`` partitions have a batch, the last fetch was at ``last_poll``."""
-        self.last_tick = self._clock()
-        self.busy = busy
-        self.last_poll = last_poll
-
-    def liveness(self) -> Verdict:
-        """Passes unless the loop, the fetching or the processing has stalled for ``stall_s``."""
-        now = self._clock()
-        loop_s, poll_s, progress_s = (round(now - t, 3) for t in (self.last_tick, self.last_poll, self.last_progress))
-        detail: dict[str, Any] = {
-            "seconds_since_loop_ran": loop_s,
-            "seconds_since_fetch": poll_s,
-            "seconds_since_progress": progress_s,
-            "busy_partitions": self.busy,
-            "stall_s": self.stall_s,
-        }
-        reasons = []
-        if loop_s > self.stall_s:
-            reasons.append(f"the event loop has not run for {loop_s:.0f}s (blocked by synchronous code?)")
-        if poll_s > self.stall_s and self.coordinator_ok:
-            reasons.append(f"no fetch for {poll_s:.0f}s although the broker answers")
-        if self.busy and progress_s > self.stall_s and self.database_ok is not False:
-            reasons.append(f"{self.busy} partition(s) have a batch in flight and nothing progressed for {progress_s:.0f}s")
-        if reasons:
-            detail["reason"] = "; ".join(reasons)
-        return Verdict(not reasons, detail)
-
-    def readiness(self) -> Verdict:
-        """Passes while the worker is a group member, reaches the coordinator, and the database answers."""
-        reasons = []
-        if self.stopping:
-            reasons.append("stopping")
-        if not self.member:
-            reasons.append("not a member of the consumer group (joining or rebalancing)")
-        elif not self.coordinator_ok:
-            reasons.append("the group coordinator cannot be reached")
-        if self.database_ok is None:
-            reasons.append("the database has not been checked yet")
-        elif not self.database_ok:
-            reasons.append(f"the database does not answer: {self.database_error}")
-        detail: dict[str, Any] = {"group_member": self.member, "coordinator": self.coordinator_ok, "database": self.database_ok}
-        if reasons:
-            detail["reason"] = "; ".join(reasons)
-        return Verdict(not reasons, detail)
-
-
-class Observer:
+class Observer(Hooks):
     """Where the runner and the dispatcher report; updates :class:`Metrics` and :class:`Health`."""
 
     def __init__(self, metrics: Metrics, health: Health) -> None:
@@ -298,8 +190,7 @@ class Observer:
         started = time.perf_counter()
         outcome = "error"
         try:
-            with tracing.span("rc_worker.handler", app=app_id):
-                yield
+            yield
             outcome = "ok"
         finally:
             self.metrics.handler_seconds.labels(app_id, outcome).observe(time.perf_counter() - started)
@@ -325,179 +216,12 @@ class Observer:
 
 
 REGISTRY = _registry()
+
+
 """The registry /metrics serves: the worker's metrics and the process collectors."""
 
+
 observe = Observer(Metrics(REGISTRY), Health())
+
+
 """The process's observer: the runner and the dispatcher report here."""
-
-
-# -- the HTTP endpoint ------------------------------------------------------------------------
-
-
-class Endpoint:
-    """The HTTP server for /metrics, /healthz and /readyz, answering from its own thread."""
-
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
-        handler = type("Handler", (_Handler,), {"registry": registry, "health": health})
-        server_class = _Server6 if ":" in host else _Server
-        try:
-            self._server = server_class((host, port), handler)
-        except OSError as exc:
-            raise ConfigError(
-                f"observability: cannot listen on {host}:{port} ({exc.strerror}); set observability.port "
-                "(RC_WORKER_OBSERVABILITY__PORT) to a free port, or 0 for any, or observability.enabled false"
-            ) from exc
-        self.host = host
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="rc-worker-http")
-        self._thread.daemon = True  # never keeps the process alive on its own
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        """The base URL, e.g. http://127.0.0.1:9464."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def close(self) -> None:
-        """Stop serving and release the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _Handler(MetricsHandler):
-    """prometheus-client's exposition at /metrics, JSON verdicts at /healthz and /readyz."""
-
-    health: Health
-
-    def do_GET(self) -> None:
-        """Route one GET request."""
-        path = urlparse(self.path).path
-        if path == "/metrics":
-            super().do_GET()
-            return
-        if path in ("/healthz", "/livez"):
-            verdict = self.health.liveness()
-        elif path == "/readyz":
-            verdict = self.health.readiness()
-        else:
-            self._reply(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})
-            return
-        self._reply(200 if verdict.ok else 503, {"status": "ok" if verdict.ok else "fail", **verdict.detail})
-
-    def _reply(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
-
-
-# -- serving beside the loop ------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: ObservabilitySettings, worker: Worker, observer: Observer = observe) -> AsyncIterator[Endpoint | None]:
-    """Serve the endpoint (when enabled) and run the monitor beside ``worker`` for the block.
-
-    Raises:
-        ConfigError: the port cannot be bound, or tracing is on without OpenTelemetry.
-
-    """
-    observer.health.stall_s = settings.liveness_stall_s
-    observer.metrics.info.info({"version": _version(), "group": worker.consumer.group_id, "topic": worker.consumer.topic})
-    tracing.configure(settings.tracing)
-    endpoint = None
-    if settings.enabled:
-        endpoint = Endpoint(settings.host, settings.port, observer.metrics.registry, observer.health)
-        log.info("observability_listening", host=endpoint.host, port=endpoint.port, url=endpoint.url)
-    monitor = asyncio.create_task(Monitor(settings, worker, observer).run(), name="observability-monitor")
-    try:
-        yield endpoint
-    finally:
-        observer.health.stopping = True
-        monitor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await monitor
-        if endpoint is not None:
-            await asyncio.to_thread(endpoint.close)
-        tracing.shutdown()
-
-
-class Monitor:
-    """Beside the loop: every HEALTH_CHECK_S the coordinator and the database, every lag_interval_s lag and backlog."""
-
-    def __init__(self, settings: ObservabilitySettings, worker: Worker, observer: Observer) -> None:
-        self.settings = settings
-        self.worker = worker
-        self.observer = observer
-        self.health = observer.health
-
-    async def run(self) -> None:
-        """Until the worker is asked to stop (or this task is cancelled)."""
-        next_lag = time.monotonic()
-        while not self.worker.stopping.is_set():
-            try:
-                await self.check()
-                if time.monotonic() >= next_lag:
-                    next_lag = time.monotonic() + self.settings.lag_interval_s
-                    await self.measure()
-            except Exception:  # a dead monitor would freeze readiness: report it and go on
-                log.exception("observability_monitor_failed")
-            await asyncio.sleep(min(HEALTH_CHECK_S, self.settings.lag_interval_s))
-        # Draining after SIGTERM: not ready any more, and the store is about to close.
-        self.health.stopping = True
-
-    async def check(self) -> None:
-        """What readiness and liveness read: membership, the coordinator, the database, busy lanes."""
-        worker, health = self.worker, self.health
-        busy = sum(1 for lane in list(worker.lanes.values()) if lane.busy)
-        # The worker's clock is time.monotonic; so is the health's unless a test gives another.
-        health.tick(busy, health.now() - (time.monotonic() - worker.last_poll))
-        health.coordinator_ok = worker.consumer.in_group()
-        try:
-            async with asyncio.timeout(HEALTH_TIMEOUT_S):
-                await worker.store.stored_offsets(worker.consumer.group_id, worker.consumer.topic)
-        except (PersistenceError, TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {HEALTH_TIMEOUT_S:g}s"
-            if health.database_ok is not False:
-                log.warning("readiness_database_failed", reason=reason)
-            health.database_ok, health.database_error = False, reason
-        else:
-            health.database_ok, health.database_error = True, ""
-
-    async def measure(self) -> None:
-        """Lag per assigned partition (exported, and logged as consumer_lag) and the outbox backlog."""
-        consumer, store = self.worker.consumer, self.worker.store
-        bound = min(self.settings.lag_interval_s, HEALTH_TIMEOUT_S) + 1.0
-        try:
-            async with asyncio.timeout(bound):
-                lag = await consumer.lag()
-        except (BrokerError, TimeoutError) as exc:
-            log.info("consumer_lag_unavailable", reason=str(exc) or f"no answer within {bound:g}s")
-        else:
-            self.observer.measured_lag(consumer.topic, lag)
-            log.info("consumer_lag", total=sum(lag.values()), partitions={str(p): n for p, n in sorted(lag.items())})
-        try:
-            async with asyncio.timeout(bound):
-                self.observer.metrics.outbox_backlog.set(await store.outbox_backlog())
-        except (PersistenceError, TimeoutError) as exc:
-            log.info("outbox_backlog_unavailable", reason=str(exc) or f"no answer within {bound:g}s")
-
-
-def _version() -> str:
-    try:
-        return version("rc-apps-worker")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-        return "0"

@@ -26,9 +26,10 @@ from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.config import ProcessingSettings
 from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
-from worker.observability.metrics import observe
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import Marker, OutboxMessage, Snapshot, UnitOfWork
+from worker.pipeline.hooks import Hooks, contained
+from worker.pipeline.tally import BatchResult
 
 log = structlog.get_logger("worker.dispatch")
 
@@ -37,35 +38,6 @@ class ConflictsExhausted(WorkerError):
     """Raised when a batch still conflicts after ``processing.conflict_max_attempts`` runs."""
 
     retriable = True
-
-
-@dataclass(slots=True)
-class BatchResult:
-    """What one committed batch did; the runner counts and logs it."""
-
-    next_offset: int
-    processed: int = 0
-    duplicates: int = 0
-    skipped: int = 0
-    dead_lettered: int = 0
-    conflicts: int = 0
-    staged_outbox: int = 0
-    locked: bool = False
-    per_app: dict[str, int] = field(default_factory=dict)
-    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (app, processed|skipped|duplicate|dead_lettered)
-
-    def add(self, other: BatchResult) -> None:
-        """Fold in the result of a part of this batch (when a batch is split)."""
-        self.processed += other.processed
-        self.duplicates += other.duplicates
-        self.skipped += other.skipped
-        self.dead_lettered += other.dead_lettered
-        self.conflicts += other.conflicts
-        self.staged_outbox += other.staged_outbox
-        self.locked = self.locked or other.locked
-        for app_id, count in other.per_app.items():
-            self.per_app[app_id] = self.per_app.get(app_id, 0) + count
-        self.outcomes.update(other.outcomes)
 
 
 @dataclass(slots=True)
@@ -104,8 +76,11 @@ def backoff(attempt: int, settings: ProcessingSettings) -> float:
 class Dispatcher:
     """Turns a batch of records into one committed unit of work."""
 
-    def __init__(self, apps: Sequence[App], store: Store, http: Http, topics: Topics, settings: ProcessingSettings) -> None:
+    def __init__(
+        self, apps: Sequence[App], store: Store, http: Http, topics: Topics, settings: ProcessingSettings, hooks: Hooks | None = None
+    ) -> None:
         self.apps = list(apps)
+        self.hooks = contained(hooks)
         self.store = store
         self.http = http
         self.topics = topics
@@ -151,7 +126,7 @@ class Dispatcher:
                 else:
                     result = await self._optimistic_attempt(decoded, fence, next_offset, snapshot, failures)
             except VersionConflict as exc:
-                observe.conflict(exc)
+                self.hooks.conflict(exc)
                 if exc.keys is None:
                     snapshot.clear()
                 else:
@@ -177,7 +152,7 @@ class Dispatcher:
     ) -> BatchResult:
         unit = UnitOfWork(self.store, snapshot)
         result = await self._run(unit, decoded, next_offset, failures)
-        with observe.commit():
+        with self.hooks.commit():
             new_versions = await self.store.commit(unit, fence, next_offset)
         snapshot.absorb(unit, new_versions)
         result.staged_outbox = len(unit.outbox)
@@ -201,7 +176,7 @@ class Dispatcher:
             if not await session.revalidate(unit, snapshot):
                 unit = UnitOfWork(session, snapshot)
                 result = await self._run(unit, decoded, next_offset, failures)
-            with observe.commit():
+            with self.hooks.commit():
                 new_versions = await session.commit(unit, fence, next_offset)
         snapshot.absorb(unit, new_versions)  # only once the transaction has committed
         result.staged_outbox = len(unit.outbox)
@@ -266,11 +241,12 @@ class Dispatcher:
         while failures.runs[marker] < self.settings.handler_max_attempts:
             started = time.perf_counter()
             try:
-                async with asyncio.timeout(self.settings.handler_timeout_s), observe.handler(app.id):
-                    read = Read(PersistenceReader(unit, app.id), app.settings)
-                    if await app.check_post_message_sent(message, read, self.http):
-                        modify = Modify(unit, app.id, event, self.topics.commands)
-                        await app.execute_post_message_sent(message, read, self.http, PersistenceWriter(unit, app.id), modify)
+                with tracing.span("rc_worker.handler", app=app.id):
+                    async with asyncio.timeout(self.settings.handler_timeout_s), self.hooks.handler(app.id):
+                        read = Read(PersistenceReader(unit, app.id), app.settings)
+                        if await app.check_post_message_sent(message, read, self.http):
+                            modify = Modify(unit, app.id, event, self.topics.commands)
+                            await app.execute_post_message_sent(message, read, self.http, PersistenceWriter(unit, app.id), modify)
                 if unit.failure is not None:
                     raise unit.failure
                 unit.mark_processed(marker)
@@ -288,7 +264,7 @@ class Dispatcher:
                 if not retriable:
                     break
                 if attempt < self.settings.handler_max_attempts:
-                    observe.handler_retried(app.id)
+                    self.hooks.handler_retried(app.id)
                     elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
                     log.info(
                         "handler_retry", app=app.id, attempt=attempt, error_type=type(exc).__name__, error=str(exc), duration_ms=elapsed_ms

@@ -20,7 +20,6 @@ from worker import tracing
 from worker.config import ProcessingSettings
 from worker.errors import BrokerError, FencedError, PersistenceError
 from worker.events import RawRecord
-from worker.observability.metrics import observe
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, backoff
@@ -140,7 +139,7 @@ class Lane:
                 continue
             self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
             self._offsets.mark(self.partition, result.next_offset)
-            observe.batch_committed(result)
+            self._dispatcher.hooks.batch_committed(result)
             self.last_progress = time.monotonic()
             self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
             log.info(

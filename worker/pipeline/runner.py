@@ -26,13 +26,14 @@ from worker.config import Settings
 from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
 from worker.kafka import Consumer, Producer, Reader
-from worker.observability.metrics import observe
 from worker.persistence.retention import pruning
 from worker.persistence.store import Store
 from worker.pipeline.dispatch import Dispatcher, Topics
+from worker.pipeline.hooks import Hooks, contained
 from worker.pipeline.lane import Lane
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outbox import OutboxPublisher
+from worker.pipeline.status import Status
 
 log = structlog.get_logger("worker.runner")
 
@@ -40,14 +41,15 @@ log = structlog.get_logger("worker.runner")
 class Worker:
     """One consumer-group member running the enabled apps."""
 
-    def __init__(self, settings: Settings, apps: list[App], store: Store | None = None) -> None:
+    def __init__(self, settings: Settings, apps: list[App], store: Store | None = None, hooks: Hooks | None = None) -> None:
         self.settings = settings
+        self.hooks = contained(hooks)
         self.store = store or Store.from_settings(settings.persistence)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.http = Http(settings.http)
         kafka = settings.kafka
         self.dispatcher = Dispatcher(
-            apps, self.store, self.http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing
+            apps, self.store, self.http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing, self.hooks
         )
         self.consumer = Consumer(kafka)
         self.producer = Producer(kafka)
@@ -58,6 +60,11 @@ class Worker:
         self.stopping = asyncio.Event()
         self.failure: BaseException | None = None
         self.last_poll = time.monotonic()
+
+    @property
+    def status(self) -> Status:
+        """The read-only view of this worker that health checks and the monitor ask."""
+        return Status(self)
 
     def _lane_failed(self, exc: BaseException) -> None:
         # A bug, not an outage (those are retried inside the lane): stop, and let the process
@@ -78,7 +85,7 @@ class Worker:
         async with self._running():
             while not self.stopping.is_set():
                 batches = await self._fetch(kafka.fetch_timeout_ms, kafka.max_batch_records)
-                observe.polled(batches)
+                self.hooks.polled(batches)
                 for partition, records in batches.items():
                     self._hand_over(partition, records)
                 await self._commit_offsets()
@@ -129,7 +136,7 @@ class Worker:
     # -- rebalance -------------------------------------------------------------------------
 
     async def _on_revoked(self, partitions: set[int]) -> None:
-        observe.revoked(partitions)
+        self.hooks.revoked(partitions)
         lanes = [self.lanes.pop(p) for p in sorted(partitions) if p in self.lanes]
         timeout = self.settings.processing.shutdown_timeout_s
         await asyncio.gather(*(lane.close(timeout) for lane in lanes))
@@ -138,7 +145,7 @@ class Worker:
         log.info("partitions_revoked", partitions=sorted(partitions))
 
     async def _on_assigned(self, partitions: set[int]) -> None:
-        observe.assigned(partitions)
+        self.hooks.assigned(partitions)
         kafka = self.settings.kafka
         attempt = 0
         while True:
@@ -175,7 +182,7 @@ class Worker:
             await self.consumer.start(self._on_revoked, self._on_assigned)
             log.info("worker_started", owner=self.owner, group=self.settings.kafka.group_id, topic=self.consumer.topic)
             try:
-                async with pruning(self.store, self.settings.persistence):
+                async with pruning(self.store, self.settings.persistence, self.hooks):
                     yield
             finally:
                 await asyncio.shield(self._shutdown())

@@ -57,7 +57,8 @@ from worker.events import Message, RawRecord, decode
 from worker.persistence.associations import Association
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import OutboxMessage, UnitOfWork, decode_data
-from worker.pipeline.dispatch import BatchResult, Dispatcher, Topics
+from worker.pipeline.dispatch import Dispatcher, Topics
+from worker.pipeline.tally import BatchResult
 
 #: CloudEvents ``source`` of the events that :func:`cloud_event` wraps messages in.
 SOURCE = "//worker.testing"
@@ -795,7 +796,7 @@ def _items(events: Events) -> list[_Item]:
     if isinstance(events, (str, bytes)):
         raise TypeError("events must be a list of messages or a pathlib.Path of a JSON-lines file, not a string")
     if isinstance(events, os.PathLike):
-        from worker.cli import read_records_file  # the same parser as `rc-worker load`
+        from worker.tools.dump import read_records_file  # the same parser as `rc-worker load`
 
         return [_Item(r.key, r.value, r.headers) for r in read_records_file(Path(events))]
     return [_item(n, event) for n, event in enumerate(events)]

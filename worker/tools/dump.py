@@ -25,7 +25,7 @@ from typing import IO, Any
 import orjson
 
 from worker.config import KafkaSettings, Settings
-from worker.errors import WorkerError
+from worker.errors import ConfigError, WorkerError
 from worker.events import RawRecord
 from worker.kafka import PartitionReader
 from worker.tools.common import CONNECT_TIMEOUT_S, Start, parse_time, plan, read_spans, require_records
@@ -132,3 +132,68 @@ def _deliver(spool: IO[bytes], output: Path | None) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# -- rc-worker load: the same format read back --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One line of a contract JSON-lines file."""
+
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def read_records_file(path: Path) -> list[FileRecord]:
+    """Parse a contract JSON-lines file; ConfigError names the line and the problem."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_parse_line(line))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}:{number}: {exc}; nothing was sent") from None
+    return records
+
+
+def _parse_line(line: bytes) -> FileRecord:
+    try:
+        item = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(item, dict):
+        raise ValueError("each line must be a JSON object with key, headers and value")
+    key = item.get("key")
+    if key is not None and not isinstance(key, str):
+        raise ValueError("key must be a string or null")
+    headers = item.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError("headers must be an object of strings")
+    if ("value" in item) == ("value_b64" in item):
+        raise ValueError("exactly one of value and value_b64 is needed")
+    if "value" in item:
+        if not isinstance(item["value"], str):
+            raise ValueError("value must be a string (the record value's UTF-8 text)")
+        value = item["value"].encode()
+    else:
+        value = base64.b64decode(item["value_b64"], validate=True)
+    return FileRecord(key.encode() if key is not None else None, value, tuple((k, v.encode()) for k, v in headers.items()))
+
+
+async def load_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``rc-worker load FILE [--topic T]``: produce the file's records, in order."""
+    from worker.kafka import Outgoing, Producer
+
+    records = read_records_file(args.file)
+    topic = args.topic or settings.kafka.topic
+    async with Producer(settings.kafka) as producer:
+        await producer.send_many([Outgoing(topic, r.key, r.value, r.headers) for r in records])
+    print(f"loaded {len(records)} records into {topic}")
+    return 0

@@ -31,7 +31,8 @@ from worker.events import RawRecord
 from worker.kafka import Consumer, PartitionReader, group_offsets
 from worker.persistence.admin import prepare
 from worker.persistence.store import Store
-from worker.pipeline.dispatch import BatchResult, ConflictsExhausted, Dispatcher, Topics, backoff
+from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics, backoff
+from worker.pipeline.tally import BatchResult
 from worker.tools.common import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
 
 log = structlog.get_logger("worker.replay")
