@@ -22,7 +22,8 @@ from worker.pipeline.dead_letters import is_dead_letter, origin, truncate
 
 log = structlog.get_logger("worker.outbox")
 
-CHUNK = 500
+# Pending rows read per publishing round: a page to send, not a statement's row limit (persistence.sql.CHUNK).
+PAGE = 500
 
 
 def outbox_id(fence: Fence, row_id: int) -> bytes:
@@ -47,7 +48,7 @@ class OutboxPublisher:
 
         """
         sent = 0
-        while pending := await self.store.pending_outbox(fence.topic, fence.partition, CHUNK):
+        while pending := await self.store.pending_outbox(fence.topic, fence.partition, PAGE):
             already = await self._read_back(fence, [p for p in pending if p.attempt_offset is not None])
             if already:
                 await self.store.mark_published(sorted(already))

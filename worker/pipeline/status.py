@@ -6,17 +6,29 @@ how it keeps its state without breaking what watches it.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from worker.pipeline.runner import Worker
+from worker.kafka import Consumer
+from worker.persistence.store import Store
+from worker.pipeline.lane import Lane
+
+
+class Watched(Protocol):
+    """The parts of a running worker (the runner's :class:`~worker.pipeline.runner.Worker`) a status reads."""
+
+    consumer: Consumer
+    store: Store
+    lanes: dict[int, Lane]
+    stopping: asyncio.Event
+    last_poll: float
 
 
 class Status:
     """What may be asked of one worker; nothing here changes it."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Watched) -> None:
         self._worker = worker
 
     @property
