@@ -15,8 +15,9 @@ from worker.apps.contract import Record
 from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
 from worker.persistence.associations import Association, AssociationModel
+from worker.persistence.keys import guard_key
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot, UnitOfWork, guard_key
+from worker.persistence.unit import Snapshot, UnitOfWork
 
 APP = "app-a"
 OTHER_APP = "app-b"

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from worker.config import PersistenceSettings
 from worker.persistence import migrations
+from worker.persistence.keys import Key, Marker
 from worker.persistence.schema import (
     key_versions,
     outbox,
@@ -41,7 +42,7 @@ from worker.persistence.sql import (
     stored,
     translate,
 )
-from worker.persistence.unit import Key, Marker, OutboxMessage, Snapshot, StoredRecord, UnitOfWork
+from worker.persistence.unit import OutboxMessage, Snapshot, StoredRecord, UnitOfWork
 from worker.persistence.writes import Fence, UnitWrites
 
 

@@ -26,8 +26,9 @@ from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.config import ProcessingSettings
 from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
+from worker.persistence.keys import Marker
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Marker, OutboxMessage, Snapshot, UnitOfWork
+from worker.persistence.unit import OutboxMessage, Snapshot, UnitOfWork
 from worker.pipeline.hooks import Hooks, contained
 from worker.pipeline.tally import BatchResult
 
