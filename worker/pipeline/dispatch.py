@@ -9,7 +9,6 @@ partition's next offset; on a version conflict the whole batch runs again on fre
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from worker.persistence.keys import Marker
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import OutboxMessage, Snapshot, UnitOfWork
 from worker.pipeline.hooks import Hooks, contained
+from worker.pipeline.retry import backoff
 from worker.pipeline.tally import BatchResult
 
 log = structlog.get_logger("worker.dispatch")
@@ -66,12 +66,6 @@ class Topics:
 
     dead_letter: str
     commands: str
-
-
-def backoff(attempt: int, settings: ProcessingSettings) -> float:
-    """Seconds to wait before attempt ``attempt + 1``: exponential, capped, full jitter."""
-    ceiling = min(settings.backoff_max_ms, settings.backoff_initial_ms * 2 ** (attempt - 1))
-    return random.uniform(0, ceiling) / 1000  # noqa: S311 - jitter, not cryptography
 
 
 class Dispatcher:

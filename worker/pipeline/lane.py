@@ -10,7 +10,6 @@ and after that commits nothing (its fence is stale anyway).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import structlog
@@ -22,9 +21,11 @@ from worker.errors import BrokerError, FencedError, PersistenceError
 from worker.events import RawRecord
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
-from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, backoff
+from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outbox import OutboxPublisher
+from worker.pipeline.retry import until_committed
+from worker.pipeline.tally import BatchResult
 
 log = structlog.get_logger("worker.lane")
 
@@ -61,7 +62,6 @@ class Lane:
         self.busy = False
         self._locked_batches = 0
         self._snapshot = Snapshot()  # what this partition's last commit left in the database
-        self.last_progress = time.monotonic()
         self.task = asyncio.create_task(self._run(), name=f"lane-{fence.topic}-{fence.partition}")
         # A lane that dies would hold its partition paused forever, silently: surface it.
         self.task.add_done_callback(lambda task: None if task.cancelled() or task.exception() is None else on_failure(task.exception()))  # type: ignore[arg-type]
@@ -107,54 +107,57 @@ class Lane:
 
     async def _process(self, records: list[RawRecord]) -> None:
         """Dispatch one batch until it commits, is fenced, or the lane is closed."""
-        attempt = 0
-        while not self._closed.is_set() or attempt == 0:
-            try:
-                with tracing.span("rc_worker.batch", topic=self.fence.topic, partition=self.partition, records=len(records)):
-                    result = await self._dispatcher.dispatch(records, self.fence, locked=self._locked_batches > 0, snapshot=self._snapshot)
-            except FencedError as exc:
-                log.warning("partition_fenced", reason=str(exc))
-                self._closed.set()
-                return
-            except (PersistenceError, ConflictsExhausted) as exc:
-                self._snapshot.clear()  # the database may come back changed (a restore, a reset)
-                attempt += 1
-                log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=records[0].offset)
-                await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
-                continue
-            except Exception as exc:
-                # A bug below (an error nothing translated) must stall this partition loudly
-                # and try again, not end its lane in silence with the partition paused.
-                self._snapshot.clear()
-                attempt += 1
-                log.error(
-                    "batch_failed",
-                    error_type=type(exc).__name__,
-                    error=str(exc),
-                    attempt=attempt,
-                    first_offset=records[0].offset,
-                    exc_info=exc,
-                )
-                await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
-                continue
-            self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
-            self._offsets.mark(self.partition, result.next_offset)
-            self._dispatcher.hooks.batch_committed(result)
-            self.last_progress = time.monotonic()
-            self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
-            log.info(
-                "batch_committed",
-                first_offset=records[0].offset,
-                next_offset=result.next_offset,
-                processed=result.processed,
-                duplicates=result.duplicates,
-                skipped=result.skipped,
-                dead_lettered=result.dead_lettered,
-                conflicts=result.conflicts,
-                locked=result.locked,
+
+        async def attempt() -> BatchResult:
+            with tracing.span("rc_worker.batch", topic=self.fence.topic, partition=self.partition, records=len(records)):
+                return await self._dispatcher.dispatch(records, self.fence, locked=self._locked_batches > 0, snapshot=self._snapshot)
+
+        try:
+            result = await until_committed(
+                attempt,
+                self._settings,
+                # Besides outages, a bug below (an error nothing translated) must stall this
+                # partition loudly and try again, not end its lane in silence with it paused.
+                retry_on=(Exception,),
+                give_up_on=(FencedError,),
+                on_retry=lambda exc, tries: self._failed(exc, tries, records[0].offset),
+                running=lambda: not self._closed.is_set(),
+                sleep=self._sleep,
             )
+        except FencedError as exc:
+            log.warning("partition_fenced", reason=str(exc))
+            self._closed.set()
             return
-        log.warning("batch_abandoned", first_offset=records[0].offset, reason="partition revoked or worker stopping")
+        if result is None:
+            log.warning("batch_abandoned", first_offset=records[0].offset, reason="partition revoked or worker stopping")
+            return
+        self._committed(result, records[0].offset)
+
+    def _failed(self, exc: Exception, attempt: int, first_offset: int) -> None:
+        self._snapshot.clear()  # the database may come back changed (a restore, a reset)
+        if isinstance(exc, PersistenceError | ConflictsExhausted):
+            log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=first_offset)
+        else:
+            log.error(
+                "batch_failed", error_type=type(exc).__name__, error=str(exc), attempt=attempt, first_offset=first_offset, exc_info=exc
+            )
+
+    def _committed(self, result: BatchResult, first_offset: int) -> None:
+        self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
+        self._offsets.mark(self.partition, result.next_offset)
+        self._dispatcher.hooks.batch_committed(result)
+        self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
+        log.info(
+            "batch_committed",
+            first_offset=first_offset,
+            next_offset=result.next_offset,
+            processed=result.processed,
+            duplicates=result.duplicates,
+            skipped=result.skipped,
+            dead_lettered=result.dead_lettered,
+            conflicts=result.conflicts,
+            locked=result.locked,
+        )
 
     async def _publish(self) -> None:
         try:

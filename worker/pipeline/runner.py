@@ -33,6 +33,7 @@ from worker.pipeline.hooks import Hooks, contained
 from worker.pipeline.lane import Lane
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outbox import OutboxPublisher
+from worker.pipeline.retry import until_committed
 from worker.pipeline.status import Status
 
 log = structlog.get_logger("worker.runner")
@@ -147,15 +148,14 @@ class Worker:
     async def _on_assigned(self, partitions: set[int]) -> None:
         self.hooks.assigned(partitions)
         kafka = self.settings.kafka
-        attempt = 0
-        while True:
-            try:
-                claims = await self.store.claim(kafka.group_id, kafka.topic, sorted(partitions), self.owner)
-                break
-            except PersistenceError as exc:
-                attempt += 1
-                log.warning("database_unavailable", reason=str(exc), attempt=attempt, during="partition_claim")
-                await asyncio.sleep(min(5.0, 0.1 * attempt))
+        claims = await until_committed(
+            lambda: self.store.claim(kafka.group_id, kafka.topic, sorted(partitions), self.owner),
+            self.settings.processing,
+            retry_on=(PersistenceError,),
+            on_retry=lambda exc, attempt: log.warning("database_unavailable", reason=str(exc), attempt=attempt, during="partition_claim"),
+        )
+        if claims is None:  # pragma: no cover - an unbounded loop returns or raises
+            return
         for partition, claim in claims.items():
             if claim.next_offset is not None:
                 committed = await self.consumer.committed(partition)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -33,3 +34,16 @@ class BatchResult:
         for app_id, count in other.per_app.items():
             self.per_app[app_id] = self.per_app.get(app_id, 0) + count
         self.outcomes.update(other.outcomes)
+
+    def outcomes_of(self, outcome: str) -> int:
+        """Events of every app with this outcome (processed, skipped, duplicate, dead_lettered)."""
+        return sum(n for (_, which), n in self.outcomes.items() if which == outcome)
+
+    @classmethod
+    def total(cls, results: Iterable[BatchResult]) -> BatchResult:
+        """Every result of ``results`` summed, as one."""
+        summed = cls(next_offset=0)
+        for result in results:
+            summed.add(result)
+            summed.next_offset = result.next_offset
+        return summed

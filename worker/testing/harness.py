@@ -271,13 +271,14 @@ class _Share:
                 batch.append(RawRecord(TOPIC, self.fence.partition, self.next_offset, 0, item.key, item.value, item.headers))
                 self.next_offset += 1
             results.append(await self.dispatcher.dispatch(batch, self.fence))
+        total = BatchResult.total(results)
         return Delivery(
             records=len(items),
-            processed=sum(r.processed for r in results),
-            duplicates=sum(r.duplicates for r in results),
-            skipped=sum(r.skipped for r in results),
-            dead_lettered=sum(r.dead_lettered for r in results),
-            conflicts=sum(r.conflicts for r in results),
+            processed=total.processed,
+            duplicates=total.duplicates,
+            skipped=total.skipped,
+            dead_lettered=total.dead_lettered,
+            conflicts=total.conflicts,
         )
 
     async def close(self) -> None:

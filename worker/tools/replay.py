@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -31,7 +31,8 @@ from worker.events import RawRecord
 from worker.kafka import Consumer, PartitionReader, group_offsets
 from worker.persistence.admin import prepare
 from worker.persistence.store import Store
-from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics, backoff
+from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics
+from worker.pipeline.retry import until_committed
 from worker.pipeline.tally import BatchResult
 from worker.tools.common import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
 
@@ -52,25 +53,43 @@ class ReplaySummary:
     topic: str
     partitions: int = 0
     records: int = 0
-    events: int = 0
-    duplicates: int = 0
-    skipped: int = 0
-    dead_letters: int = 0
-    conflicts: int = 0
-    per_app: dict[str, int] = field(default_factory=dict)
     duration_s: float = 0.0
+    total: BatchResult = field(default_factory=lambda: BatchResult(next_offset=0))
 
     def add(self, result: BatchResult, records: int) -> None:
         """Count one committed batch of ``records`` records."""
         self.records += records
-        self.events += result.processed
-        self.duplicates += result.duplicates
-        self.skipped += result.skipped
-        # Undecodable records, and events an app failed for good (counted per app).
-        self.dead_letters += result.dead_lettered + sum(n for (_, outcome), n in result.outcomes.items() if outcome == "dead_lettered")
-        self.conflicts += result.conflicts
-        for app_id, count in result.per_app.items():
-            self.per_app[app_id] = self.per_app.get(app_id, 0) + count
+        self.total.add(result)
+
+    @property
+    def events(self) -> int:
+        """Events an app ran on, committed."""
+        return self.total.processed
+
+    @property
+    def duplicates(self) -> int:
+        """Events an app had already processed."""
+        return self.total.duplicates
+
+    @property
+    def skipped(self) -> int:
+        """Events of a type the apps do not handle."""
+        return self.total.skipped
+
+    @property
+    def dead_letters(self) -> int:
+        """Undecodable records, and events an app failed for good (counted per app)."""
+        return self.total.dead_lettered + self.total.outcomes_of("dead_lettered")
+
+    @property
+    def conflicts(self) -> int:
+        """Version conflicts retried."""
+        return self.total.conflicts
+
+    @property
+    def per_app(self) -> dict[str, int]:
+        """Events processed, by app."""
+        return self.total.per_app
 
     @property
     def rate(self) -> float:
@@ -79,7 +98,16 @@ class ReplaySummary:
 
     def as_dict(self) -> dict[str, Any]:
         """The summary as JSON-ready values."""
-        return {**asdict(self), "duration_s": round(self.duration_s, 3), "records_per_s": round(self.rate, 1)}
+        counts = {name: getattr(self, name) for name in ("events", "duplicates", "skipped", "dead_letters", "conflicts")}
+        return {
+            "topic": self.topic,
+            "partitions": self.partitions,
+            "records": self.records,
+            **counts,
+            "per_app": dict(self.per_app),
+            "duration_s": round(self.duration_s, 3),
+            "records_per_s": round(self.rate, 1),
+        }
 
     def render(self) -> str:
         """A few lines for a terminal."""
@@ -242,27 +270,28 @@ class Replay:
 
     async def _dispatch(self, partition: int, records: list[RawRecord]) -> None:
         with bound_contextvars(topic=self.kafka.topic, partition=partition):
-            for attempt in range(1, BATCH_MAX_ATTEMPTS + 1):
-                try:
-                    # No fence: a replay owns no partition of the live group, and its processed
-                    # markers already keep two replay processes from applying an event twice.
-                    result = await self.dispatcher.dispatch(records, None)
-                except (PersistenceError, ConflictsExhausted) as exc:
-                    if attempt == BATCH_MAX_ATTEMPTS or not exc.retriable:
-                        raise
-                    log.warning("replay_batch_retry", reason=str(exc), attempt=attempt, first_offset=records[0].offset)
-                    await asyncio.sleep(min(5.0, backoff(attempt, self.settings.processing) + 0.1 * attempt))
-                    continue
-                self.summary.add(result, len(records))
-                log.info(
-                    "replay_batch_committed",
-                    first_offset=records[0].offset,
-                    next_offset=result.next_offset,
-                    processed=result.processed,
-                    duplicates=result.duplicates,
-                    dead_lettered=result.dead_lettered,
-                )
+            # No fence: a replay owns no partition of the live group, and its processed
+            # markers already keep two replay processes from applying an event twice.
+            result = await until_committed(
+                lambda: self.dispatcher.dispatch(records, None),
+                self.settings.processing,
+                retry_on=(PersistenceError, ConflictsExhausted),
+                on_retry=lambda exc, attempt: log.warning(
+                    "replay_batch_retry", reason=str(exc), attempt=attempt, first_offset=records[0].offset
+                ),
+                max_attempts=BATCH_MAX_ATTEMPTS,
+            )
+            if result is None:  # pragma: no cover - a bounded loop returns or raises
                 return
+            self.summary.add(result, len(records))
+            log.info(
+                "replay_batch_committed",
+                first_offset=records[0].offset,
+                next_offset=result.next_offset,
+                processed=result.processed,
+                duplicates=result.duplicates,
+                dead_lettered=result.dead_lettered,
+            )
 
 
 class _Stall:
