@@ -11,8 +11,7 @@ from worker.constants import OUTBOX_ID_HEADER
 from worker.events import RawRecord
 from worker.kafka import Outgoing, PartitionReader, Producer
 from worker.persistence.admin import claim_redrives, redrives
-from worker.pipeline.dead_letters import truncate
-from worker.pipeline.dispatch import dead_letter
+from worker.pipeline.dead_letters import dead_letter, truncate
 from worker.plugins import load_apps
 from worker.tools.common import Start, plan, read_spans
 from worker.tools.dlq import DeadLetter, read_dead_letters, redrive, select

@@ -127,7 +127,7 @@ class IRead(Protocol):
 
 
 class IHttp(Protocol):
-    """Outgoing HTTP (``worker.http.Http``); errors are raised as ``worker.HttpError``.
+    """Outgoing HTTP (``worker.apps.http.Http``); errors are raised as ``worker.HttpError``.
 
     A handler run again after a version conflict or an error calls it again: use it for
     reads and idempotent calls; stage changes to the chat through ``modify`` instead.

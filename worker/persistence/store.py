@@ -64,7 +64,24 @@ class PendingMessage:
     attempt_offset: int | None = None
 
 
-class Store:
+class _Loads:
+    """The unit of work's Loader reads, for the store (a read transaction) and a locked session (locking)."""
+
+    async def _load(self, keys: Sequence[Key], query: Any) -> tuple[dict[Key, int], list[StoredRecord]]:
+        raise NotImplementedError
+
+    async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records with ``ids``."""
+        return await self._load(keys, by_ids(app_id, ids))
+
+    async def load_by_associations(
+        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records having all ``associations``."""
+        return await self._load(keys, by_associations(app_id, associations))
+
+
+class Store(_Loads):
     """One database, shared by every worker process of the group."""
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -122,16 +139,6 @@ class Store:
                 await conn.run_sync(migrations.check_current)
 
     # -- reads (the unit of work's Loader) -----------------------------------------------
-
-    async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
-        """Versions of ``keys``, then the records with ``ids``, in one read transaction."""
-        return await self._load(keys, by_ids(app_id, ids))
-
-    async def load_by_associations(
-        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
-    ) -> tuple[dict[Key, int], list[StoredRecord]]:
-        """Versions of ``keys``, then the records having all ``associations``."""
-        return await self._load(keys, by_associations(app_id, associations))
 
     async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
         """The markers among ``markers`` that a commit has already recorded."""
@@ -351,7 +358,7 @@ class Store:
                 yield conn
 
 
-class LockedSession:
+class LockedSession(_Loads):
     """The Loader of a unit of work run inside :meth:`Store.session`; reads lock what they see."""
 
     def __init__(self, store: Store, conn: AsyncConnection) -> None:
@@ -362,16 +369,6 @@ class LockedSession:
 
     # These run inside handlers, which may catch anything: translate here, at the call, so a
     # deadlock reaches the dispatcher as a VersionConflict, never as a handler's own error.
-
-    async def load_by_ids(self, keys: Sequence[Key], app_id: str, ids: Sequence[str]) -> tuple[dict[Key, int], list[StoredRecord]]:
-        """Versions of ``keys`` (locked), then the records with ``ids``."""
-        return await self._load(keys, by_ids(app_id, ids))
-
-    async def load_by_associations(
-        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
-    ) -> tuple[dict[Key, int], list[StoredRecord]]:
-        """Versions of ``keys`` (locked), then the records having all ``associations``."""
-        return await self._load(keys, by_associations(app_id, associations))
 
     async def lock(self, keys: Iterable[Key]) -> dict[Key, int]:
         """Lock ``keys`` (absent ones as version 0) until the session ends; returns their versions."""

@@ -1,4 +1,9 @@
-"""Dead letters too large for their topic, cut to fit: the outbox publisher's last resort.
+"""Dead letters: built (the rc-dlq-* headers added to the record kept whole), recognised and parsed, and cut to fit.
+
+:func:`dead_letter` is what the dispatcher stages for a record it cannot process; the header
+names are the wire contract's, in ``constants``; ``rc-worker dlq`` reads them back with :func:`origin`.
+
+Dead letters too large for their topic are cut to fit, the outbox publisher's last resort.
 
 A dead letter keeps its record's value byte for byte, and ``rc-worker topics create`` sizes
 the dead-letter topic for that. One still too large (a topic made some other way, a record
@@ -14,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from worker import constants
+from worker.events import RawRecord
 from worker.kafka import Outgoing, record_bytes
+from worker.persistence.unit import OutboxMessage
 
 # The varint lengths of a record and of its value grow by at most 4 bytes each between an
 # empty value and any value Kafka takes; a few more for good measure.
@@ -56,3 +63,23 @@ def truncate(letter: Outgoing, limit: int) -> Outgoing | None:
     if room < 0:
         return None
     return letter._replace(value=letter.value[:room], headers=headers)
+
+
+def dead_letter(
+    record: RawRecord, topic: str, reason: str, *, stage: str, app_id: str | None = None, error_type: str | None = None
+) -> OutboxMessage:
+    """The dead-letter record for ``record``: its key, value and headers kept, the reason added."""
+    headers = [
+        *record.headers,
+        (constants.DLQ_REASON, reason.encode()[:2000]),
+        (constants.DLQ_STAGE, stage.encode()),
+        (constants.DLQ_TOPIC, record.topic.encode()),
+        (constants.DLQ_PARTITION, str(record.partition).encode()),
+        (constants.DLQ_OFFSET, str(record.offset).encode()),
+        (constants.DLQ_TIMESTAMP, str(record.timestamp_ms).encode()),
+    ]
+    if app_id is not None:
+        headers.append((constants.DLQ_APP, app_id.encode()))
+    if error_type is not None:
+        headers.append((constants.DLQ_ERROR_TYPE, error_type.encode()))
+    return OutboxMessage(app_id, topic, record.key, record.value or b"", tuple(headers))

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from worker import constants, tracing
+from worker import tracing
 from worker.apps.contract import App, Read
 from worker.apps.http import Http
 from worker.apps.modify import Modify
@@ -27,7 +27,8 @@ from worker.errors import DecodeError, FencedError, PersistenceError, VersionCon
 from worker.events import Event, RawRecord, decode
 from worker.persistence.keys import Marker
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import OutboxMessage, Snapshot, UnitOfWork
+from worker.persistence.unit import Snapshot, UnitOfWork
+from worker.pipeline.dead_letters import dead_letter
 from worker.pipeline.hooks import Hooks, contained
 from worker.pipeline.retry import backoff
 from worker.pipeline.tally import BatchResult
@@ -116,10 +117,7 @@ class Dispatcher:
         for attempt in range(1, self.settings.conflict_max_attempts + 1):
             hold = locked or attempt > 1
             try:
-                if hold:
-                    result = await self._locked_attempt(decoded, fence, next_offset, snapshot, failures)
-                else:
-                    result = await self._optimistic_attempt(decoded, fence, next_offset, snapshot, failures)
+                result = await self._attempt(decoded, fence, next_offset, snapshot, failures, locked=hold)
             except VersionConflict as exc:
                 self.hooks.conflict(exc)
                 if exc.keys is None:
@@ -137,42 +135,32 @@ class Dispatcher:
             f"{self.settings.conflict_max_attempts} times; raise processing.conflict_max_attempts or reduce contention"
         )
 
-    async def _optimistic_attempt(
+    async def _attempt(
         self,
         decoded: Sequence[tuple[RawRecord, Event | DecodeError]],
         fence: Fence | None,
         next_offset: int,
         snapshot: Snapshot,
         failures: HandlerFailures,
+        *,
+        locked: bool,
     ) -> BatchResult:
         unit = UnitOfWork(self.store, snapshot)
         result = await self._run(unit, decoded, next_offset, failures)
-        with self.hooks.commit():
-            new_versions = await self.store.commit(unit, fence, next_offset)
-        snapshot.absorb(unit, new_versions)
-        result.staged_outbox = len(unit.outbox)
-        return result
-
-    async def _locked_attempt(
-        self,
-        decoded: Sequence[tuple[RawRecord, Event | DecodeError]],
-        fence: Fence | None,
-        next_offset: int,
-        snapshot: Snapshot,
-        failures: HandlerFailures,
-    ) -> BatchResult:
-        # The handlers run first without locks, so their work and most of their reads do not
-        # hold anyone up; then what they read and wrote is locked, in one statement. Only if
-        # some of it changed meanwhile do they run again, inside the locks, re-reading just
-        # that: the commit can then no longer conflict on it.
-        unit = UnitOfWork(self.store, snapshot)
-        result = await self._run(unit, decoded, next_offset, failures)
-        async with self.store.session() as session:
-            if not await session.revalidate(unit, snapshot):
-                unit = UnitOfWork(session, snapshot)
-                result = await self._run(unit, decoded, next_offset, failures)
+        if locked:
+            # The handlers ran first without locks, so their work and most of their reads do
+            # not hold anyone up; now what they read and wrote is locked, in one statement.
+            # Only if some of it changed meanwhile do they run again, inside the locks,
+            # re-reading just that: the commit can then no longer conflict on it.
+            async with self.store.session() as session:
+                if not await session.revalidate(unit, snapshot):
+                    unit = UnitOfWork(session, snapshot)
+                    result = await self._run(unit, decoded, next_offset, failures)
+                with self.hooks.commit():
+                    new_versions = await session.commit(unit, fence, next_offset)
+        else:
             with self.hooks.commit():
-                new_versions = await session.commit(unit, fence, next_offset)
+                new_versions = await self.store.commit(unit, fence, next_offset)
         snapshot.absorb(unit, new_versions)  # only once the transaction has committed
         result.staged_outbox = len(unit.outbox)
         return result
@@ -289,23 +277,3 @@ def _decode(record: RawRecord) -> Event | DecodeError:
         return decode(record)
     except DecodeError as exc:
         return exc
-
-
-def dead_letter(
-    record: RawRecord, topic: str, reason: str, *, stage: str, app_id: str | None = None, error_type: str | None = None
-) -> OutboxMessage:
-    """The dead-letter record for ``record``: its key, value and headers kept, the reason added."""
-    headers = [
-        *record.headers,
-        (constants.DLQ_REASON, reason.encode()[:2000]),
-        (constants.DLQ_STAGE, stage.encode()),
-        (constants.DLQ_TOPIC, record.topic.encode()),
-        (constants.DLQ_PARTITION, str(record.partition).encode()),
-        (constants.DLQ_OFFSET, str(record.offset).encode()),
-        (constants.DLQ_TIMESTAMP, str(record.timestamp_ms).encode()),
-    ]
-    if app_id is not None:
-        headers.append((constants.DLQ_APP, app_id.encode()))
-    if error_type is not None:
-        headers.append((constants.DLQ_ERROR_TYPE, error_type.encode()))
-    return OutboxMessage(app_id, topic, record.key, record.value or b"", tuple(headers))

@@ -147,17 +147,7 @@ class Lane:
         self._offsets.mark(self.partition, result.next_offset)
         self._dispatcher.hooks.batch_committed(result)
         self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
-        log.info(
-            "batch_committed",
-            first_offset=first_offset,
-            next_offset=result.next_offset,
-            processed=result.processed,
-            duplicates=result.duplicates,
-            skipped=result.skipped,
-            dead_lettered=result.dead_lettered,
-            conflicts=result.conflicts,
-            locked=result.locked,
-        )
+        log.info("batch_committed", first_offset=first_offset, **result.log_fields())
 
     async def _publish(self) -> None:
         try:

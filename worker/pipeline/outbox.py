@@ -87,7 +87,7 @@ class OutboxPublisher:
         log.info("outbox_published", partition=fence.partition, count=len(rows), first_id=rows[0].id)
 
     async def _fitting(self, row: PendingMessage, record: Outgoing) -> Outgoing:
-        """``record``, or if its topic cannot take it and it is a dead letter, that cut to fit (see worker.oversize).
+        """``record``, or if its topic cannot take it and it is a dead letter, that cut to fit (see worker.pipeline.dead_letters).
 
         Raises:
             RecordTooLargeError: a command too large (never cut), or a dead letter that does not

@@ -47,3 +47,15 @@ class BatchResult:
             summed.add(result)
             summed.next_offset = result.next_offset
         return summed
+
+    def log_fields(self) -> dict[str, int | bool]:
+        """What a batch_committed log line says about this batch."""
+        return {
+            "next_offset": self.next_offset,
+            "processed": self.processed,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "dead_lettered": self.dead_lettered,
+            "conflicts": self.conflicts,
+            "locked": self.locked,
+        }

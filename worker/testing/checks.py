@@ -13,7 +13,7 @@ from typing import Any
 
 from worker.apps.contract import App
 from worker.testing.builders import Events, _Item, _items
-from worker.testing.harness import _AppSpec, _concurrent_scenario, _RepeatingStore, _scenario
+from worker.testing.harness import _AppSpec, _concurrent_scenario, _scenario
 from worker.testing.state import _section
 
 _IDEMPOTENT_WHY = (
@@ -66,7 +66,7 @@ async def assert_idempotent(
     twice = await _scenario(spec, [items, items])
     if diff := once.differences(twice, ignore_fields=ignore_fields):
         problems.append(_section("Delivering every event twice (the same CloudEvent again) changed the state", diff))
-    repeated = await _scenario(spec, [items], store_class=_RepeatingStore)
+    repeated = await _scenario(spec, [items], repeat_runs=True)
     if diff := once.differences(repeated, ignore_fields=ignore_fields):
         problems.append(
             _section("Running every handler run again, as after a version conflict (its first run rolled back), changed the state", diff)

@@ -24,8 +24,8 @@ from worker.errors import PluginError, VersionConflict
 from worker.events import RawRecord
 from worker.persistence.associations import Association
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import UnitOfWork
 from worker.pipeline.dispatch import Dispatcher, Topics
+from worker.pipeline.hooks import Hooks
 from worker.pipeline.tally import BatchResult
 from worker.testing.builders import (
     COMMANDS_TOPIC,
@@ -252,13 +252,13 @@ class _Share:
         partition: int,
         processing: ProcessingSettings,
         http_settings: HttpSettings,
-        store_class: type[Store] = Store,
+        hooks: Hooks | None = None,
     ) -> _Share:
-        store = store_class.from_settings(PersistenceSettings(url=url))
+        store = Store.from_settings(PersistenceSettings(url=url))
         claims = await store.claim(GROUP, TOPIC, [partition], owner=f"worker.testing:{partition}:{uuid.uuid4().hex[:8]}")
         app = spec.new_app()
         http = Http(http_settings)
-        dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing)
+        dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks)
         return cls(store, app, dispatcher, claims[partition].fence, http, url)
 
     async def run(self, items: Sequence[_Item], batch_size: int) -> Delivery:
@@ -286,18 +286,21 @@ class _Share:
         await self.store.close()
 
 
-class _RepeatingStore(Store):
-    """Refuses the first commit of every batch, as a concurrent worker's change would, so every run is repeated."""
+class _RepeatingCommits(Hooks):
+    """Refuses the first commit of every batch, as a concurrent worker's change would, so every run is repeated.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._refused: set[int | None] = set()
+    The dispatcher calls ``commit()`` around each commit of a batch and runs the batch again
+    after a refusal; the retry's commit goes through: refusals and commits alternate.
+    """
 
-    async def commit(self, unit: UnitOfWork, fence: Fence | None = None, next_offset: int | None = None) -> Any:
-        if next_offset not in self._refused:
-            self._refused.add(next_offset)
+    def __init__(self) -> None:
+        self._refuse = True
+
+    def commit(self) -> contextlib.AbstractContextManager[None]:
+        refuse, self._refuse = self._refuse, not self._refuse
+        if refuse:
             raise VersionConflict("worker.testing refuses the first commit of each batch, so that every handler run is repeated")
-        return await super().commit(unit, fence, next_offset)
+        return contextlib.nullcontext()
 
 
 async def _new_database(path: Path) -> str:
@@ -316,11 +319,11 @@ async def _new_database(path: Path) -> str:
     return _sqlite_url(path)
 
 
-async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[_Item]], store_class: type[Store] = Store) -> State:
+async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[_Item]], *, repeat_runs: bool = False) -> State:
     """A fresh database, one lane, the deliveries in order; the state at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
-        lane = await _Share.open(spec, url, 0, TEST_PROCESSING, HttpSettings(), store_class)
+        lane = await _Share.open(spec, url, 0, TEST_PROCESSING, HttpSettings(), _RepeatingCommits() if repeat_runs else None)
         try:
             for items in deliveries:
                 await lane.run(items, batch_size=1)

@@ -23,10 +23,9 @@ from sqlalchemy.engine import make_url
 
 from worker.config import ENV_DELIMITER, ENV_PREFIX, Settings, default_config_path
 from worker.errors import PluginError
+from worker.logs import SECRET_NAME  # values under keys named like this are redacted even when not SecretStr
 
 REDACTED = "***"
-# Values under keys named like this are redacted even when not typed SecretStr (app settings).
-_SECRET_KEY = re.compile(r"password|passwd|secret|token|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
 # Kafka's own rule for topic names.
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
 
@@ -75,7 +74,7 @@ def redact_url(url: str) -> str:
     except Exception:  # noqa: BLE001 - any unparsable URL is shown as a secret, never echoed
         return REDACTED
     # A placeholder, not *** itself: rendering percent-encodes query values.
-    query = {k: ("REDACTEDVALUE" if _SECRET_KEY.search(k) else v) for k, v in parsed.query.items()}
+    query = {k: ("REDACTEDVALUE" if SECRET_NAME.search(k) else v) for k, v in parsed.query.items()}
     return parsed.set(query=query).render_as_string(hide_password=True).replace("REDACTEDVALUE", REDACTED)
 
 
@@ -154,7 +153,7 @@ def _redact(value: Any, key: str = "") -> Any:
         return {k: _redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact(v, key) for v in value]
-    if value is not None and key and _SECRET_KEY.search(key):
+    if value is not None and key and SECRET_NAME.search(key):
         return REDACTED
     return value
 

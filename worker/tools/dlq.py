@@ -1,7 +1,7 @@
 """``rc-worker dlq``: list the dead-letter topic, and send chosen dead letters back through processing.
 
 A dead letter is the original record (key, value, headers) with ``rc-dlq-*`` headers
-appended by ``dispatch.dead_letter`` (why, at which stage, by which app, from where) and
+appended by ``pipeline.dead_letters.dead_letter`` (why, at which stage, by which app, from where) and
 the outbox's ``rc-outbox-id``. A redrive sends the original back, exactly as it was:
 to the topic it came from, where every app that has not processed the event runs it (those
 that have see a duplicate); or, with ``--app``, straight through that app into the
@@ -12,7 +12,7 @@ sent by the next redrive. The ledger lives beside the state, not in a Kafka topi
 the claim must be atomic among concurrent redrives and the state is what it protects.
 
 A dead letter too large for its topic was published with its value cut short
-(``rc-dlq-truncated``, see ``worker.oversize``): it is never re-driven, since the cut value
+(``rc-dlq-truncated``, see ``worker.pipeline.dead_letters``): it is never re-driven, since the cut value
 would fail to decode or, worse, be processed as something it is not. Its whole record stays at
 its original topic, partition and offset for as long as that topic retains it. Nothing goes
 into the ledger for it: the header says so on every read, and a ledger row means "sent".

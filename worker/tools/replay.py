@@ -284,14 +284,7 @@ class Replay:
             if result is None:  # pragma: no cover - a bounded loop returns or raises
                 return
             self.summary.add(result, len(records))
-            log.info(
-                "replay_batch_committed",
-                first_offset=records[0].offset,
-                next_offset=result.next_offset,
-                processed=result.processed,
-                duplicates=result.duplicates,
-                dead_lettered=result.dead_lettered,
-            )
+            log.info("replay_batch_committed", first_offset=records[0].offset, **result.log_fields())
 
 
 class _Stall:
