@@ -139,7 +139,10 @@ def record_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple
 
 
 async def start_bounded(client: Any, bootstrap: str, timeout_s: float | None) -> None:
-    """Start ``client`` within ``timeout_s``: an operator's command must not hang on a dead broker."""
+    """Start ``client`` within ``timeout_s`` (None: aiokafka's own limits), closing it if it fails half-way.
+
+    A half-started client keeps sockets and tasks; an operator's command must not hang on a dead broker.
+    """
     try:
         with translate(f"connecting to Kafka at {bootstrap}"):
             async with asyncio.timeout(timeout_s):

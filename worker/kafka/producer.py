@@ -17,7 +17,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from worker.config import KafkaSettings
 from worker.errors import RecordTooLargeError
 from worker.kafka.admin import admin, max_message_bytes
-from worker.kafka.client import client_options, close_quietly, record_bytes, translate
+from worker.kafka.client import client_options, close_quietly, record_bytes, start_bounded, translate
 
 log = structlog.get_logger("worker.kafka")
 
@@ -53,12 +53,7 @@ class Producer:
         )
 
     async def __aenter__(self) -> Producer:
-        try:
-            with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
-                await self._producer.start()
-        except BaseException:
-            await close_quietly(self._producer)  # a half-started client keeps sockets and tasks
-            raise
+        await start_bounded(self._producer, self._settings.bootstrap_servers, None)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

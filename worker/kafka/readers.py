@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from worker.config import KafkaSettings
 from worker.events import RawRecord
 from worker.kafka.admin import admin
-from worker.kafka.client import client_options, close_quietly, raw_record, start_bounded, translate
+from worker.kafka.client import client_options, raw_record, start_bounded, translate
 
 log = structlog.get_logger("worker.kafka")
 
@@ -25,12 +25,7 @@ class Reader:
         self._lock = asyncio.Lock()  # assign() is per consumer: one range read at a time
 
     async def __aenter__(self) -> Reader:
-        try:
-            with translate(f"connecting to Kafka at {self._settings.bootstrap_servers}"):
-                await self._consumer.start()
-        except BaseException:
-            await close_quietly(self._consumer)  # a half-started client keeps sockets and tasks
-            raise
+        await start_bounded(self._consumer, self._settings.bootstrap_servers, None)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -6,7 +6,6 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from worker import constants
 from worker.config import ProcessingSettings
 from worker.errors import DecodeError
 from worker.events import Message, RawRecord, decode
+from worker.tools.dump import FileRecord, read_records_file
 
 #: CloudEvents ``source`` of the events that :func:`cloud_event` wraps messages in.
 SOURCE = "//worker.testing"
@@ -103,26 +103,15 @@ def cloud_event(data: Mapping[str, Any], *, event_id: str | None = None, source:
     }
 
 
-@dataclass(frozen=True, slots=True)
-class _Item:
-    """One Kafka record to deliver, before it has a partition and an offset."""
-
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-
-
-def _items(events: Events) -> list[_Item]:
+def _items(events: Events) -> list[FileRecord]:
     if isinstance(events, (str, bytes)):
         raise TypeError("events must be a list of messages or a pathlib.Path of a JSON-lines file, not a string")
     if isinstance(events, os.PathLike):
-        from worker.tools.dump import read_records_file  # the same parser as `rc-worker load`
-
-        return [_Item(r.key, r.value, r.headers) for r in read_records_file(Path(events))]
+        return read_records_file(Path(events))  # the same parser as `rc-worker load`
     return [_item(n, event) for n, event in enumerate(events)]
 
 
-def _item(number: int, event: Mapping[str, Any] | Message) -> _Item:
+def _item(number: int, event: Mapping[str, Any] | Message) -> FileRecord:
     if isinstance(event, Message):
         envelope = cloud_event(event.to_json())
     elif isinstance(event, Mapping):
@@ -131,7 +120,7 @@ def _item(number: int, event: Mapping[str, Any] | Message) -> _Item:
         raise TypeError(f"event {number} is a {type(event).__name__}; give dicts (IMessage JSON or CloudEvents) or worker.Message objects")
     room = envelope.get("data", {}).get("room", {}) if isinstance(envelope.get("data"), Mapping) else {}
     key = room.get("id") if isinstance(room, Mapping) else None
-    item = _Item(
+    item = FileRecord(
         key.encode() if isinstance(key, str) else None,
         orjson.dumps(envelope),
         (("content-type", constants.STRUCTURED_CONTENT_TYPE.encode()),),

@@ -12,9 +12,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from worker.apps.contract import App
-from worker.testing.builders import Events, _Item, _items
+from worker.testing.builders import Events, _items
 from worker.testing.harness import _AppSpec, _concurrent_scenario, _scenario
 from worker.testing.state import _section
+from worker.tools.dump import FileRecord
 
 _IDEMPOTENT_WHY = (
     "Why it matters: the worker repeats a handler run after a version conflict, an error or a crash, and each repeat "
@@ -126,9 +127,9 @@ async def assert_concurrency_safe(
         raise AssertionError(f"{spec.describe()} is not concurrency-safe.\n{section}\n{_CONCURRENT_WHY}")
 
 
-def _spread(items: Sequence[_Item], copies: int) -> list[list[_Item]]:
+def _spread(items: Sequence[FileRecord], copies: int) -> list[list[FileRecord]]:
     """Events of one key to one copy, in order; keys dealt round-robin in order of first appearance."""
-    lanes: list[list[_Item]] = [[] for _ in range(copies)]
+    lanes: list[list[FileRecord]] = [[] for _ in range(copies)]
     assigned: dict[bytes | None, int] = {}
     for item in items:
         lane = assigned.setdefault(item.key, len(assigned) % copies)

@@ -34,10 +34,10 @@ from worker.testing.builders import (
     TEST_PROCESSING,
     TOPIC,
     Events,
-    _Item,
     _items,
 )
 from worker.testing.state import Command, DeadLetter, Delivery, State, _dead_letter, _event_id, _snapshot
+from worker.tools.dump import FileRecord
 
 _SCHEMA: dict[str, Path] = {}  # the migrated database that new ones are copied from
 
@@ -261,7 +261,7 @@ class _Share:
         dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks)
         return cls(store, app, dispatcher, claims[partition].fence, http, url)
 
-    async def run(self, items: Sequence[_Item], batch_size: int) -> Delivery:
+    async def run(self, items: Sequence[FileRecord], batch_size: int) -> Delivery:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         results: list[BatchResult] = []
@@ -319,7 +319,7 @@ async def _new_database(path: Path) -> str:
     return _sqlite_url(path)
 
 
-async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[_Item]], *, repeat_runs: bool = False) -> State:
+async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[FileRecord]], *, repeat_runs: bool = False) -> State:
     """A fresh database, one lane, the deliveries in order; the state at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
@@ -332,7 +332,7 @@ async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[_Item]], *, re
             await lane.close()
 
 
-async def _concurrent_scenario(spec: _AppSpec, shares: Sequence[Sequence[_Item]]) -> State:
+async def _concurrent_scenario(spec: _AppSpec, shares: Sequence[Sequence[FileRecord]]) -> State:
     """A fresh database and one lane per share, all running at once; the state at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
