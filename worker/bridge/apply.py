@@ -22,10 +22,10 @@ import structlog
 from worker import constants
 from worker.bridge.commands import apply, parse
 from worker.config import Settings
-from worker.dispatch import dead_letter
 from worker.errors import BrokerError, ConfigError, DecodeError, RocketChatError
 from worker.events import RawRecord
 from worker.kafka import Consumer, Outgoing, Producer
+from worker.pipeline.dead_letters import dead_letter
 from worker.rocketchat.client import RocketChatClient
 
 log = structlog.get_logger("worker.apply")

@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from worker.apps.modify import CREATE_MESSAGE, UPDATE_MESSAGE
 from worker.errors import DecodeError, RocketChatError
-from worker.modify import CREATE_MESSAGE, UPDATE_MESSAGE
 from worker.rocketchat.client import RocketChatClient
 from worker.rocketchat.names import rest_attachment
 
