@@ -54,7 +54,9 @@ async def max_message_bytes(client: AIOKafkaAdminClient, topic: str | None) -> i
 
 
 async def create_topics(settings: KafkaSettings, partitions: int, replication: int = 1, extra: Sequence[str] = ()) -> list[str]:
-    """Create the event topic (``partitions`` partitions) and the DLQ and commands topics if missing.
+    """Create the event topic (``partitions`` partitions), the DLQ and commands topics, and ``extra`` ones, if missing.
+
+    ``extra`` topics (apply's dead letters) are made like the commands topic.
 
     The dead-letter topic takes the event topic's max.message.bytes plus
     ``RECORD_HEADROOM_BYTES``, so any record the event topic holds can be dead-lettered whole
