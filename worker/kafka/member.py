@@ -144,6 +144,10 @@ class Consumer:
         """Fetch nothing more from ``partition`` until :meth:`resume`."""
         self._consumer.pause(TopicPartition(self.topic, partition))
 
+    def paused(self) -> set[int]:
+        """The partitions fetching is paused on."""
+        return {tp.partition for tp in self._consumer.paused() if tp.topic == self.topic}
+
     def resume(self, partition: int) -> None:
         """Fetch from ``partition`` again."""
         self._consumer.resume(TopicPartition(self.topic, partition))
