@@ -121,16 +121,9 @@ def translate(action: str) -> Iterator[None]:
 
 def raw_record(record: Any) -> RawRecord:
     """Aiokafka's ConsumerRecord as the worker's own RawRecord."""
-    return RawRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp_ms=record.timestamp,
-        key=record.key,
-        value=record.value,
-        # Kafka allows a header without a value (null); to us it is an empty one.
-        headers=tuple((name, value if value is not None else b"") for name, value in record.headers or ()),
-    )
+    # Kafka allows a header without a value (null); to us it is an empty one.
+    headers = tuple((name, value if value is not None else b"") for name, value in record.headers or ())
+    return RawRecord(record.topic, record.partition, record.offset, record.timestamp, record.key, record.value, headers)
 
 
 def record_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:
