@@ -180,18 +180,6 @@ def validate_settings(app_class: type[App], app_id: str, given: Mapping[str, Any
     return values
 
 
-@dataclass(frozen=True, slots=True)
-class SettingInfo:
-    """One setting an app declares, and its effective value under the current config."""
-
-    name: str
-    type: str
-    required: bool
-    default: Any
-    description: str | None
-    value: Any
-
-
 @dataclass(slots=True)
 class PluginInfo:
     """What ``rc-worker handlers`` shows about one plugin."""
@@ -202,7 +190,9 @@ class PluginInfo:
     entry_point: str | None
     enabled: bool
     position: int | None
-    settings: list[SettingInfo] = field(default_factory=list)
+    # One setting an app declares, and its effective value under the current config, as
+    # `rc-worker handlers --json` shows it: name, type, required, default, description, value.
+    settings: list[dict[str, Any]] = field(default_factory=list)
     problem: str | None = None
 
 
@@ -284,7 +274,7 @@ def _type_name(annotation: Any) -> str:
     return repr(annotation).replace("typing.", "")
 
 
-def _setting_infos(app_class: type[App], given: Mapping[str, Any]) -> list[SettingInfo]:
+def _setting_infos(app_class: type[App], given: Mapping[str, Any]) -> list[dict[str, Any]]:
     model = app_class.settings_model
     if model is None:
         return []
@@ -292,7 +282,16 @@ def _setting_infos(app_class: type[App], given: Mapping[str, Any]) -> list[Setti
     for name, info in model.model_fields.items():
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         value = given.get(name, given.get(info.alias, default) if info.alias else default)
-        infos.append(SettingInfo(name, _type_name(info.annotation), info.is_required(), default, info.description, value))
+        infos.append(
+            {
+                "name": name,
+                "type": _type_name(info.annotation),
+                "required": info.is_required(),
+                "default": default,
+                "description": info.description,
+                "value": value,
+            }
+        )
     return infos
 
 
@@ -304,17 +303,7 @@ def _as_json(info: PluginInfo) -> dict[str, Any]:
         "entry_point": info.entry_point,
         "enabled": info.enabled,
         "position": info.position,
-        "settings": [
-            {
-                "name": s.name,
-                "type": s.type,
-                "required": s.required,
-                "default": s.default,
-                "description": s.description,
-                "value": s.value,
-            }
-            for s in info.settings
-        ],
+        "settings": info.settings,
         "problem": info.problem,
     }
 
@@ -328,10 +317,10 @@ def _as_text(infos: Sequence[PluginInfo]) -> str:
         if not info.settings:
             lines.append("  settings: none")
         for s in info.settings:
-            default = "required" if s.required else f"default {s.default!r}"
-            configured = f", configured {s.value!r}" if s.value != s.default else ""
-            about = f"  # {s.description}" if s.description else ""
-            lines.append(f"  {s.name}: {s.type} ({default}{configured}){about}")
+            default = "required" if s["required"] else f"default {s['default']!r}"
+            configured = f", configured {s['value']!r}" if s["value"] != s["default"] else ""
+            about = f"  # {s['description']}" if s["description"] else ""
+            lines.append(f"  {s['name']}: {s['type']} ({default}{configured}){about}")
         if info.problem:
             lines.extend("  problem: " + line if n == 0 else "    " + line for n, line in enumerate(info.problem.splitlines()))
     if not infos:
