@@ -358,7 +358,7 @@ def _default_id(app_class: type[App]) -> str:
     target = f"{app_class.__module__}:{app_class.__qualname__}"
     with contextlib.suppress(PluginError):
         for app_id, plugin in plugins.installed().items():
-            if plugin.entry_point.value == target:
+            if plugin.value == target:
                 return app_id
     return re.sub(r"(?<!^)(?=[A-Z])", "-", app_class.__name__).lower()
 
