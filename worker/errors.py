@@ -34,6 +34,12 @@ class WorkerError(Exception):
 
     retriable: bool = False
 
+    def __init_subclass__(cls, retriable: bool | None = None, **kwargs: object) -> None:
+        # Declared in the class line (``class X(WorkerError, retriable=True)``): the tree reads at a glance.
+        super().__init_subclass__(**kwargs)
+        if retriable is not None:
+            cls.retriable = retriable
+
 
 class ConfigError(WorkerError):
     """Raised when config.yaml or an RC_WORKER_* variable is invalid; names the key and the fix."""
@@ -51,32 +57,24 @@ class DecodeError(WorkerError):
         self.reason = reason
 
 
-class BrokerError(WorkerError):
+class BrokerError(WorkerError, retriable=True):
     """Raised when Kafka cannot be reached or refuses a request."""
 
-    retriable = True
 
-
-class RecordTooLargeError(BrokerError):
+class RecordTooLargeError(BrokerError, retriable=False):
     """Raised when the producer or the broker refuses a record as too large for the producer or its topic.
 
     The limits are ``kafka.producer_max_request_bytes`` and the topic's ``max.message.bytes``.
     Sending the same record again fails the same way, so it is not retriable.
     """
 
-    retriable = False
 
-
-class PersistenceError(WorkerError):
+class PersistenceError(WorkerError, retriable=True):
     """Raised when the database fails; the unit of work is rolled back and may be retried."""
 
-    retriable = True
 
-
-class SchemaError(PersistenceError):
+class SchemaError(PersistenceError, retriable=False):
     """Raised when the database schema is missing or older than this worker needs."""
-
-    retriable = False
 
 
 class VersionConflict(PersistenceError):
@@ -110,22 +108,16 @@ class FencedError(WorkerError):
     """Raised at commit when another worker has taken over the partition since assignment."""
 
 
-class AppError(WorkerError):
+class AppError(WorkerError, retriable=True):
     """Raised inside a handler run, by the handler itself or by an accessor it called."""
 
-    retriable = True
 
-
-class InvalidDataError(AppError):
+class InvalidDataError(AppError, retriable=False):
     """Raised when data given to persistence is not a JSON object of JSON values."""
 
-    retriable = False
 
-
-class RecordNotFoundError(AppError):
+class RecordNotFoundError(AppError, retriable=False):
     """Raised when an update without ``upsert=True`` matches no record."""
-
-    retriable = False
 
 
 class HttpError(AppError):
@@ -141,13 +133,9 @@ class HttpError(AppError):
         self.retriable = status_code is None or status_code >= 500 or status_code in (408, 429)
 
 
-class CommandTooLargeError(AppError):
+class CommandTooLargeError(AppError, retriable=False):
     """Raised at ``finish`` when a command is over ``constants.MAX_COMMAND_BYTES``; that app's event is dead-lettered."""
 
-    retriable = False
 
-
-class DeadLetterNow(AppError):
+class DeadLetterNow(AppError, retriable=False):
     """Raised by a handler that knows it can never process this event; skips the retries."""
-
-    retriable = False

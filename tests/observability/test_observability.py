@@ -158,16 +158,30 @@ def sample(observer: Observer, name: str, **labels: str) -> float:
 
 class TestObserver:
     def test_committed_batch_counts_every_outcome_per_app(self, observer: Observer) -> None:
-        """A batch result's per-app outcomes and whole-record dead letters land in their counters."""
+        """A batch result's per-app outcomes land in their counters; its dead letters are the dead_lettered hook's."""
         result = BatchResult(next_offset=10, dead_lettered=2)
         result.outcomes.update({("a", "processed"): 5, ("a", "duplicate"): 1, ("b", "dead_lettered"): 1, ("b", "skipped"): 3})
         observer.batch_committed(result)
         observer.batch_committed(result)
         assert sample(observer, "rc_worker_events_processed_total", app="a") == 10
         assert sample(observer, "rc_worker_events_duplicate_total", app="a") == 2
-        assert sample(observer, "rc_worker_events_dead_lettered_total", app="b") == 2
         assert sample(observer, "rc_worker_events_skipped_total", app="b") == 6
-        assert sample(observer, "rc_worker_records_dead_lettered_total") == 4
+        assert sample(observer, "rc_worker_events_dead_lettered_total", app="b") == 0
+        assert sample(observer, "rc_worker_records_dead_lettered_total") == 0
+
+    def test_dead_letters_count_per_app_or_as_whole_records(self, observer: Observer) -> None:
+        """dead_lettered with an app counts its events; without one, whole records."""
+        observer.dead_lettered("b", 2)
+        observer.dead_lettered(None, 3)
+        observer.dead_lettered("b", 1)
+        assert sample(observer, "rc_worker_events_dead_lettered_total", app="b") == 3
+        assert sample(observer, "rc_worker_records_dead_lettered_total") == 3
+
+    def test_only_a_failure_that_runs_again_counts_as_a_retry(self, observer: Observer) -> None:
+        """handler_failed counts a retry when the handler runs again, not when it gives up."""
+        observer.handler_failed("a", RuntimeError("boom"), 1, True)
+        observer.handler_failed("a", RuntimeError("boom"), 2, False)
+        assert sample(observer, "rc_worker_handler_retries_total", app="a") == 1
 
     def test_a_conflict_counts_once_for_each_app_whose_keys_changed(self, observer: Observer) -> None:
         """Conflicts are labelled by the apps of the changed keys, or unknown when not named."""
@@ -237,8 +251,16 @@ class TestEndpoint:
         assert (ready.status_code, ready.json()["status"]) == (503, "fail")
         assert "not a member" in ready.json()["reason"]
 
+    def test_status_serves_the_monitor_s_last_view_of_the_pipeline(self, endpoint: Endpoint, observer: Observer) -> None:
+        """/status is the JSON the monitor last took of the pipeline's Status."""
+        lanes = [{"partition": 1, "paused": True, "busy": True, "attempt": 2, "last_error": None, "seconds_since_progress": 3.5}]
+        observer.health.status = {"owner": "w1", "lanes": lanes}
+        response = httpx.get(f"{endpoint.url}/status", timeout=5)
+        assert (response.status_code, response.headers["content-type"]) == (200, "application/json")
+        assert response.json() == {"owner": "w1", "lanes": lanes}
+
     def test_unknown_paths_are_404(self, endpoint: Endpoint) -> None:
-        """Only the three documented paths exist."""
+        """Only the documented paths exist."""
         assert httpx.get(f"{endpoint.url}/admin", timeout=5).status_code == 404
 
     def test_a_port_in_use_is_a_configuration_error_naming_the_key(self, observer: Observer) -> None:
@@ -267,8 +289,10 @@ class TestServe:
                 url = endpoint.url
                 await wait_until(lambda: observer.health.database_ok, 10, interval=0.1, what="database checked")
                 ready = await asyncio.to_thread(probe, url, "/readyz")
+                served = (await asyncio.to_thread(httpx.get, f"{url}/status", timeout=5)).json()
                 page = await asyncio.to_thread(httpx.get, f"{url}/metrics", timeout=5)
             assert ready["database"] is True
+            assert (served["owner"], served["group"], served["lanes"]) == (worker.owner, settings.kafka.group_id, [])
             assert ready["status"] == "fail"  # never joined a group: the consumer was not started
             assert f'group="{settings.kafka.group_id}"' in page.text
             assert observer.health.stopping

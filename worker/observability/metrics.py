@@ -132,15 +132,10 @@ class Observer(Hooks):
 
     def batch_committed(self, result: BatchResult) -> None:
         """One partition's batch committed: count what it did, per app."""
-        counters = {
-            "processed": self.metrics.processed,
-            "skipped": self.metrics.skipped,
-            "duplicate": self.metrics.duplicates,
-            "dead_lettered": self.metrics.dead_lettered,
-        }
+        counters = {"processed": self.metrics.processed, "skipped": self.metrics.skipped, "duplicate": self.metrics.duplicates}
         for (app_id, outcome), count in result.outcomes.items():
-            counters[outcome].labels(app_id).inc(count)
-        self.metrics.records_dead_lettered.inc(result.dead_lettered)
+            if outcome in counters:  # dead letters are counted by dead_lettered, as their commit succeeds
+                counters[outcome].labels(app_id).inc(count)
         self.health.progress()
 
     def assigned(self, partitions: set[int]) -> None:
@@ -196,10 +191,18 @@ class Observer(Hooks):
             self.metrics.handler_seconds.labels(app_id, outcome).observe(time.perf_counter() - started)
             self.health.progress()
 
-    def handler_retried(self, app_id: str) -> None:
-        """An app raised and runs again after a backoff."""
-        self.metrics.retries.labels(app_id).inc()
-        self.health.progress()
+    def handler_failed(self, app_id: str, exc: Exception, attempt: int, retrying: bool) -> None:
+        """An app raised: a retry is counted when it runs again."""
+        if retrying:
+            self.metrics.retries.labels(app_id).inc()
+            self.health.progress()
+
+    def dead_lettered(self, app_id: str | None, count: int) -> None:
+        """Dead letters committed: events an app failed for good, or (no app) whole records."""
+        if app_id is None:
+            self.metrics.records_dead_lettered.inc(count)
+        else:
+            self.metrics.dead_lettered.labels(app_id).inc(count)
 
     def markers_pruned(self, count: int) -> None:
         """Retention deleted ``count`` processed-event markers."""

@@ -46,6 +46,8 @@ class Monitor:
         # The worker's clock is time.monotonic; so is the health's unless a test gives another.
         health.tick(status.busy_partitions(), health.now() - status.seconds_since_poll())
         health.coordinator_ok = status.in_group()
+        # Taken here, on the event loop, and served from the HTTP thread: one assignment.
+        health.status = status.as_dict()
         try:
             async with asyncio.timeout(HEALTH_TIMEOUT_S):
                 await status.check_database()

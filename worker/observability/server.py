@@ -1,4 +1,4 @@
-"""The HTTP endpoint (/metrics, /healthz, /readyz), served from a thread of its own, and serve(): it and the monitor beside the loop.
+"""The HTTP endpoint (/metrics, /healthz, /readyz, /status), served from a thread of its own, and serve(): it and the monitor beside the loop.
 
 The server runs in a thread so that /healthz still answers, and says so, when the event loop itself is stuck.
 """
@@ -34,7 +34,7 @@ log = structlog.get_logger("worker.observability")
 
 
 class Endpoint:
-    """The HTTP server for /metrics, /healthz and /readyz, answering from its own thread."""
+    """The HTTP server for /metrics, /healthz, /readyz and /status, answering from its own thread."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
         handler = type("Handler", (_Handler,), {"registry": registry, "health": health})
@@ -74,7 +74,7 @@ class _Server6(_Server):
 
 
 class _Handler(MetricsHandler):
-    """prometheus-client's exposition at /metrics, JSON verdicts at /healthz and /readyz."""
+    """prometheus-client's exposition at /metrics, JSON verdicts at /healthz and /readyz, the pipeline's status at /status."""
 
     health: Health
 
@@ -84,12 +84,16 @@ class _Handler(MetricsHandler):
         if path == "/metrics":
             super().do_GET()
             return
+        if path == "/status":
+            # As of the monitor's last round (every few seconds): the loop itself is never asked from here.
+            self._reply(200, self.health.status)
+            return
         if path in ("/healthz", "/livez"):
             verdict = self.health.liveness()
         elif path == "/readyz":
             verdict = self.health.readiness()
         else:
-            self._reply(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})
+            self._reply(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz", "/status"]})
             return
         self._reply(200 if verdict.ok else 503, {"status": "ok" if verdict.ok else "fail", **verdict.detail})
 

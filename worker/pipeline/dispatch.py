@@ -173,7 +173,17 @@ class Dispatcher:
                 new_versions = await self.store.commit(unit, fence, next_offset)
         snapshot.absorb(unit, new_versions)  # only once the transaction has committed
         result.staged_outbox = len(unit.outbox)
+        self._report_dead_letters(result)
         return result
+
+    def _report_dead_letters(self, result: BatchResult) -> None:
+        # Reported once their commit succeeded, not where they are staged: a batch that
+        # conflicts runs again and stages them again.
+        for (app_id, outcome), count in sorted(result.outcomes.items()):
+            if outcome == "dead_lettered":
+                self.hooks.dead_lettered(app_id, count)
+        if result.dead_lettered:
+            self.hooks.dead_lettered(None, result.dead_lettered)
 
     async def _dead_letter_conflicted(self, record: RawRecord, fence: Fence | None, exc: ConflictsExhausted) -> BatchResult:
         """Commit just a dead letter for an event that never got through its conflicts."""
@@ -184,6 +194,7 @@ class Dispatcher:
             dead_letter(record, self.topics.dead_letter, f"VersionConflict: {exc}", stage="conflict", error_type="VersionConflict")
         )
         await self.store.commit(unit, fence, record.offset + 1)
+        self.hooks.dead_lettered(None, 1)
         return BatchResult(record.offset + 1, dead_lettered=1, conflicts=self.settings.conflict_max_attempts, staged_outbox=1)
 
     async def _run(
@@ -257,10 +268,11 @@ class Dispatcher:
                 unit.rollback_to(checkpoint)
                 attempt = failures.failed(marker, exc)
                 retriable = isinstance(exc, TimeoutError) or getattr(exc, "retriable", True)
+                retrying = retriable and attempt < self.settings.handler_max_attempts
+                self.hooks.handler_failed(app.id, exc, attempt, retrying)
                 if not retriable:
                     break
-                if attempt < self.settings.handler_max_attempts:
-                    self.hooks.handler_retried(app.id)
+                if retrying:
                     elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
                     log.info(
                         "handler_retry", app=app.id, attempt=attempt, error_type=type(exc).__name__, error=str(exc), duration_ms=elapsed_ms

@@ -10,6 +10,7 @@ and after that commits nothing (its fence is stale anyway).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import structlog
@@ -19,6 +20,7 @@ from worker import tracing
 from worker.config import ProcessingSettings
 from worker.errors import BrokerError, FencedError, PersistenceError
 from worker.events import RawRecord
+from worker.logs import redact
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher
@@ -34,6 +36,8 @@ OUTBOX_RETRY_S = 1.0
 # After a conflict, this many batches start locked: contention on a hot key comes in runs,
 # and a locked batch waits its turn instead of being run again and again.
 LOCKED_BATCHES_AFTER_CONFLICT = 20
+# The status shows this much of a failure's message: enough to recognise it, not a dump.
+MAX_ERROR_CHARS = 500
 
 
 class Lane:
@@ -60,6 +64,10 @@ class Lane:
         self._closed = asyncio.Event()
         self._outbox_dirty = True  # a new owner first publishes what the last one left
         self.busy = False
+        # What the status reports of this lane (read-only outside it).
+        self.attempt = 0  # failed tries of the batch in flight, while it is tried again
+        self.last_error: tuple[str, str] | None = None  # (type, message without secrets) of the last failed try
+        self.last_progress = time.monotonic()  # when the lane began or last committed a batch
         self._locked_batches = 0
         self._snapshot = Snapshot()  # what this partition's last commit left in the database
         self.task = asyncio.create_task(self._run(), name=f"lane-{fence.topic}-{fence.partition}")
@@ -88,7 +96,7 @@ class Lane:
                 records = await self._next_batch()
                 if records is not None:
                     await self._process(records)
-                    self.busy = False
+                    self.busy, self.attempt = False, 0
                     self._on_idle(self.partition)
                 if self._outbox_dirty and not self._closed.is_set():
                     await self._publish()
@@ -134,6 +142,7 @@ class Lane:
         self._committed(result, records[0].offset)
 
     def _failed(self, exc: Exception, attempt: int, first_offset: int) -> None:
+        self.attempt, self.last_error = attempt, (type(exc).__name__, redact(str(exc))[:MAX_ERROR_CHARS])
         self._snapshot.clear()  # the database may come back changed (a restore, a reset)
         if isinstance(exc, PersistenceError | ConflictsExhausted):
             log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=first_offset)
@@ -145,6 +154,7 @@ class Lane:
     def _committed(self, result: BatchResult, first_offset: int) -> None:
         self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
         self._offsets.mark(self.partition, result.next_offset)
+        self.last_progress = time.monotonic()
         self._dispatcher.hooks.batch_committed(result)
         self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
         log.info("batch_committed", first_offset=first_offset, **result.log_fields())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 from worker.kafka import Consumer
 from worker.persistence.store import Store
@@ -18,6 +18,7 @@ from worker.pipeline.lane import Lane
 class Watched(Protocol):
     """The parts of a running worker (the runner's :class:`~worker.pipeline.runner.Worker`) a status reads."""
 
+    owner: str
     consumer: Consumer
     store: Store
     lanes: dict[int, Lane]
@@ -48,6 +49,37 @@ class Status:
     def busy_partitions(self) -> int:
         """How many partitions have a batch in flight."""
         return sum(1 for lane in list(self._worker.lanes.values()) if lane.busy)
+
+    def lanes(self) -> list[dict[str, Any]]:
+        """Each assigned partition's lane, JSON-ready: paused, busy, retrying, last error, last progress.
+
+        ``attempt`` counts the failed tries of the batch in flight (0: not retrying);
+        ``last_error`` is the type and message (secrets redacted) of the last failed try.
+        """
+        now = time.monotonic()
+        paused = self._worker.consumer.paused()
+        return [
+            {
+                "partition": partition,
+                "paused": partition in paused,
+                "busy": lane.busy,
+                "attempt": lane.attempt,
+                "last_error": None if lane.last_error is None else {"type": lane.last_error[0], "message": lane.last_error[1]},
+                "seconds_since_progress": round(now - lane.last_progress, 3),
+            }
+            for partition, lane in sorted(self._worker.lanes.items())
+        ]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The whole view, JSON-ready, as ``GET /status`` serves it."""
+        return {
+            "owner": self._worker.owner,
+            "group": self.group_id,
+            "topic": self.topic,
+            "stopping": self.stopping(),
+            "seconds_since_poll": round(self.seconds_since_poll(), 3),
+            "lanes": self.lanes(),
+        }
 
     def seconds_since_poll(self) -> float:
         """Seconds since the last successful fetch."""

@@ -103,7 +103,8 @@ def cloud_event(data: Mapping[str, Any], *, event_id: str | None = None, source:
     }
 
 
-def _items(events: Events) -> list[FileRecord]:
+def file_records(events: Events) -> list[FileRecord]:
+    """The events as file records, from a list of messages or a JSON-lines file."""
     if isinstance(events, (str, bytes)):
         raise TypeError("events must be a list of messages or a pathlib.Path of a JSON-lines file, not a string")
     if isinstance(events, os.PathLike):

@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from worker.apps.contract import App
-from worker.testing.builders import Events, _items
-from worker.testing.harness import _AppSpec, _concurrent_scenario, _scenario
-from worker.testing.state import _section
+from worker.testing.builders import Events, file_records
+from worker.testing.harness import AppSpec, run_concurrently, run_scenario
+from worker.testing.state import format_section
 from worker.tools.dump import FileRecord
 
 _IDEMPOTENT_WHY = (
@@ -60,17 +60,19 @@ async def assert_idempotent(
             whose records differ with what was expected and got, and why it matters.
 
     """
-    spec = _AppSpec.resolve(app, app_id, settings or {})
-    items = _items(events)
-    once = await _scenario(spec, [items])
+    spec = AppSpec.resolve(app, app_id, settings or {})
+    items = file_records(events)
+    once = await run_scenario(spec, [items])
     problems = []
-    twice = await _scenario(spec, [items, items])
+    twice = await run_scenario(spec, [items, items])
     if diff := once.differences(twice, ignore_fields=ignore_fields):
-        problems.append(_section("Delivering every event twice (the same CloudEvent again) changed the state", diff))
-    repeated = await _scenario(spec, [items], repeat_runs=True)
+        problems.append(format_section("Delivering every event twice (the same CloudEvent again) changed the state", diff))
+    repeated = await run_scenario(spec, [items], repeat_runs=True)
     if diff := once.differences(repeated, ignore_fields=ignore_fields):
         problems.append(
-            _section("Running every handler run again, as after a version conflict (its first run rolled back), changed the state", diff)
+            format_section(
+                "Running every handler run again, as after a version conflict (its first run rolled back), changed the state", diff
+            )
         )
     if problems:
         raise AssertionError(f"{spec.describe()} is not idempotent.\n" + "\n".join(problems) + "\n" + _IDEMPOTENT_WHY)
@@ -110,18 +112,18 @@ async def assert_concurrency_safe(
     """
     if copies < 2:
         raise ValueError("copies must be at least 2 for anything to run concurrently")
-    spec = _AppSpec.resolve(app, app_id, settings or {})
-    items = _items(events)
+    spec = AppSpec.resolve(app, app_id, settings or {})
+    items = file_records(events)
     lanes = _spread(items, copies)
     if sum(1 for lane in lanes if lane) < 2:
         raise ValueError(
             "all events have one record key (room), so they would all go to one copy, in order, as to one Kafka "
             "partition: nothing would run concurrently. Give events in at least 2 rooms."
         )
-    serial = await _scenario(spec, [items])
-    concurrent = await _concurrent_scenario(spec, lanes)
+    serial = await run_scenario(spec, [items])
+    concurrent = await run_concurrently(spec, lanes)
     if diff := serial.differences(concurrent, ignore_fields=ignore_fields):
-        section = _section(
+        section = format_section(
             f"{copies} copies processing the events at once left a state that one copy processing them in order does not", diff
         )
         raise AssertionError(f"{spec.describe()} is not concurrency-safe.\n{section}\n{_CONCURRENT_WHY}")

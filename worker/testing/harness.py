@@ -34,9 +34,9 @@ from worker.testing.builders import (
     TEST_PROCESSING,
     TOPIC,
     Events,
-    _items,
+    file_records,
 )
-from worker.testing.state import Command, DeadLetter, Delivery, State, _dead_letter, _event_id, _snapshot
+from worker.testing.state import Command, DeadLetter, Delivery, State, dead_letter_of, event_id_of, snapshot
 from worker.tools.dump import FileRecord
 
 _SCHEMA: dict[str, Path] = {}  # the migrated database that new ones are copied from
@@ -78,7 +78,7 @@ class Harness:
         processing: ProcessingSettings | None = None,
         http: HttpSettings | None = None,
     ) -> None:
-        self._spec = _AppSpec.resolve(app, app_id, settings or {})
+        self._spec = AppSpec.resolve(app, app_id, settings or {})
         self._spec.new_app()  # fail here, not at the first event, if the app cannot be set up
         self._directory = Path(directory) if directory is not None else None
         self._processing = processing or TEST_PROCESSING
@@ -133,12 +133,14 @@ class Harness:
         """
         store = self._running().store
         seen = {row_id for row_id, _ in await store.outbox_messages()}
-        delivery = await self._running().run(_items(events), batch_size)
+        delivery = await self._running().run(file_records(events), batch_size)
         if check:
-            failed = [_dead_letter(m) for row_id, m in await store.outbox_messages() if row_id not in seen and m.topic == DEAD_LETTER_TOPIC]
+            failed = [
+                dead_letter_of(m) for row_id, m in await store.outbox_messages() if row_id not in seen and m.topic == DEAD_LETTER_TOPIC
+            ]
             failed = [d for d in failed if d.stage != "decode"]  # the handler, or conflicts that never ended
             if failed:
-                reasons = "\n  ".join(f"{_event_id(d.value)}: {d.reason}" for d in failed)
+                reasons = "\n  ".join(f"{event_id_of(d.value)}: {d.reason}" for d in failed)
                 raise AssertionError(
                     f"app {self.app_id!r} failed on {len(failed)} event(s), which were dead-lettered after "
                     f"{self._processing.handler_max_attempts} attempts:\n  {reasons}\n"
@@ -148,7 +150,7 @@ class Harness:
 
     async def state(self) -> State:
         """A snapshot of the app's records, the commands it staged and the dead letters."""
-        return await _snapshot(self._running().store, self.app_id)
+        return await snapshot(self._running().store, self.app_id)
 
     async def records(self, *associations: Association) -> list[Record]:
         """The app's records having every one of ``associations`` (all of them, given none)."""
@@ -213,13 +215,16 @@ async def _run(app: type[App] | str, events: Events, settings: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class _AppSpec:
+class AppSpec:
+    """The app a check runs: its class, id and settings; each scenario makes fresh instances."""
+
     app_class: type[App]
     app_id: str
     settings: Mapping[str, Any]
 
     @classmethod
-    def resolve(cls, app: type[App] | str, app_id: str | None, settings: Mapping[str, Any]) -> _AppSpec:
+    def resolve(cls, app: type[App] | str, app_id: str | None, settings: Mapping[str, Any]) -> AppSpec:
+        """The app given as a class or as an installed plugin's id."""
         if isinstance(app, str):
             available = plugins.installed()
             if app not in available:
@@ -231,9 +236,11 @@ class _AppSpec:
         return cls(app, app_id or _default_id(app), dict(settings))
 
     def new_app(self) -> App:
+        """A fresh instance with the settings."""
         return plugins.instantiate(self.app_class, self.app_id, self.settings)
 
     def describe(self) -> str:
+        """The app as a message names it."""
         return f"{self.app_class.__name__} (app {self.app_id!r})"
 
 
@@ -247,7 +254,7 @@ class _Share:
     @classmethod
     async def open(
         cls,
-        spec: _AppSpec,
+        spec: AppSpec,
         url: str,
         partition: int,
         processing: ProcessingSettings,
@@ -319,7 +326,7 @@ async def _new_database(path: Path) -> str:
     return _sqlite_url(path)
 
 
-async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[FileRecord]], *, repeat_runs: bool = False) -> State:
+async def run_scenario(spec: AppSpec, deliveries: Sequence[Sequence[FileRecord]], *, repeat_runs: bool = False) -> State:
     """A fresh database, one lane, the deliveries in order; the state at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
@@ -327,12 +334,12 @@ async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[FileRecord]], 
         try:
             for items in deliveries:
                 await lane.run(items, batch_size=1)
-            return await _snapshot(lane.store, spec.app_id)
+            return await snapshot(lane.store, spec.app_id)
         finally:
             await lane.close()
 
 
-async def _concurrent_scenario(spec: _AppSpec, shares: Sequence[Sequence[FileRecord]]) -> State:
+async def run_concurrently(spec: AppSpec, shares: Sequence[Sequence[FileRecord]]) -> State:
     """A fresh database and one lane per share, all running at once; the state at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
@@ -341,7 +348,7 @@ async def _concurrent_scenario(spec: _AppSpec, shares: Sequence[Sequence[FileRec
             async with asyncio.TaskGroup() as group:
                 for lane, items in zip(lanes, shares, strict=True):
                     group.create_task(lane.run(items, batch_size=1))
-            return await _snapshot(lanes[0].store, spec.app_id)
+            return await snapshot(lanes[0].store, spec.app_id)
         finally:
             for lane in lanes:
                 await lane.close()
@@ -351,7 +358,7 @@ def _default_id(app_class: type[App]) -> str:
     target = f"{app_class.__module__}:{app_class.__qualname__}"
     with contextlib.suppress(PluginError):
         for app_id, plugin in plugins.installed().items():
-            if plugin.entry_point.value == target:
+            if plugin.value == target:
                 return app_id
     return re.sub(r"(?<!^)(?=[A-Z])", "-", app_class.__name__).lower()
 

@@ -121,14 +121,15 @@ class State:
         return lines
 
 
-async def _snapshot(store: Store, app_id: str) -> State:
+async def snapshot(store: Store, app_id: str) -> State:
+    """What ``store`` holds of ``app_id``: records, staged commands and dead letters."""
     records = tuple(
         Record(r.id, decode_data(r.data), r.version, tuple(Association.parse(a) for a in r.associations))
         for r in await store.app_records(app_id)
     )
     outbox = [m for _, m in await store.outbox_messages()]
     commands = tuple(_command(m) for m in outbox if m.topic == COMMANDS_TOPIC and m.app_id == app_id)
-    dead_letters = tuple(_dead_letter(m) for m in outbox if m.topic == DEAD_LETTER_TOPIC)
+    dead_letters = tuple(dead_letter_of(m) for m in outbox if m.topic == DEAD_LETTER_TOPIC)
     return State(app_id, records, commands, dead_letters)
 
 
@@ -139,7 +140,8 @@ def _command(message: OutboxMessage) -> Command:
     )
 
 
-def _dead_letter(message: OutboxMessage) -> DeadLetter:
+def dead_letter_of(message: OutboxMessage) -> DeadLetter:
+    """A staged dead letter as the kit shows it."""
     headers = {name: value.decode(errors="replace") for name, value in message.headers}
     return DeadLetter(
         headers.get(constants.DLQ_STAGE, "?"),
@@ -151,7 +153,8 @@ def _dead_letter(message: OutboxMessage) -> DeadLetter:
     )
 
 
-def _event_id(value: bytes) -> str:
+def event_id_of(value: bytes) -> str:
+    """The CloudEvent id in a record value, or "?"."""
     with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
         return str(orjson.loads(value).get("id", "?"))
     return "?"
@@ -178,7 +181,7 @@ def _command_json(command: Command) -> dict[str, Any]:
 
 
 def _dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
-    return {"stage": letter.stage, "app": letter.app_id, "reason": letter.reason, "event": _event_id(letter.value)}
+    return {"stage": letter.stage, "app": letter.app_id, "reason": letter.reason, "event": event_id_of(letter.value)}
 
 
 def _show(items: Sequence[str], noun: str, limit: int = 3) -> str:
@@ -201,5 +204,6 @@ def _multiset_difference(what: str, expected: Sequence[str], got: Sequence[str])
     return ["; ".join(parts)]
 
 
-def _section(title: str, lines: Sequence[str]) -> str:
+def format_section(title: str, lines: Sequence[str]) -> str:
+    """A titled list for an assertion message."""
     return f"{title}:\n" + "\n".join(f"  - {line}" for line in lines)

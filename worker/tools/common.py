@@ -11,7 +11,6 @@ pays nothing for them.
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from worker.config import KafkaSettings, Settings
 from worker.errors import ConfigError
+from worker.pipeline.stall import Stall
 
 if TYPE_CHECKING:
     from worker.events import RawRecord
@@ -181,7 +181,7 @@ async def read_spans(reader: PartitionReader, spans: dict[int, Span], fetch_time
         if not span.size:
             continue
         reader.assign({partition: span.start})
-        position, idle_since = span.start, time.monotonic()
+        position, stall = span.start, Stall(STALL_TIMEOUT_S)
         while position < span.end:
             fetched = await reader.fetch([partition], fetch_timeout_ms, max_records)
             for record in fetched.get(partition, []):
@@ -189,8 +189,8 @@ async def read_spans(reader: PartitionReader, spans: dict[int, Span], fetch_time
                     yield record
             moved = await reader.position(partition)
             if moved > position:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > STALL_TIMEOUT_S:
+                stall.moved()
+            elif stall.stalled():
                 raise BrokerError(
                     f"{reader.topic}[{partition}] stayed at offset {position} for {STALL_TIMEOUT_S:g}s before its end {span.end}; "
                     "is the broker healthy, or were records deleted meanwhile?"

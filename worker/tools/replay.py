@@ -33,6 +33,7 @@ from worker.persistence.admin import prepare
 from worker.persistence.store import Store
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics
 from worker.pipeline.retry import until_committed
+from worker.pipeline.stall import Stall
 from worker.pipeline.tally import BatchResult
 from worker.tools.common import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
 
@@ -297,13 +298,12 @@ class _Stall:
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.since = time.monotonic()
+        self.stall = Stall(STALL_TIMEOUT_S)
 
     def check(self, progressed: bool, remaining: dict[int, int]) -> None:
-        now = time.monotonic()
         if progressed or not remaining:
-            self.since = now
-        elif now - self.since > STALL_TIMEOUT_S:
+            self.stall.moved()
+        elif self.stall.stalled():
             raise BrokerError(
                 f"no records of {self.topic} arrived for {STALL_TIMEOUT_S:g}s though partitions {sorted(remaining)} "
                 "have not reached their end; is the broker healthy, or were records deleted meanwhile?"
