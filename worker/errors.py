@@ -12,10 +12,11 @@ these. The tree::
     │   └── RecordTooLargeError   a record is larger than the producer or its topic takes
     ├── PersistenceError          the database failed                             (retriable)
     │   ├── SchemaError           the schema is missing or behind; run `rc-worker db upgrade`
+    │   ├── DataError             the database refuses a value for good; its event is isolated
     │   └── VersionConflict       something read changed before commit            (retriable)
     ├── FencedError               this worker no longer owns the partition it commits for
     └── AppError                  raised inside a handler, or by an accessor because of it
-        ├── InvalidDataError      data handed to persistence is not a JSON object
+        ├── InvalidDataError      an id or data handed to persistence cannot be stored
         ├── RecordNotFoundError   update without upsert matched no record
         ├── HttpError             an http accessor call failed
         ├── CommandTooLargeError  a command staged through modify is over MAX_COMMAND_BYTES
@@ -78,6 +79,17 @@ class SchemaError(PersistenceError):
     retriable = False
 
 
+class DataError(PersistenceError):
+    """Raised when the database refuses a value for good (too long, NUL, not UTF-8, a constraint).
+
+    The same data fails the same way every time, so it is never waited out as an outage:
+    the dispatcher splits the batch until it finds the event that carries the value and
+    dead-letters it with this message (the database's own), and commits the rest.
+    """
+
+    retriable = False
+
+
 class VersionConflict(PersistenceError):
     """Raised at commit when a record or association read by the unit of work has changed.
 
@@ -101,7 +113,7 @@ class AppError(WorkerError):
 
 
 class InvalidDataError(AppError):
-    """Raised when data given to persistence is not a JSON object of JSON values."""
+    """Raised when an id or data given to persistence cannot be stored: not a JSON object of JSON values, or past a limit."""
 
     retriable = False
 

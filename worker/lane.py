@@ -19,7 +19,7 @@ from structlog.contextvars import bound_contextvars
 from worker import tracing
 from worker.config import ProcessingSettings
 from worker.dispatch import ConflictsExhausted, Dispatcher, backoff
-from worker.errors import BrokerError, FencedError, PersistenceError
+from worker.errors import BrokerError, DataError, FencedError, PersistenceError
 from worker.events import RawRecord
 from worker.observability import observe
 from worker.offsets import OffsetTracker
@@ -117,6 +117,14 @@ class Lane:
                 log.warning("partition_fenced", reason=str(exc))
                 self._closed.set()
                 return
+            except DataError as exc:
+                # The dispatcher isolates refused values; one reaching here refused even a
+                # bare dead letter, a bug to surface, not an outage to wait out quietly.
+                self._snapshot.clear()
+                attempt += 1
+                log.error("batch_failed", error_type=type(exc).__name__, error=str(exc), attempt=attempt, first_offset=records[0].offset)
+                await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
+                continue
             except (PersistenceError, ConflictsExhausted) as exc:
                 self._snapshot.clear()  # the database may come back changed (a restore, a reset)
                 attempt += 1
