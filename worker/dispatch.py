@@ -276,8 +276,6 @@ class Dispatcher:
         result = BatchResult(record.offset + 1, dead_lettered=1, staged_outbox=1)
         if stage == "conflict":
             result.conflicts = self.settings.conflict_max_attempts
-        if app_id is not None:
-            result.outcomes[app_id, "dead_lettered"] += 1
         return result
 
     async def _run(

@@ -160,7 +160,7 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record the worker gave up on: not a contract event (stage ``decode``) or the handler kept failing (``handler``)."""
+    """A record the worker gave up on: not a contract event (stage ``decode``), the handler kept failing (``handler``), or the database refused a value (``commit``)."""
 
     stage: str
     reason: str
@@ -172,7 +172,12 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """What one :meth:`Harness.deliver` call did, summed over its batches."""
+    """What one :meth:`Harness.deliver` call did, summed over its batches.
+
+    Each record counts once: ``processed`` (the app's run committed), ``duplicates``,
+    ``skipped`` (not a PostMessageSent event) or ``dead_lettered`` (not a contract event,
+    the handler kept failing, or the database refused what it staged).
+    """
 
     records: int
     processed: int
@@ -708,12 +713,15 @@ class _Lane:
                 batch.append(RawRecord(TOPIC, self.fence.partition, self.next_offset, 0, item.key, item.value, item.headers))
                 self.next_offset += 1
             results.append(await self.dispatcher.dispatch(batch, self.fence))
+        # A batch counts an event its app dead-lettered as processed (it went through the
+        # app); to a handler's author it is a dead letter, as an undecodable record is.
+        handler_dead_letters = sum(r.outcomes[self.app.id, "dead_lettered"] for r in results)
         return Delivery(
             records=len(items),
-            processed=sum(r.processed for r in results),
+            processed=sum(r.outcomes[self.app.id, "processed"] for r in results),
             duplicates=sum(r.duplicates for r in results),
             skipped=sum(r.skipped for r in results),
-            dead_lettered=sum(r.dead_lettered for r in results),
+            dead_lettered=sum(r.dead_lettered for r in results) + handler_dead_letters,
             conflicts=sum(r.conflicts for r in results),
         )
 
