@@ -251,7 +251,7 @@ class TestStaging:
         assert encode_data({"a": None, "b": 1.5}) == b'{"a":null,"b":1.5}'
 
     async def test_reading_by_no_associations_is_invalid_data(self, store: Store) -> None:
-        """Before: IndexError."""
+        """An empty list is a mistake of the caller, named as such (the issue saw IndexError; main already said InvalidDataError)."""
         with pytest.raises(InvalidDataError, match="at least one association"):
             await UnitOfWork(store).read_by_associations("app", [])
 
