@@ -20,6 +20,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support import TopicSet, store_for
+from tests.test_failures import (
+    STRUCTURED,
+    counted,
+    dead_letters,
+    end_offsets,
+    event_value,
+    group_offsets,
+    message_count,
+    nonempty,
+    produce,
+    room_counts,
+    running,
+    settings_for,
+    until,
+)
 from worker import Association, AssociationModel, IHttp, IModify, IPersistence, IRead, Message, constants
 from worker.apps import App
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
@@ -263,7 +279,7 @@ class TestCommitIsolation:
     @pytest.fixture
     def unchecked(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Switch the staging check of associations off, as for a value it does not know to refuse."""
-        monkeypatch.setattr(unit_module, "check_associations", lambda app_id, associations: None)
+        monkeypatch.setattr(unit_module, "check_associations", lambda app_id, associations: None, raising=False)
 
     @pytest.mark.usefixtures("unchecked")
     async def test_the_refused_event_is_bisected_out_and_the_rest_commit(self, lane: Lane, database_url: str) -> None:
@@ -463,3 +479,44 @@ class TestProperty:
                 assert letter is not None, case
                 assert letter[constants.DLQ_STAGE] in {"decode", "handler", "commit"}
                 assert letter[constants.DLQ_REASON]
+
+
+# -- end to end: the lane of a running worker ------------------------------------------------------
+
+
+class Poisoner(App):
+    """Stages an association with a lone surrogate for the message ``poison``: what the issue saw retried for ever."""
+
+    async def execute_post_message_sent(
+        self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify
+    ) -> None:
+        name = json.loads('"\\udcff"') if message.id == "poison" else message.id
+        await persistence.create_with_association({"seen": True}, Association(AssociationModel.MISC, name))
+
+
+@pytest.mark.kafka
+class TestRunningWorker:
+    async def test_a_value_refused_at_commit_is_dead_lettered_and_the_partition_moves_on(
+        self, topics: TopicSet, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Staging checks off, so SQLite refuses the surrogate at commit: before, 12+ batch_failed and nothing committed."""
+
+        monkeypatch.setattr(unit_module, "check_associations", lambda app_id, associations: None, raising=False)
+        key = b"one-partition"
+        records = [(key, event_value(f"m{n}" if n != 4 else "poison", f"r{n % 2}"), STRUCTURED) for n in range(10)]
+        await produce(topics.bootstrap, topics.topic, records)
+        apps = [message_count(), instantiate(Poisoner, "poisoner", {})]
+        async with running(settings_for(topics, sqlite_url), apps):
+            await until(counted(sqlite_url, room_counts(records)), 60, "every event counted by message-count")
+            [letter] = await dead_letters(topics, at_least=1)
+            await until(lambda: _caught_up(topics), 60, "the group's offsets at the end")
+        assert letter.header(constants.DLQ_STAGE) == b"commit"
+        assert letter.header(constants.DLQ_APP) == b"poisoner"
+        assert b"surrogates not allowed" in (letter.header(constants.DLQ_REASON) or b"")
+        async with store_for(sqlite_url) as store:
+            assert await store.processed_count("poisoner") == 9
+            assert await store.processed_count("message-count") == 10
+
+
+async def _caught_up(topics: TopicSet) -> bool:
+    return bool(nonempty(await group_offsets(topics)) == nonempty(await end_offsets(topics)))
