@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as note_event
 from hypothesis import strategies as st
 
 from tests.support import TopicSet, store_for
@@ -402,17 +403,36 @@ class Case:
         )
 
 
-cases = st.builds(
-    Case,
-    event_id=ids(limits.EVENT_ID_MAX),
-    source=ids(limits.EVENT_SOURCE_MAX),
-    message_id=ids(limits.MESSAGE_REF_ID_MAX),
-    room=ids(limits.MESSAGE_REF_ID_MAX),
-    sender=ids(limits.MESSAGE_REF_ID_MAX),
-    record_id=ids(limits.RECORD_ID_MAX),
-    association_id=ids(limits.ASSOCIATION_MAX - len("misc:")),
-    data=st.dictionaries(st.text(max_size=6) | st.sampled_from(POISON_CHARS), json_data, max_size=3),
+def valid_ids(limit: int) -> st.SearchStrategy[str]:
+    """Ids the schema can hold: any Unicode but NUL and surrogates, up to exactly ``limit``."""
+    text = st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=10)
+    return text | st.builds(lambda n, c: c * n, st.integers(limit - 1, limit), st.sampled_from(["x", "é", "\U0001d11e"]))
+
+
+valid_data = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=8,
 )
+LIMITS = {
+    "event_id": limits.EVENT_ID_MAX,
+    "source": limits.EVENT_SOURCE_MAX,
+    "message_id": limits.MESSAGE_REF_ID_MAX,
+    "room": limits.MESSAGE_REF_ID_MAX,
+    "sender": limits.MESSAGE_REF_ID_MAX,
+    "record_id": limits.RECORD_ID_MAX,
+    "association_id": limits.ASSOCIATION_MAX - len("misc:"),
+}
+
+
+@st.composite
+def cases(draw: st.DrawFn) -> Case:
+    """One value, or every value, of an event drawn from anything; the others storable, so every stage is reached."""
+    target = draw(st.sampled_from([None, "all", "data", *LIMITS]))
+    values = {name: draw(ids(limit) if target in (name, "all") else valid_ids(limit)) for name, limit in LIMITS.items()}
+    data_values = json_data if target in ("data", "all") else valid_data
+    keys = st.text(max_size=6) | st.sampled_from(POISON_CHARS) if target in ("data", "all") else st.text(max_size=6)
+    return Case(**values, data=draw(st.dictionaries(keys, data_values, max_size=3)))
 
 
 class PropertyHarness:
@@ -425,7 +445,6 @@ class PropertyHarness:
         claims = self.loop.run_until_complete(self.store.claim("poison-group", TOPIC, [0], "poison-property"))
         self.lane = Lane(self.store, claims[0].fence, [instantiate(Planned, "planned", {})])
         self.serial = 0
-        self.processed: set[tuple[str, str, str]] = set()
 
     def run(self, batch: list[Case]) -> tuple[BatchResult, list[RawRecord], dict[int, dict[str, str]], set[tuple[str, str, str]]]:
         values = []
@@ -442,10 +461,41 @@ class PropertyHarness:
         done = self.loop.run_until_complete(self.store.processed(markers))
         return result, records, letters, done
 
+    def processed_before(self, batch: list[Case]) -> set[tuple[str, str, str]]:
+        """The markers of ``batch`` already in the database (from earlier examples): those events are duplicates."""
+        markers = [
+            ("planned", case.source, case.event_id)
+            for case in batch
+            if storable(case.source, limits.EVENT_SOURCE_MAX) and storable(case.event_id, limits.EVENT_ID_MAX)
+        ]
+        return self.loop.run_until_complete(self.store.processed(markers))
+
     def close(self) -> None:
         self.loop.run_until_complete(self.lane.http.aclose())
         self.loop.run_until_complete(self.store.close())
         self.loop.close()
+
+
+def check_property(harness: PropertyHarness, batch: list[Case]) -> None:
+    """Each event processed or dead-lettered with a reason, the storable ones processed, the offset at the batch's end."""
+    before = harness.processed_before(batch)
+    result, records, letters, done = harness.run(batch)
+    assert result.next_offset == records[-1].offset + 1
+    assert harness.loop.run_until_complete(harness.lane.stored_offset()) == result.next_offset
+    for case, record in zip(batch, records, strict=True):
+        marker = ("planned", case.source, case.event_id)
+        if marker in before:
+            continue  # the same event again (from an earlier example, or earlier in this batch): a duplicate
+        before.add(marker)
+        if case.storable():
+            assert record.offset not in letters, letters.get(record.offset)
+            assert marker in done
+        else:
+            letter = letters.get(record.offset)
+            assert letter is not None, case
+            assert letter[constants.DLQ_STAGE] in {"decode", "handler", "commit"}
+            assert letter[constants.DLQ_REASON]
+            note_event(letter[constants.DLQ_STAGE])  # Hypothesis' statistics show which stages the examples reached
 
 
 @pytest.fixture
@@ -462,23 +512,35 @@ class TestProperty:
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
     )
-    @given(batch=st.lists(cases, min_size=1, max_size=4))
+    @given(batch=st.lists(cases(), min_size=1, max_size=4))
     def test_each_event_is_processed_or_dead_lettered_and_the_partition_moves_on(self, harness: PropertyHarness, batch: list[Case]) -> None:
         """Storable events commit whatever their neighbours carry; the others are dead-lettered with a reason."""
-        result, records, letters, done = harness.run(batch)
-        assert result.next_offset == records[-1].offset + 1
-        assert harness.loop.run_until_complete(harness.lane.stored_offset()) == result.next_offset
-        for case, record in zip(batch, records, strict=True):
-            marker = ("planned", case.source, case.event_id)
-            if case.storable():
-                assert record.offset not in letters, letters.get(record.offset)
-                assert marker in done
-                harness.processed.add(marker)
-            elif marker not in harness.processed:  # else a duplicate of an event processed before: skipped
-                letter = letters.get(record.offset)
-                assert letter is not None, case
-                assert letter[constants.DLQ_STAGE] in {"decode", "handler", "commit"}
-                assert letter[constants.DLQ_REASON]
+        check_property(harness, batch)
+
+
+@pytest.mark.postgres
+class TestPropertyAtCommit:
+    """The same property with the staging checks of ids off: PostgreSQL refuses at commit (or at a read), bisection finds each."""
+
+    @pytest.fixture
+    def harness(self, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[PropertyHarness]:
+        # SQLite enforces no lengths, so only PostgreSQL refuses every unstorable id itself.
+        monkeypatch.setattr(unit_module, "check_associations", lambda app_id, associations: None)
+        monkeypatch.setattr(unit_module, "check_record_id", lambda app_id, record_id: None)
+        harness = PropertyHarness(postgres_url)
+        yield harness
+        harness.close()
+
+    @settings(
+        max_examples=30,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+    )
+    @given(batch=st.lists(cases(), min_size=1, max_size=6))
+    def test_each_event_is_processed_or_dead_lettered_and_the_partition_moves_on(self, harness: PropertyHarness, batch: list[Case]) -> None:
+        """Storable events commit whatever their neighbours carry; the others are dead-lettered with a reason."""
+        check_property(harness, batch)
 
 
 # -- end to end: the lane of a running worker ------------------------------------------------------
