@@ -304,7 +304,7 @@ class TestCommitIsolation:
         rooms = {a for r in await lane.store.app_records("planned") for a in r.associations if a.startswith("room:")}
         assert rooms == {f"room:room{n}" for n in range(8) if n != 5}
         assert await lane.stored_offset() == result.next_offset == records[-1].offset + 1
-        assert (result.processed, result.dead_lettered) == (7, 1)
+        assert (result.outcomes["planned", "processed"], result.outcomes["planned", "dead_lettered"], result.dead_lettered) == (7, 1, 0)
 
     @pytest.mark.usefixtures("unchecked")
     async def test_with_several_apps_only_the_refused_app_is_dead_lettered(self, store: Store) -> None:

@@ -273,9 +273,14 @@ class Dispatcher:
             dead_letter(record, self.topics.dead_letter, f"{error_type}: {exc}", stage=stage, app_id=app_id, error_type=error_type)
         )
         await self.store.commit(unit, fence, record.offset + 1 if advance else None)
-        result = BatchResult(record.offset + 1, dead_lettered=1, staged_outbox=1)
+        result = BatchResult(record.offset + 1, staged_outbox=1)
         if stage == "conflict":
             result.conflicts = self.settings.conflict_max_attempts
+        if app_id is None:
+            result.dead_lettered = 1  # the record whole, as an undecodable one
+        else:  # that app's event, as when its handler fails: the event went through the apps
+            result.processed = 1
+            result.outcomes[app_id, "dead_lettered"] += 1
         return result
 
     async def _run(
