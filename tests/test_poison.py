@@ -125,6 +125,14 @@ class Lane:
                 found[int(headers[constants.DLQ_OFFSET])] = headers
         return found
 
+    async def only_dead_letter(self, record: RawRecord, stage: str, error_type: str) -> dict[str, str]:
+        """The one dead letter there is, of ``record``, by the app "planned" at ``stage``; its headers."""
+        letters = await self.dead_letters()
+        assert set(letters) == {record.offset}
+        letter = letters[record.offset]
+        assert (letter[constants.DLQ_STAGE], letter[constants.DLQ_APP], letter[constants.DLQ_ERROR_TYPE]) == (stage, "planned", error_type)
+        return letter
+
     async def stored_offset(self) -> int | None:
         return (await self.store.stored_offsets(self.fence.group_id, TOPIC)).get(0)
 
@@ -239,14 +247,7 @@ class TestStaging:
         """Before (surrogate association on SQLite): UnicodeEncodeError at commit, the batch retried for ever."""
         Planned.plans = {"poison": plan}
         result, records = await lane.deliver([event("e1"), event("e2", text="poison"), event("e3")])
-        letters = await lane.dead_letters()
-        assert set(letters) == {records[1].offset}
-        letter = letters[records[1].offset]
-        assert (letter[constants.DLQ_STAGE], letter[constants.DLQ_APP], letter[constants.DLQ_ERROR_TYPE]) == (
-            "handler",
-            "planned",
-            "InvalidDataError",
-        )
+        letter = await lane.only_dead_letter(records[1], "handler", "InvalidDataError")
         assert "app 'planned'" in letter[constants.DLQ_REASON]
         assert problem in letter[constants.DLQ_REASON]
         assert await lane.store.processed_count("planned") == 2
@@ -290,14 +291,7 @@ class TestCommitIsolation:
         Planned.plans = {"poison": poison}
         values = [event(f"e{n}", text="poison" if n == 5 else "", room=f"room{n}") for n in range(8)]
         result, records = await lane.deliver(values)
-        letters = await lane.dead_letters()
-        assert set(letters) == {records[5].offset}
-        letter = letters[records[5].offset]
-        assert (letter[constants.DLQ_STAGE], letter[constants.DLQ_APP], letter[constants.DLQ_ERROR_TYPE]) == (
-            "commit",
-            "planned",
-            "DataError",
-        )
+        letter = await lane.only_dead_letter(records[5], "commit", "DataError")
         expected = "value too long for type character varying" if database_url.startswith("postgresql") else "surrogates not allowed"
         assert expected in letter[constants.DLQ_REASON]
         assert await lane.store.processed_count("planned") == 7
@@ -498,6 +492,15 @@ def check_property(harness: PropertyHarness, batch: list[Case]) -> None:
             note_event(letter[constants.DLQ_STAGE])  # Hypothesis' statistics show which stages the examples reached
 
 
+# One lane serves every example of a test (its offsets and markers carry over, duplicates are
+# judged from the database), so the function-scoped fixture is meant.
+PROPERTY_SETTINGS: dict[str, Any] = {
+    "deadline": None,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+}
+
+
 @pytest.fixture
 def harness(database_url: str) -> Iterator[PropertyHarness]:
     harness = PropertyHarness(database_url)
@@ -506,12 +509,7 @@ def harness(database_url: str) -> Iterator[PropertyHarness]:
 
 
 class TestProperty:
-    @settings(
-        max_examples=60,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
-    )
+    @settings(max_examples=60, **PROPERTY_SETTINGS)
     @given(batch=st.lists(cases(), min_size=1, max_size=4))
     def test_each_event_is_processed_or_dead_lettered_and_the_partition_moves_on(self, harness: PropertyHarness, batch: list[Case]) -> None:
         """Storable events commit whatever their neighbours carry; the others are dead-lettered with a reason."""
@@ -531,12 +529,7 @@ class TestPropertyAtCommit:
         yield harness
         harness.close()
 
-    @settings(
-        max_examples=30,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
-    )
+    @settings(max_examples=30, **PROPERTY_SETTINGS)
     @given(batch=st.lists(cases(), min_size=1, max_size=6))
     def test_each_event_is_processed_or_dead_lettered_and_the_partition_moves_on(self, harness: PropertyHarness, batch: list[Case]) -> None:
         """Storable events commit whatever their neighbours carry; the others are dead-lettered with a reason."""
