@@ -101,6 +101,15 @@ class Bystander(App):
         await persistence.update_by_association(Association(AssociationModel.MESSAGE, message.id), {"ok": True}, upsert=True)
 
 
+class Quoting(App):
+    """Fails with the message's own text in its error, as handlers often do."""
+
+    async def execute_post_message_sent(
+        self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify
+    ) -> None:
+        raise ValueError(f"cannot handle {json.loads(message.text or '')!s}")
+
+
 class Lane:
     """One partition of a migrated store, claimed, and a dispatcher over the given apps."""
 
@@ -252,6 +261,17 @@ class TestStaging:
         assert problem in letter[constants.DLQ_REASON]
         assert await lane.store.processed_count("planned") == 2
         assert await lane.stored_offset() == result.next_offset == records[-1].offset + 1
+
+    async def test_an_error_quoting_a_lone_surrogate_is_dead_lettered_escaped(self, store: Store) -> None:
+        """Before: encoding the dead letter's reason raised UnicodeEncodeError, and the batch failed for ever."""
+        claims = await store.claim("poison-group", TOPIC, [0], "poison-test")
+        lane = Lane(store, claims[0].fence, [instantiate(Quoting, "planned", {})])
+        try:
+            _, records = await lane.deliver([event("e1", text=json.dumps("\udcff"))])
+            letter = await lane.only_dead_letter(records[0], "handler", "ValueError")
+        finally:
+            await lane.http.aclose()
+        assert letter[constants.DLQ_REASON] == "ValueError: cannot handle \\udcff"
 
     async def test_a_nul_inside_record_data_is_stored_and_read_back(self, lane: Lane) -> None:
         """Data is JSON text: a NUL in a string is written escaped, which both backends store."""
