@@ -37,14 +37,14 @@ from tests.test_failures import (
     settings_for,
     until,
 )
-from worker import Association, AssociationModel, IHttp, IModify, IPersistence, IRead, Message, constants
+from worker import Association, AssociationModel, IHttp, IModify, IPersistence, IRead, Message, constants, limits
 from worker.apps import App
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
 from worker.dispatch import BatchResult, Dispatcher, Topics
 from worker.errors import DataError, DecodeError, InvalidDataError, PersistenceError
 from worker.events import RawRecord, decode
 from worker.http import Http
-from worker.persistence import limits, schema
+from worker.persistence import schema
 from worker.persistence import unit as unit_module
 from worker.persistence.store import Fence, Store, _translate
 from worker.persistence.unit import UnitOfWork, encode_data

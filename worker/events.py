@@ -15,9 +15,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from worker import constants
+from worker import constants, limits
 from worker.errors import DecodeError
-from worker.persistence import limits
 
 
 @dataclass(frozen=True, slots=True)

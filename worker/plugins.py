@@ -20,11 +20,10 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from worker import constants
+from worker import constants, limits
 from worker.apps import App
 from worker.config import HandlerSettings, Settings
 from worker.errors import PluginError
-from worker.persistence import limits
 
 _SETTINGS_FIX = "set them in config.yaml under handlers.settings.{id} (or in RC_WORKER_HANDLERS__SETTINGS, as JSON)"
 

@@ -2,5 +2,5 @@
 
 ``associations`` names what records are about, ``unit`` tracks one transaction's reads and
 staged writes, ``accessors`` are what handlers see, ``store`` is the only module that speaks
-SQL, ``schema`` and ``migrations`` define the tables, ``limits`` what fits in their columns.
+SQL, ``schema`` and ``migrations`` define the tables.
 """

@@ -4,7 +4,7 @@
 what it lacks: one version per record id and per association, bumped by every commit that
 writes it, so a unit of work can check at commit that nothing it read has changed, including
 "no record had this association yet". The migrations in ``migrations/versions`` create
-exactly these tables; a test compares the two. Column lengths come from ``limits.py``, which
+exactly these tables; a test compares the two. Column lengths come from ``worker/limits.py``, which
 the checks of incoming values use as well.
 """
 
@@ -24,7 +24,7 @@ from sqlalchemy import (
     Text,
 )
 
-from worker.persistence.limits import (
+from worker.limits import (
     APP_ID_MAX,
     ASSOCIATION_MAX,
     EVENT_ID_MAX,

@@ -17,8 +17,8 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 
+from worker import limits
 from worker.errors import InvalidDataError, RecordNotFoundError
-from worker.persistence import limits
 from worker.persistence.associations import Association
 
 # (app id, key); key is "id:<record id>" or "as:<association>", one version each.

@@ -1,9 +1,10 @@
 """What the database can store: the column lengths of the schema, and the check of a value against them.
 
-The schema (``schema.py``) and the migrations size their columns with these constants, and
-the decoder and the unit of work check values with :func:`text_problem` before anything is
-staged, so the two cannot drift apart. A value past them would fail only at commit, and
-there for the whole batch; refused where it enters, it costs one dead letter.
+The schema (``persistence/schema.py``) sizes its columns with these constants (a test holds
+the migrations to the schema), and the decoder, the unit of work and the plugin loader check
+values with :func:`text_problem` before anything is staged, so the two cannot drift apart. A
+value past them would fail only at commit, and there for the whole batch; refused where it
+enters, it costs one dead letter. Standard library only: the decoder sits below persistence.
 """
 
 from __future__ import annotations
