@@ -38,16 +38,18 @@ from tests.test_failures import (
     until,
 )
 from worker import Association, AssociationModel, IHttp, IModify, IPersistence, IRead, Message, constants, limits
-from worker.apps import App
+from worker.apps.contract import App
+from worker.apps.http import Http
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
-from worker.dispatch import BatchResult, Dispatcher, Topics
 from worker.errors import DataError, DecodeError, InvalidDataError, PersistenceError
 from worker.events import RawRecord, decode
-from worker.http import Http
 from worker.persistence import schema
 from worker.persistence import unit as unit_module
-from worker.persistence.store import Fence, Store, _translate
+from worker.persistence.sql import translate
+from worker.persistence.store import Fence, Store
 from worker.persistence.unit import UnitOfWork, encode_data
+from worker.pipeline.dispatch import Dispatcher, Topics
+from worker.pipeline.tally import BatchResult
 from worker.plugins import instantiate
 
 TOPIC = "poison"
@@ -342,10 +344,10 @@ class TestCommitIsolation:
 
     def test_a_refused_value_is_a_data_error_and_an_outage_is_not(self) -> None:
         """Class 22/23 and encoding errors are the data's; a connection refused stays a retriable PersistenceError."""
-        with pytest.raises(DataError) as refused, _translate("committing"):
+        with pytest.raises(DataError) as refused, translate("committing"):
             "\udcff".encode()
         assert refused.value.retriable is False
-        with pytest.raises(PersistenceError) as outage, _translate("committing"):
+        with pytest.raises(PersistenceError) as outage, translate("committing"):
             raise ConnectionRefusedError(111, "Connection refused")
         assert not isinstance(outage.value, DataError)
         assert outage.value.retriable is True
