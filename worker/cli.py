@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         dlq_command.add_argument("--reason", metavar="R", help="only dead letters whose reason contains R")
     dlq_list.add_argument("--json", action="store_true", help="one JSON object a line")
     dlq_redrive.add_argument("--dry-run", action="store_true", help="print what would be sent; send and record nothing")
+    dlq_redrive.add_argument(
+        "--force",
+        action="store_true",
+        help="send to the topic events older than persistence.processed_retention_hours too (apps that processed them count them again)",
+    )
 
     offsets = commands.add_parser("offsets", help="the consumer group's offsets").add_subparsers(dest="action", required=True)
     offsets.add_parser("show", help="per partition: earliest, committed, stored with the state, end, lag").add_argument(

@@ -12,11 +12,12 @@ these. The tree::
     │   └── RecordTooLargeError   a record is larger than the producer or its topic takes
     ├── PersistenceError          the database failed                             (retriable)
     │   ├── SchemaError           the schema is missing or behind; run `rc-worker db upgrade`
+    │   ├── DataError             the database refuses a value for good; its event is isolated
     │   └── VersionConflict       something read changed before commit            (retriable)
     ├── FencedError               this worker no longer owns the partition it commits for
     ├── RocketChatError           a Rocket.Chat REST call failed              (retriable: 408, 429, 5xx, no answer)
     └── AppError                  raised inside a handler, or by an accessor because of it
-        ├── InvalidDataError      data handed to persistence is not a JSON object
+        ├── InvalidDataError      an id or data handed to persistence cannot be stored
         ├── RecordNotFoundError   update without upsert matched no record
         ├── HttpError             an http accessor call failed
         ├── CommandTooLargeError  a command staged through modify is over MAX_COMMAND_BYTES
@@ -77,6 +78,15 @@ class SchemaError(PersistenceError, retriable=False):
     """Raised when the database schema is missing or older than this worker needs."""
 
 
+class DataError(PersistenceError, retriable=False):
+    """Raised when the database refuses a value for good (too long, NUL, not UTF-8, a constraint).
+
+    The same data fails the same way every time, so it is never waited out as an outage:
+    the dispatcher splits the batch until it finds the event that carries the value and
+    dead-letters it with this message (the database's own), and commits the rest.
+    """
+
+
 class VersionConflict(PersistenceError):
     """Raised at commit when a record or association read by the unit of work has changed.
 
@@ -113,7 +123,7 @@ class AppError(WorkerError, retriable=True):
 
 
 class InvalidDataError(AppError, retriable=False):
-    """Raised when data given to persistence is not a JSON object of JSON values."""
+    """Raised when an id or data given to persistence cannot be stored: not a JSON object of JSON values, or past a limit."""
 
 
 class RecordNotFoundError(AppError, retriable=False):

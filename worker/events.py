@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from worker import constants
+from worker import constants, limits
 from worker.errors import DecodeError
 
 
@@ -215,7 +215,23 @@ def _event(specversion: str, envelope: _Envelope, data: Any, has_data: bool, rec
             message = Message.model_validate(data)
         except ValidationError as exc:
             raise DecodeError(_describe(exc, "data")) from None
+    _check_storable(envelope, message)
     return Event(envelope.source, envelope.id, envelope.type, envelope.time, message, record)
+
+
+def _check_storable(envelope: _Envelope, message: Message | None) -> None:
+    """Refuse ids the database could not store, here, as one dead letter, not at commit for the whole batch."""
+    checks = [("source", envelope.source, limits.EVENT_SOURCE_MAX), ("id", envelope.id, limits.EVENT_ID_MAX)]
+    if message is not None:
+        checks += [
+            ("data.id", message.id, limits.MESSAGE_REF_ID_MAX),
+            ("data.room.id", message.room.id, limits.MESSAGE_REF_ID_MAX),
+            ("data.sender.id", message.sender.id, limits.MESSAGE_REF_ID_MAX),
+        ]
+    for name, value, limit in checks:
+        problem = limits.text_problem(value, limit)
+        if problem is not None:
+            raise DecodeError(f"{name} {problem}")
 
 
 def _validate_envelope(attributes: dict[str, Any], prefix: str = "") -> _Envelope:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from worker import constants
+from worker import constants, limits
 from worker.apps.contract import App
 from worker.config import HandlerSettings, Settings
 from worker.errors import PluginError
@@ -109,6 +109,9 @@ def load_class(plugin: EntryPoint) -> type[App]:
 def check_class(app_class: object, app_id: str, where: str = "") -> None:
     """Raise PluginError unless ``app_class`` is an App subclass the runtime can create and run."""
     where = where or repr(app_class)
+    problem = limits.text_problem(app_id, limits.APP_ID_MAX)
+    if problem is not None:
+        raise PluginError(f"app id {app_id[:60]!r} {problem}: the database stores it with every record; register a shorter name")
     if not (isinstance(app_class, type) and issubclass(app_class, App)):
         raise PluginError(f"app {app_id!r}: {where} is not a subclass of worker.App; point the entry point at your App subclass")
     if app_class.execute_post_message_sent is App.execute_post_message_sent:

@@ -170,12 +170,12 @@ class TestInspection:
                 await harness.deliver([message("fine"), message("fail", message_id="m-bad")])
 
     async def test_dead_letters_can_be_inspected_instead(self) -> None:
-        """check=False: the other events commit; the dead letter says which app failed and why."""
+        """check=False: the other events commit; the delivery counts the failed one as dead-lettered, not processed."""
         async with Harness(Failing) as harness:
             delivery = await harness.deliver([message("fine"), message("fail", message_id="m-bad")], check=False)
             [letter] = await harness.dead_letters()
             assert await harness.data(COUNT) == [{"ok": True}]
-        assert (delivery.processed, delivery.dead_lettered) == (2, 0)
+        assert (delivery.records, delivery.processed, delivery.dead_lettered) == (2, 1, 1)
         assert (letter.stage, letter.app_id, letter.error_type) == ("handler", "failing", "ValueError")
         assert "cannot handle m-bad" in letter.reason
 

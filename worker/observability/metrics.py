@@ -63,7 +63,7 @@ class Metrics:
         )
         self.dead_lettered = Counter(
             "rc_worker_events_dead_lettered",
-            "Events an app failed on every attempt, sent to the dead-letter topic.",
+            "Events an app failed on every attempt, or whose writes the database refused, sent to the dead-letter topic.",
             app,
             registry=registry,
         )

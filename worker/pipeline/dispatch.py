@@ -4,6 +4,8 @@ Records are decoded, invalid ones staged as dead letters, other event types skip
 every PostMessageSent event run through each enabled app in order, unless that app has
 already processed it (a redelivery or a publisher's retry). The unit then commits with the
 partition's next offset; on a version conflict the whole batch runs again on fresh data.
+A value the database refuses for good (``DataError``) splits the batch in halves until the
+one event that carries it is found: that event is dead-lettered, the rest commit in order.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from worker.apps.http import Http
 from worker.apps.modify import Modify
 from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.config import ProcessingSettings
-from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
+from worker.errors import DataError, DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
 from worker.persistence.keys import Marker
 from worker.persistence.store import Fence, Store
@@ -93,14 +95,22 @@ class Dispatcher:
         self.settings = settings
 
     async def dispatch(
-        self, records: Sequence[RawRecord], fence: Fence | None, *, locked: bool = False, snapshot: Snapshot | None = None
+        self,
+        records: Sequence[RawRecord],
+        fence: Fence | None,
+        *,
+        locked: bool = False,
+        snapshot: Snapshot | None = None,
+        advance: bool = True,
     ) -> BatchResult:
         """Process ``records`` (one partition, in offset order) and commit them with the next offset.
 
         The first attempt is optimistic unless ``locked``; every attempt after a conflict
         runs locked (see ``Store.session``). A batch that still conflicts is split into its
-        events, and an event that still conflicts alone is dead-lettered as such. Reads are
-        served from ``snapshot`` where it has them, and the commit is folded back into it.
+        events, and an event that still conflicts alone is dead-lettered as such. A batch the
+        database refuses a value of is bisected (see ``_isolate``). Reads are served from
+        ``snapshot`` where it has them, and the commit is folded back into it. Without
+        ``advance`` the partition's offset stays where it is (the fence is still checked).
 
         Raises:
             FencedError: the partition was taken over; nothing was committed.
@@ -108,26 +118,61 @@ class Dispatcher:
 
         """
         decoded = [(record, _decode(record)) for record in records]
+        snapshot = snapshot if snapshot is not None else Snapshot()
         try:
-            return await self._attempts(decoded, fence, locked, snapshot or Snapshot())
+            return await self._attempts(decoded, fence, locked, snapshot, advance)
         except ConflictsExhausted as exc:
             if len(records) == 1:
-                return await self._dead_letter_conflicted(records[0], fence, exc)
+                return await self._dead_letter_refused(records[0], fence, advance, exc, stage="conflict", error_type="VersionConflict")
             log.warning("batch_split", records=len(records), reason=str(exc))
             merged = BatchResult(records[-1].offset + 1)
             for record in records:
-                merged.add(await self.dispatch([record], fence, locked=True, snapshot=snapshot))
+                merged.add(await self.dispatch([record], fence, locked=True, snapshot=snapshot, advance=advance))
             return merged
+        except DataError as exc:
+            return await self._isolate(records, fence, locked, snapshot, advance, exc)
+
+    async def _isolate(
+        self, records: Sequence[RawRecord], fence: Fence | None, locked: bool, snapshot: Snapshot, advance: bool, exc: DataError
+    ) -> BatchResult:
+        """Find the event (and app) whose value the database refused; dead-letter it, commit the rest.
+
+        Halves commit one after the other, in offset order, each with its own next offset, so
+        a poison value costs about log2(batch) commits. One event with several apps runs each
+        app alone, keeping the offset until the last, so that a crash in between redelivers
+        the event and the apps already committed skip it as a duplicate.
+        """
+        if len(records) > 1:
+            log.warning("batch_bisected", records=len(records), first_offset=records[0].offset, reason=str(exc))
+            middle = len(records) // 2
+            merged = BatchResult(records[-1].offset + 1)
+            for part in (records[:middle], records[middle:]):
+                merged.add(await self.dispatch(part, fence, locked=locked, snapshot=snapshot, advance=advance))
+            return merged
+        record = records[0]
+        if len(self.apps) <= 1:
+            app_id = self.apps[0].id if self.apps else None
+            return await self._dead_letter_refused(record, fence, advance, exc, stage="commit", error_type="DataError", app_id=app_id)
+        merged = BatchResult(record.offset + 1)
+        for app in self.apps:
+            alone = Dispatcher([app], self.store, self.http, self.topics, self.settings, self.hooks)
+            merged.add(await alone.dispatch(records, fence, locked=locked, snapshot=snapshot, advance=False))
+        merged.processed = min(merged.processed, 1)  # one event, however many apps ran it
+        merged.skipped = min(merged.skipped, 1)
+        if advance and fence is not None:
+            await self.store.commit(UnitOfWork(self.store), fence, record.offset + 1)
+        return merged
 
     async def _attempts(
-        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, locked: bool, snapshot: Snapshot
+        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, locked: bool, snapshot: Snapshot, advance: bool
     ) -> BatchResult:
         next_offset = decoded[-1][0].offset + 1
+        commit_offset = next_offset if advance else None
         failures = HandlerFailures()
         for attempt in range(1, self.settings.conflict_max_attempts + 1):
             hold = locked or attempt > 1
             try:
-                result = await self._attempt(decoded, fence, next_offset, snapshot, failures, locked=hold)
+                result = await self._attempt(decoded, fence, (next_offset, commit_offset), snapshot, failures, locked=hold)
             except VersionConflict as exc:
                 self.hooks.conflict(exc)
                 if exc.keys is None:
@@ -149,12 +194,13 @@ class Dispatcher:
         self,
         decoded: Sequence[tuple[RawRecord, Event | DecodeError]],
         fence: Fence | None,
-        next_offset: int,
+        offsets: tuple[int, int | None],
         snapshot: Snapshot,
         failures: HandlerFailures,
         *,
         locked: bool,
     ) -> BatchResult:
+        next_offset, commit_offset = offsets  # the batch's end, and what the commit advances to
         unit = UnitOfWork(self.store, snapshot)
         result = await self._run(unit, decoded, next_offset, failures)
         if locked:
@@ -167,10 +213,10 @@ class Dispatcher:
                     unit = UnitOfWork(session, snapshot)
                     result = await self._run(unit, decoded, next_offset, failures)
                 with self.hooks.commit():
-                    new_versions = await session.commit(unit, fence, next_offset)
+                    new_versions = await session.commit(unit, fence, commit_offset)
         else:
             with self.hooks.commit():
-                new_versions = await self.store.commit(unit, fence, next_offset)
+                new_versions = await self.store.commit(unit, fence, commit_offset)
         snapshot.absorb(unit, new_versions)  # only once the transaction has committed
         result.staged_outbox = len(unit.outbox)
         self._report_dead_letters(result)
@@ -185,17 +231,35 @@ class Dispatcher:
         if result.dead_lettered:
             self.hooks.dead_lettered(None, result.dead_lettered)
 
-    async def _dead_letter_conflicted(self, record: RawRecord, fence: Fence | None, exc: ConflictsExhausted) -> BatchResult:
-        """Commit just a dead letter for an event that never got through its conflicts."""
+    async def _dead_letter_refused(
+        self,
+        record: RawRecord,
+        fence: Fence | None,
+        advance: bool,
+        exc: WorkerError,
+        *,
+        stage: str,
+        error_type: str,
+        app_id: str | None = None,
+    ) -> BatchResult:
+        """Commit just a dead letter for an event that cannot commit: conflicts without end, or a refused value."""
         with bound_contextvars(offset=record.offset):
-            log.error("event_dead_lettered", stage="conflict", reason=str(exc))
+            log.error("event_dead_lettered", stage=stage, app=app_id, reason=str(exc))
         unit = UnitOfWork(self.store)
         unit.publish(
-            dead_letter(record, self.topics.dead_letter, f"VersionConflict: {exc}", stage="conflict", error_type="VersionConflict")
+            dead_letter(record, self.topics.dead_letter, f"{error_type}: {exc}", stage=stage, app_id=app_id, error_type=error_type)
         )
-        await self.store.commit(unit, fence, record.offset + 1)
-        self.hooks.dead_lettered(None, 1)
-        return BatchResult(record.offset + 1, dead_lettered=1, conflicts=self.settings.conflict_max_attempts, staged_outbox=1)
+        await self.store.commit(unit, fence, record.offset + 1 if advance else None)
+        result = BatchResult(record.offset + 1, staged_outbox=1)
+        if stage == "conflict":
+            result.conflicts = self.settings.conflict_max_attempts
+        if app_id is None:
+            result.dead_lettered = 1  # the record whole, as an undecodable one
+        else:  # that app's event, as when its handler fails: the event went through the apps
+            result.processed = 1
+            result.outcomes[app_id, "dead_lettered"] += 1
+        self._report_dead_letters(result)
+        return result
 
     async def _run(
         self, unit: UnitOfWork, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], next_offset: int, failures: HandlerFailures

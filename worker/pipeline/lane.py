@@ -18,7 +18,7 @@ from structlog.contextvars import bound_contextvars
 
 from worker import tracing
 from worker.config import ProcessingSettings
-from worker.errors import BrokerError, FencedError, PersistenceError
+from worker.errors import BrokerError, DataError, FencedError, PersistenceError
 from worker.events import RawRecord
 from worker.logs import redact
 from worker.persistence.store import Fence
@@ -144,7 +144,9 @@ class Lane:
     def _failed(self, exc: Exception, attempt: int, first_offset: int) -> None:
         self.attempt, self.last_error = attempt, (type(exc).__name__, redact(str(exc))[:MAX_ERROR_CHARS])
         self._snapshot.clear()  # the database may come back changed (a restore, a reset)
-        if isinstance(exc, PersistenceError | ConflictsExhausted):
+        # A DataError here refused even a bare dead letter (the dispatcher isolates the rest):
+        # a bug to surface, not an outage to wait out quietly.
+        if isinstance(exc, PersistenceError | ConflictsExhausted) and not isinstance(exc, DataError):
             log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=first_offset)
         else:
             log.error(

@@ -279,12 +279,14 @@ class _Share:
                 self.next_offset += 1
             results.append(await self.dispatcher.dispatch(batch, self.fence))
         total = BatchResult.total(results)
+        # A batch counts an event its app dead-lettered as processed (it went through the
+        # app); to a handler's author it is a dead letter, as an undecodable record is.
         return Delivery(
             records=len(items),
-            processed=total.processed,
+            processed=total.outcomes[self.app.id, "processed"],
             duplicates=total.duplicates,
             skipped=total.skipped,
-            dead_lettered=total.dead_lettered,
+            dead_lettered=total.dead_lettered + total.outcomes[self.app.id, "dead_lettered"],
             conflicts=total.conflicts,
         )
 

@@ -42,7 +42,7 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record the worker gave up on: not a contract event (stage ``decode``) or the handler kept failing (``handler``)."""
+    """A record the worker gave up on: not a contract event (stage ``decode``), the handler kept failing (``handler``), or the database refused a value (``commit``)."""
 
     stage: str
     reason: str
@@ -54,7 +54,12 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """What one :meth:`Harness.deliver` call did, summed over its batches."""
+    """What one :meth:`Harness.deliver` call did, summed over its batches.
+
+    Each record counts once: ``processed`` (the app's run committed), ``duplicates``,
+    ``skipped`` (not a PostMessageSent event) or ``dead_lettered`` (not a contract event,
+    the handler kept failing, or the database refused what it staged).
+    """
 
     records: int
     processed: int
