@@ -30,6 +30,7 @@ from worker.scaffold import new_handler_command
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rc-worker", description="Run Rocket.Chat app handlers on Kafka events.")
     parser.add_argument("--config", type=Path, help="config file (default: $RC_WORKER_CONFIG or ./config.yaml)")
+    output_flags(parser, default=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("run", help="run one worker of the consumer group until SIGTERM/SIGINT")
@@ -110,7 +111,54 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate and print the effective configuration, secrets redacted")
     check.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
     check.add_argument("--reference", action="store_true", help="print every key, its variable and default as a Markdown table")
+    for command in _leaves(parser):
+        output_flags(command)
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's own parser (``dlq list``, ``replay``, ...), below ``parser``."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found.extend(_leaves(sub) or [sub])
+    return found
+
+
+def output_flags(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    """``--quiet``, ``--verbose`` and ``--log-format``, accepted before the command and after it."""
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const="quiet",
+        default=default,
+        help="no progress display, only warnings and errors in the log; results are still printed",
+    )
+    loudness.add_argument(
+        "-v", "--verbose", dest="verbosity", action="store_const", const="verbose", default=default, help="debug log lines too (per batch)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=default,
+        help="log lines as JSON, or for a person (default: logging.format; auto is JSON unless stderr is a terminal)",
+    )
+
+
+def _configure_output(settings: Settings, args: argparse.Namespace) -> None:
+    from worker import progress
+
+    logging = settings.logging
+    if args.log_format is not None:
+        logging = logging.model_copy(update={"format": args.log_format})
+    level = {"quiet": "warning", "verbose": "debug"}.get(args.verbosity or "")
+    logs.configure(logging, secrets=logs.secrets_of(settings), level=level)
+    log_format = "json" if logs.as_json(logging) else "console"
+    progress.configure(progress.choose(quiet=args.verbosity == "quiet", log_format=log_format))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -118,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
-        logs.configure(settings.logging, secrets=logs.secrets_of(settings))
+        _configure_output(settings, args)
         handler = _COMMANDS[(args.command, getattr(args, "action", None))]
         return asyncio.run(handler(settings, args))
     except (ConfigError, PluginError) as exc:

@@ -15,10 +15,11 @@ import sys
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import structlog
-from sqlalchemy.engine import make_url
 
+from worker import progress
 from worker.config import LoggingSettings, Settings
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -81,13 +82,15 @@ def secrets_of(settings: Settings) -> list[str]:
     password = settings.kafka.security.sasl_password
     if password is not None:
         found.append(password.get_secret_value())
+    # Parsed as SQLAlchemy's make_url does (user info percent-decoded) without importing SQLAlchemy,
+    # which would cost every command, --help included, a third of a second.
     url = settings.persistence.url.get_secret_value()
     try:
-        database_password = make_url(url).password
-    except Exception:  # noqa: BLE001 - an unparsable URL is reported elsewhere; keep what the regex finds
+        database_password = urlsplit(url).password
+    except ValueError:  # an unparsable URL is reported elsewhere; keep what the regex finds
         database_password = None
     if database_password:
-        found.append(str(database_password))
+        found.append(unquote(database_password))
     found.extend(_app_secrets(settings.handlers.settings))
     return found
 
@@ -138,23 +141,28 @@ class LibraryFilter(logging.Filter):
 _library_filter = LibraryFilter()
 
 
-def configure(settings: LoggingSettings, secrets: Iterable[str] = ()) -> None:
+def as_json(settings: LoggingSettings) -> bool:
+    """Whether log lines are JSON: asked for, or ``auto`` and stderr is not a terminal."""
+    return settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
+
+
+def configure(settings: LoggingSettings, secrets: Iterable[str] = (), level: str | None = None) -> None:
     """Configure structlog (and stdlib logging, for aiokafka's own lines) once at start-up.
 
     Args:
         settings: level and format.
         secrets: values never to be written (see :func:`secrets_of`).
+        level: overrides ``settings.level`` (``--quiet``, ``--verbose``).
 
     """
     redactor.use(secrets)
-    level = _LEVELS[settings.level]
-    as_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
+    numeric_level = _LEVELS[level or settings.level]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if as_json(settings) else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
         processors=[
             *shared,
@@ -163,12 +171,13 @@ def configure(settings: LoggingSettings, secrets: Iterable[str] = ()) -> None:
             redactor,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        # progress.console is stderr, kept clear of a progress bar while one is drawn.
+        logger_factory=structlog.PrintLoggerFactory(file=progress.console),
         cache_logger_on_first_use=True,
     )
     # aiokafka and SQLAlchemy log through the standard library; keep their warnings visible.
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=progress.console, format="%(name)s %(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         if _library_filter not in handler.filters:
             handler.addFilter(_library_filter)

@@ -32,6 +32,7 @@ from worker.http import Http
 from worker.kafka import Consumer, PartitionReader, group_offsets
 from worker.persistence.admin import prepare
 from worker.persistence.store import Store
+from worker.progress import Progress
 from worker.tools import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
 
 log = structlog.get_logger("worker.replay")
@@ -65,8 +66,7 @@ class ReplaySummary:
         self.events += result.processed
         self.duplicates += result.duplicates
         self.skipped += result.skipped
-        # Undecodable records, and events an app failed for good (counted per app).
-        self.dead_letters += result.dead_lettered + sum(n for (_, outcome), n in result.outcomes.items() if outcome == "dead_lettered")
+        self.dead_letters += dead_letters(result)
         self.conflicts += result.conflicts
         for app_id, count in result.per_app.items():
             self.per_app[app_id] = self.per_app.get(app_id, 0) + count
@@ -90,6 +90,11 @@ class ReplaySummary:
             f"  {tail}",
         ]
         return "\n".join(lines)
+
+
+def dead_letters(result: BatchResult) -> int:
+    """Undecodable records, and events an app failed for good (counted per app)."""
+    return result.dead_lettered + sum(n for (_, outcome), n in result.outcomes.items() if outcome == "dead_lettered")
 
 
 class Replay:
@@ -117,6 +122,7 @@ class Replay:
             apps, store, self.http, Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic), settings.processing
         )
         self.summary = ReplaySummary(self.kafka.topic)
+        self.progress: Progress | None = None
 
     async def run(self) -> ReplaySummary:
         """Replay the range and return what was done.
@@ -135,14 +141,21 @@ class Replay:
                 await prepare(self.store)
                 log.info("replay_started", topic=self.kafka.topic, group=self.group, spans={p: (s.start, s.end) for p, s in spans.items()})
                 if self.group is None:
-                    await self._run_assigned(reader, spans)
+                    with self._progress({p: s.size for p, s in spans.items() if s.size}):
+                        await self._run_assigned(reader, spans)
             if self.group is not None:
-                await self._run_group(self.group, spans)
+                with self._progress({}):  # sized as Kafka assigns partitions
+                    await self._run_group(self.group, spans)
         finally:
+            self.progress = None
             await self.http.aclose()
         self.summary.duration_s = time.monotonic() - started
         log.info("replay_finished", **self.summary.as_dict())
         return self.summary
+
+    def _progress(self, sizes: dict[int, int]) -> Progress:
+        self.progress = Progress("replay", sum(sizes.values()), unit="events", partitions=sizes)
+        return self.progress
 
     async def _run_assigned(self, reader: PartitionReader, spans: dict[int, Span]) -> None:
         """Alone: every partition of the range, assigned to this process."""
@@ -184,6 +197,8 @@ class Replay:
                 if positions[partition] >= ends[partition]:
                     consumer.pause(partition)
             await commit(fresh)
+            if self.progress is not None:
+                self.progress.resize({p: ends[p] - positions[p] for p in partitions})
             log.info("replay_partitions_assigned", partitions=sorted(partitions), ranges={p: (positions[p], ends[p]) for p in partitions})
             assigned.set()
 
@@ -253,7 +268,14 @@ class Replay:
                     await asyncio.sleep(min(5.0, backoff(attempt, self.settings.processing) + 0.1 * attempt))
                     continue
                 self.summary.add(result, len(records))
-                log.info(
+                if self.progress is not None:
+                    self.progress.advance(
+                        result.next_offset - records[0].offset,
+                        partition=partition,
+                        dead_letters=dead_letters(result),
+                        duplicates=result.duplicates,
+                    )
+                log.debug(
                     "replay_batch_committed",
                     first_offset=records[0].offset,
                     next_offset=result.next_offset,
