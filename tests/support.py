@@ -81,6 +81,8 @@ class TopicSet:
             "RC_WORKER_KAFKA__GROUP_ID": self.group_id,
             "RC_WORKER_PERSISTENCE__URL": database_url,
             "RC_WORKER_LOGGING__FORMAT": "json",
+            # Tests follow processing by its per-batch lines (batch_committed), logged at debug.
+            "RC_WORKER_LOGGING__LEVEL": "debug",
             "RC_WORKER_CONFIG": str(ROOT / "config.yaml"),
             # Short sessions so a killed worker's partitions move on quickly in tests.
             "RC_WORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",

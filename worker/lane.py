@@ -143,7 +143,8 @@ class Lane:
             observe.batch_committed(result)
             self.last_progress = time.monotonic()
             self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
-            log.info(
+            # Per batch, so at debug: the monitor's periodic `throughput` line is what a person reads.
+            log.debug(
                 "batch_committed",
                 first_offset=records[0].offset,
                 next_offset=result.next_offset,

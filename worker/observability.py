@@ -219,12 +219,50 @@ class Health:
         return Verdict(not reasons, detail)
 
 
+@dataclass(slots=True)
+class Tally:
+    """What this worker has done since it started, as the periodic ``throughput`` line reports it."""
+
+    records: int = 0  # fetched
+    events: int = 0  # an app ran on them, committed
+    duplicates: int = 0
+    dead_letters: int = 0  # records and (app, event) pairs sent to the dead-letter topic
+    conflicts: int = 0  # batch runs refused by a version check and run again
+
+
+class Throughput:
+    """The ``throughput`` line: rates and counts since the last line, from a :class:`Tally`."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since = clock()
+        self._last = Tally()
+
+    def line(self, tally: Tally, lag: int | None, partitions: int) -> dict[str, Any]:
+        """The fields of one line; the next line counts from here."""
+        now = self._clock()
+        seconds = max(now - self._since, 1e-9)
+        last, self._last, self._since = self._last, Tally(**{k: getattr(tally, k) for k in Tally.__slots__}), now
+        return {
+            "events_per_s": round((tally.events - last.events) / seconds, 1),
+            "records_per_s": round((tally.records - last.records) / seconds, 1),
+            "events": tally.events - last.events,
+            "duplicates": tally.duplicates - last.duplicates,
+            "dead_letters": tally.dead_letters - last.dead_letters,
+            "conflicts": tally.conflicts - last.conflicts,
+            "lag": lag,
+            "partitions": partitions,
+            "interval_s": round(seconds, 1),
+        }
+
+
 class Observer:
-    """Where the runner and the dispatcher report; updates :class:`Metrics` and :class:`Health`."""
+    """Where the runner and the dispatcher report; updates :class:`Metrics`, :class:`Health` and the :class:`Tally`."""
 
     def __init__(self, metrics: Metrics, health: Health) -> None:
         self.metrics = metrics
         self.health = health
+        self.tally = Tally()
         self.partitions: set[int] = set()
         self._lag_series: set[tuple[str, str]] = set()
         metrics.live.set_function(lambda: float(health.liveness().ok))
@@ -235,7 +273,9 @@ class Observer:
     def polled(self, batches: Mapping[int, Sequence[object]]) -> None:
         """A fetch returned ``batches`` (records by partition), about to be handed over."""
         if batches:
-            self.metrics.consumed.inc(sum(len(records) for records in batches.values()))
+            count = sum(len(records) for records in batches.values())
+            self.metrics.consumed.inc(count)
+            self.tally.records += count
             self.health.progress()
 
     def batch_committed(self, result: BatchResult) -> None:
@@ -246,9 +286,16 @@ class Observer:
             "duplicate": self.metrics.duplicates,
             "dead_lettered": self.metrics.dead_lettered,
         }
+        app_dead_letters = 0
         for (app_id, outcome), count in result.outcomes.items():
             counters[outcome].labels(app_id).inc(count)
+            app_dead_letters += count if outcome == "dead_lettered" else 0
         self.metrics.records_dead_lettered.inc(result.dead_lettered)
+        tally = self.tally
+        tally.events += result.processed
+        tally.duplicates += result.duplicates
+        tally.dead_letters += result.dead_lettered + app_dead_letters
+        tally.conflicts += result.conflicts
         self.health.progress()
 
     def assigned(self, partitions: set[int]) -> None:
@@ -443,6 +490,7 @@ class Monitor:
         self.worker = worker
         self.observer = observer
         self.health = observer.health
+        self.throughput = Throughput()
 
     async def run(self) -> None:
         """Until the worker is asked to stop (or this task is cancelled)."""
@@ -478,9 +526,14 @@ class Monitor:
             health.database_ok, health.database_error = True, ""
 
     async def measure(self) -> None:
-        """Lag per assigned partition (exported, and logged as consumer_lag) and the outbox backlog."""
+        """Lag per assigned partition (exported, and logged as consumer_lag), the outbox backlog, and the throughput line.
+
+        ``throughput`` is the line to read: events/s, lag and conflicts of this worker since its
+        last one; the per-batch ``batch_committed`` lines are at debug level.
+        """
         consumer, store = self.worker.consumer, self.worker.store
         bound = min(self.settings.lag_interval_s, HEALTH_TIMEOUT_S) + 1.0
+        total: int | None = None
         try:
             async with asyncio.timeout(bound):
                 lag = await consumer.lag()
@@ -488,7 +541,9 @@ class Monitor:
             log.info("consumer_lag_unavailable", reason=str(exc) or f"no answer within {bound:g}s")
         else:
             self.observer.measured_lag(consumer.topic, lag)
-            log.info("consumer_lag", total=sum(lag.values()), partitions={str(p): n for p, n in sorted(lag.items())})
+            total = sum(lag.values())
+            log.info("consumer_lag", total=total, partitions={str(p): n for p, n in sorted(lag.items())})
+        log.info("throughput", **self.throughput.line(self.observer.tally, total, len(self.observer.partitions)))
         try:
             async with asyncio.timeout(bound):
                 self.observer.metrics.outbox_backlog.set(await store.outbox_backlog())
