@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import FIXTURES, ROOT, TopicSet, rc_worker, store_for
-from worker.cli import main, read_records_file
+from worker.cli import main
+from worker.dump import read_records_file
 from worker.errors import ConfigError
 from worker.kafka import admin, read_topic
 from worker.persistence.accessors import PersistenceWriter

@@ -6,11 +6,11 @@ import orjson
 import pytest
 
 from tests.support import FIXTURES, TopicSet, counts, rc_worker, store_for
-from worker.cli import read_records_file
 from worker.config import PersistenceSettings, Settings
 from worker.constants import OUTBOX_ID_HEADER
 from worker.dispatch import dead_letter
 from worker.dlq import DeadLetter, read_dead_letters, redrive, select
+from worker.dump import read_records_file
 from worker.events import RawRecord
 from worker.kafka import Outgoing, PartitionReader, Producer
 from worker.oversize import truncate

@@ -29,9 +29,9 @@ from sqlalchemy.engine import make_url
 
 from tests.support import FIXTURES, ROOT, StartWorker, TopicSet, WorkerProcess, make_events, rc_worker, store_for, wait_until
 from worker import tracing
-from worker.cli import read_records_file
 from worker.config import ProcessingSettings, Settings
 from worker.dispatch import BatchResult, Dispatcher, Topics
+from worker.dump import read_records_file
 from worker.errors import ConfigError, VersionConflict
 from worker.events import RawRecord
 from worker.http import Http

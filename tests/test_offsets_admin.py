@@ -9,8 +9,8 @@ import json
 import pytest
 
 from tests.support import FIXTURES, TopicSet, rc_worker, store_for
-from worker.cli import read_records_file
 from worker.config import PersistenceSettings, Settings
+from worker.dump import read_records_file
 from worker.errors import ConfigError
 from worker.kafka import Consumer, Outgoing, PartitionReader, Producer, commit_group_offsets, group_offsets
 from worker.offsets_admin import reset_command, targets

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", help="produce the records of a contract JSON-lines file, in order")
     load.add_argument("file", type=Path)
     load.add_argument("--topic", help="topic to produce to (default: kafka.topic)")
+    load.add_argument("--create-topic", action="store_true", help="create the topic if it does not exist (as `rc-worker topics create`)")
 
     db = commands.add_parser("db", help="manage the database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="create or migrate the schema (idempotent)")
@@ -221,65 +220,10 @@ async def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    """One line of a contract JSON-lines file."""
-
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-
-
-def read_records_file(path: Path) -> list[FileRecord]:
-    """Parse a contract JSON-lines file; ConfigError names the line and the problem."""
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_parse_line(line))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{path}:{number}: {exc}; nothing was sent") from None
-    return records
-
-
-def _parse_line(line: bytes) -> FileRecord:
-    try:
-        item = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON ({exc})") from None
-    if not isinstance(item, dict):
-        raise ValueError("each line must be a JSON object with key, headers and value")
-    key = item.get("key")
-    if key is not None and not isinstance(key, str):
-        raise ValueError("key must be a string or null")
-    headers = item.get("headers") or {}
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        raise ValueError("headers must be an object of strings")
-    if ("value" in item) == ("value_b64" in item):
-        raise ValueError("exactly one of value and value_b64 is needed")
-    if "value" in item:
-        if not isinstance(item["value"], str):
-            raise ValueError("value must be a string (the record value's UTF-8 text)")
-        value = item["value"].encode()
-    else:
-        value = base64.b64decode(item["value_b64"], validate=True)
-    return FileRecord(key.encode() if key is not None else None, value, tuple((k, v.encode()) for k, v in headers.items()))
-
-
 async def _load(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.kafka import Outgoing, Producer
+    from worker.dump import load_command
 
-    records = read_records_file(args.file)
-    topic = args.topic or settings.kafka.topic
-    async with Producer(settings.kafka) as producer:
-        await producer.send_many([Outgoing(topic, r.key, r.value, r.headers) for r in records])
-    print(f"loaded {len(records)} records into {topic}")
-    return 0
+    return await load_command(settings, args)
 
 
 async def _db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:

@@ -54,6 +54,11 @@ class BatchResult:
     per_app: dict[str, int] = field(default_factory=dict)
     outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (app, processed|skipped|duplicate|dead_lettered)
 
+    @property
+    def dead_letters(self) -> int:
+        """Records dead-lettered whole, and events an app failed for good (one per app)."""
+        return self.dead_lettered + sum(n for (_, outcome), n in self.outcomes.items() if outcome == "dead_lettered")
+
     def add(self, other: BatchResult) -> None:
         """Fold in the result of a part of this batch (when a batch is split)."""
         self.processed += other.processed

@@ -25,13 +25,16 @@ from typing import IO, Any
 import orjson
 
 from worker.config import KafkaSettings, Settings
-from worker.errors import WorkerError
+from worker.errors import ConfigError, WorkerError
 from worker.events import RawRecord
 from worker.kafka import PartitionReader
-from worker.tools import CONNECT_TIMEOUT_S, Start, parse_time, plan, read_spans, require_records
+from worker.progress import Progress
+from worker.tools import CONNECT_TIMEOUT_S, Start, parse_time, plan, read_spans, require_records, require_topic
 
 # Keep this much of a dump in memory before spilling to a temporary file.
 SPOOL_BYTES = 32 * 1024 * 1024
+# `load` sends this many records at a time, each chunk acknowledged before the progress moves on.
+LOAD_CHUNK = 1000
 
 
 class DumpError(WorkerError):
@@ -97,9 +100,12 @@ async def dump(
     async with PartitionReader(settings, settings.topic, timeout_s=CONNECT_TIMEOUT_S) as reader:
         spans = await plan(settings, reader, start, to_time_ms, None if partition is None else [partition])
         require_records(spans, settings.topic, start, to_time_ms)
-        async for record in read_spans(reader, spans, settings.fetch_timeout_ms, settings.max_batch_records):
-            out.write(encode_record(record))
-            written += 1
+        sizes = {p: span.size for p, span in spans.items() if span.size}
+        with Progress("dump", sum(sizes.values()), partitions=sizes) as progress:
+            async for record in read_spans(reader, spans, settings.fetch_timeout_ms, settings.max_batch_records):
+                out.write(encode_record(record))
+                written += 1
+                progress.advance(1, partition=record.partition)
     return DumpSummary(settings.topic, written, [p for p, s in spans.items() if s.size])
 
 
@@ -132,3 +138,73 @@ def _deliver(spool: IO[bytes], output: Path | None) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# -- rc-worker load: the same format read back --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One line of a contract JSON-lines file."""
+
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+
+
+def read_records_file(path: Path) -> list[FileRecord]:
+    """Parse a contract JSON-lines file; ConfigError names the line and the problem."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_parse_line(line))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}:{number}: {exc}; nothing was sent") from None
+    return records
+
+
+def _parse_line(line: bytes) -> FileRecord:
+    try:
+        item = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(item, dict):
+        raise ValueError("each line must be a JSON object with key, headers and value")
+    key = item.get("key")
+    if key is not None and not isinstance(key, str):
+        raise ValueError("key must be a string or null")
+    headers = item.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError("headers must be an object of strings")
+    if ("value" in item) == ("value_b64" in item):
+        raise ValueError("exactly one of value and value_b64 is needed")
+    if "value" in item:
+        if not isinstance(item["value"], str):
+            raise ValueError("value must be a string (the record value's UTF-8 text)")
+        value = item["value"].encode()
+    else:
+        value = base64.b64decode(item["value_b64"], validate=True)
+    return FileRecord(key.encode() if key is not None else None, value, tuple((k, v.encode()) for k, v in headers.items()))
+
+
+async def load_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``rc-worker load FILE [--topic T] [--create-topic]``: produce the file's records, in order, to a topic that exists."""
+    from worker.kafka import Outgoing, Producer
+
+    records = read_records_file(args.file)
+    topic = args.topic or settings.kafka.topic
+    await require_topic(settings.kafka, topic, create=args.create_topic)
+    async with Producer(settings.kafka) as producer:
+        with Progress("load", len(records)) as progress:
+            for first in range(0, len(records), LOAD_CHUNK):
+                chunk = records[first : first + LOAD_CHUNK]
+                await producer.send_many([Outgoing(topic, r.key, r.value, r.headers) for r in chunk])
+                progress.advance(len(chunk))
+    print(f"loaded {len(records)} records into {topic}")
+    return 0

@@ -286,15 +286,13 @@ class Observer:
             "duplicate": self.metrics.duplicates,
             "dead_lettered": self.metrics.dead_lettered,
         }
-        app_dead_letters = 0
         for (app_id, outcome), count in result.outcomes.items():
             counters[outcome].labels(app_id).inc(count)
-            app_dead_letters += count if outcome == "dead_lettered" else 0
         self.metrics.records_dead_lettered.inc(result.dead_lettered)
         tally = self.tally
         tally.events += result.processed
         tally.duplicates += result.duplicates
-        tally.dead_letters += result.dead_lettered + app_dead_letters
+        tally.dead_letters += result.dead_letters
         tally.conflicts += result.conflicts
         self.health.progress()
 

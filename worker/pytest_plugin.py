@@ -125,7 +125,7 @@ def rc_topic_from_file(rc_kafka: str) -> Callable[..., str]:
     """A factory: ``rc_topic_from_file(path, partitions=6)`` loads a contract JSON-lines file into a fresh topic; returns its name."""
 
     def load(path: str | os.PathLike[str], partitions: int = 6) -> str:
-        from worker.cli import read_records_file
+        from worker.dump import read_records_file
         from worker.kafka import Outgoing, Producer, create_topics
 
         records = read_records_file(Path(path))

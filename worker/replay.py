@@ -66,7 +66,7 @@ class ReplaySummary:
         self.events += result.processed
         self.duplicates += result.duplicates
         self.skipped += result.skipped
-        self.dead_letters += dead_letters(result)
+        self.dead_letters += result.dead_letters
         self.conflicts += result.conflicts
         for app_id, count in result.per_app.items():
             self.per_app[app_id] = self.per_app.get(app_id, 0) + count
@@ -90,11 +90,6 @@ class ReplaySummary:
             f"  {tail}",
         ]
         return "\n".join(lines)
-
-
-def dead_letters(result: BatchResult) -> int:
-    """Undecodable records, and events an app failed for good (counted per app)."""
-    return result.dead_lettered + sum(n for (_, outcome), n in result.outcomes.items() if outcome == "dead_lettered")
 
 
 class Replay:
@@ -272,7 +267,7 @@ class Replay:
                     self.progress.advance(
                         result.next_offset - records[0].offset,
                         partition=partition,
-                        dead_letters=dead_letters(result),
+                        dead_letters=result.dead_letters,
                         duplicates=result.duplicates,
                     )
                 log.debug(

@@ -795,7 +795,7 @@ def _items(events: Events) -> list[_Item]:
     if isinstance(events, (str, bytes)):
         raise TypeError("events must be a list of messages or a pathlib.Path of a JSON-lines file, not a string")
     if isinstance(events, os.PathLike):
-        from worker.cli import read_records_file  # the same parser as `rc-worker load`
+        from worker.dump import read_records_file  # the same parser as `rc-worker load`
 
         return [_Item(r.key, r.value, r.headers) for r in read_records_file(Path(events))]
     return [_item(n, event) for n, event in enumerate(events)]
