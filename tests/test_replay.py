@@ -159,6 +159,19 @@ class TestReplayEqualsLive:
         # The range is pinned in the group: the same replay again finds nothing left to do.
         assert asyncio.run(replay(live.topics, url, start=Start(), group=group)).records == 0
 
+    def test_workers_two_split_the_partitions_among_processes_and_match_live(self, live: Live, tmp_path: Path) -> None:
+        """--workers 2 runs two processes of one replay group; the summary adds them up and the state equals live's."""
+        url = f"sqlite+aiosqlite:///{tmp_path / 'two.db'}"
+        result = rc_worker("replay", "--from-beginning", "--workers", "2", "--state", url, "--json", env=live.topics.env(live.url))
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert asyncio.run(state(url)) == asyncio.run(state(live.url))
+        assert (summary["records"], summary["dead_letters"]) == (live.records, live.totals["invalid"])
+        assert summary["per_app"] == {"message-count": live.totals["events"]}
+        assert summary["partitions"] == 6
+        lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        progress = [line for line in lines if line["event"] == "progress"]
+        assert (progress[-1]["done"], progress[-1]["total"]) == (live.records, live.records)
+
 
 class TestRanges:
     async def test_from_offset_replays_only_the_named_partitions_from_their_offsets(

@@ -72,6 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--state", required=True, metavar="URL", help="database to replay into, migrated if fresh")
     replay.add_argument("--group", metavar="NAME", help="share the replay among processes given the same NAME; run again to resume")
     replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    replay.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the partitions among N processes of one replay group (--group, or a new one); for large topics",
+    )
 
     dump_topic = commands.add_parser("dump", help="write a range of the topic as contract JSON lines, which `load` reproduces")
     dump_topic.add_argument("--topic", help="topic to dump (default: kafka.topic)")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,6 +43,8 @@ log = structlog.get_logger("worker.replay")
 BATCH_MAX_ATTEMPTS = 10
 # A replay whose partitions stop advancing this long has lost its broker: fail, do not hang.
 STALL_TIMEOUT_S = 60.0
+# How often `replay --workers N` reads its group's committed offsets for the progress display.
+WORKERS_POLL_S = 1.0
 # Commit metadata pinning a replay group's end offset of a partition ("rc-replay end=1234").
 END_MARK = "rc-replay end="
 
@@ -325,10 +329,130 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     if args.group is not None and args.group == settings.kafka.group_id:
         raise ConfigError(f"--group {args.group} is the live consumer group (kafka.group_id); name the replay group differently")
     apps = load_apps(handlers, settings.handlers.settings)
-    store = state_store(args.state)
-    try:
-        summary = await Replay(settings, apps, store, topic=args.topic, start=start, to_time_ms=to_time_ms, group=args.group).run()
-    finally:
-        await store.close()
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give at least 1")
+    if args.workers > 1:
+        summary = await Workers(settings, args, start, to_time_ms).run(args.workers)
+    else:
+        store = state_store(args.state)
+        try:
+            summary = await Replay(settings, apps, store, topic=args.topic, start=start, to_time_ms=to_time_ms, group=args.group).run()
+        finally:
+            await store.close()
     print(orjson.dumps(summary.as_dict()).decode() if args.json else summary.render())
     return 0
+
+
+# -- replay --workers N ------------------------------------------------------------------------
+
+
+class Workers:
+    """``replay --workers N``: N processes of one replay group, among which Kafka splits the partitions.
+
+    Each process is ``rc-worker replay --group G`` (quiet, JSON summary): the group pins every
+    partition's range when a process first takes it, so the processes together replay the
+    range as it was at start, and running the same command with ``--group G`` again resumes.
+    This process migrates the database once before they start, shows their progress from the
+    group's committed offsets, and adds up their summaries.
+    """
+
+    def __init__(self, settings: Settings, args: argparse.Namespace, start: Start, to_time_ms: int | None) -> None:
+        self.settings = settings
+        self.args = args
+        self.kafka = settings.kafka.model_copy(update={"topic": args.topic or settings.kafka.topic})
+        self.start = start
+        self.to_time_ms = to_time_ms
+        self.group: str = args.group or f"rc-replay-{uuid.uuid4().hex[:12]}"
+
+    def _command(self) -> list[str]:
+        args = self.args
+        options = ["--from-beginning"] if args.from_beginning else []
+        for flag, value in (
+            ("--from-offset", args.from_offset),
+            ("--from-time", args.from_time),
+            ("--to-time", args.to_time),
+            ("--topic", args.topic),
+            ("--handlers", args.handlers),
+        ):
+            if value is not None:
+                options += [flag, value]
+        config = ["--config", str(args.config)] if getattr(args, "config", None) else []
+        return [
+            sys.executable,
+            "-m",
+            "worker",
+            *config,
+            "replay",
+            *options,
+            "--state",
+            args.state,
+            "--group",
+            self.group,
+            "--json",
+            "--quiet",
+        ]
+
+    async def run(self, count: int) -> ReplaySummary:
+        """Run ``count`` processes to the end of the range; their summaries added up."""
+        started = time.monotonic()
+        async with PartitionReader(self.kafka, self.kafka.topic, timeout_s=CONNECT_TIMEOUT_S) as reader:
+            spans = await plan(self.kafka, reader, self.start, self.to_time_ms)
+        require_records(spans, self.kafka.topic, self.start, self.to_time_ms)
+        store = state_store(self.args.state)
+        try:
+            await prepare(store)  # once: processes migrating a fresh database together would race
+        finally:
+            await store.close()
+        log.info("replay_workers_started", topic=self.kafka.topic, group=self.group, workers=count)
+        processes = [
+            await asyncio.create_subprocess_exec(*self._command(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            for _ in range(count)
+        ]
+        try:
+            outputs = await self._follow(processes, spans)
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        summary = self._add_up(processes, outputs)
+        summary.duration_s = time.monotonic() - started
+        log.info("replay_finished", **summary.as_dict())
+        return summary
+
+    async def _follow(self, processes: list[asyncio.subprocess.Process], spans: dict[int, Span]) -> list[tuple[bytes, bytes]]:
+        """Wait for the processes, moving the progress as the group's committed offsets move."""
+        sizes = {p: span.size for p, span in spans.items() if span.size}
+        waiting = asyncio.ensure_future(asyncio.gather(*(process.communicate() for process in processes)))
+        with Progress("replay", sum(sizes.values()), unit="events", partitions=sizes) as progress:
+            while not waiting.done():
+                await asyncio.wait([waiting], timeout=WORKERS_POLL_S)
+                try:
+                    committed = await group_offsets(self.kafka, self.group, self.kafka.topic, CONNECT_TIMEOUT_S)
+                except BrokerError:
+                    continue  # the processes fail on their own if the broker is gone
+                for partition, size in sizes.items():
+                    pinned = _pinned(committed.get(partition))
+                    done = min(size, max(0, pinned[0] - spans[partition].start)) if pinned else 0
+                    if done > progress.partition_done[partition]:
+                        progress.advance(done - progress.partition_done[partition], partition=partition)
+        return waiting.result()
+
+    def _add_up(self, processes: list[asyncio.subprocess.Process], outputs: list[tuple[bytes, bytes]]) -> ReplaySummary:
+        failed = [(process.returncode, err) for process, (_, err) in zip(processes, outputs, strict=True) if process.returncode != 0]
+        if failed:
+            status, err = failed[0]
+            said = err.decode(errors="replace").strip().splitlines()[-1:] or ["nothing"]
+            raise WorkerError(
+                f"{len(failed)} of {len(processes)} replay processes failed; one exited {status} saying: {said[0]}. "
+                f"Run again with --group {self.group} to resume where they stopped"
+            )
+        summary = ReplaySummary(self.kafka.topic)
+        for out, _ in outputs:
+            part = orjson.loads(out.strip().splitlines()[-1])
+            summary.partitions += part["partitions"]
+            for name in ("records", "events", "duplicates", "skipped", "dead_letters", "conflicts"):
+                setattr(summary, name, getattr(summary, name) + part[name])
+            for app_id, events in part["per_app"].items():
+                summary.per_app[app_id] = summary.per_app.get(app_id, 0) + events
+        return summary
