@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -65,8 +65,13 @@ async def prepare(store: Store) -> None:
             await asyncio.sleep(0.5)
 
 
-async def set_stored_offsets(store: Store, group_id: str, topic: str, offsets: Mapping[int, int]) -> list[int]:
-    """Overwrite the next offset kept with the state, where the group has one; returns those partitions."""
+async def set_stored_offsets(
+    store: Store, group_id: str, topic: str, offsets: Mapping[int, int], on_each: Callable[[], None] | None = None
+) -> list[int]:
+    """Overwrite the next offset kept with the state, where the group has one; returns those partitions.
+
+    ``on_each`` is called after each partition's update (a progress display), in the one transaction.
+    """
     changed = []
     with _translate("setting stored offsets"):
         async with _write(store) as conn:
@@ -83,6 +88,8 @@ async def set_stored_offsets(store: Store, group_id: str, topic: str, offsets: M
                 )
                 if result.rowcount:
                     changed.append(partition)
+                if on_each is not None:
+                    on_each()
     return changed
 
 
