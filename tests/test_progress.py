@@ -102,13 +102,13 @@ class TestLogLines:
 
 class TestOnATerminal:
     def test_the_bar_shows_a_count_a_rate_an_eta_and_the_tallies(self) -> None:
-        """On a pseudo-terminal the display shows done of total, events/s, an ETA, duplicates and dead letters."""
+        """On a pseudo-terminal the display shows done of total, events/s, an ETA, dead letters, duplicates, partitions done."""
         status, output = on_terminal([*DRIVER, "--units", "60"], driver_env(), timeout=60)
         assert status == 0, output
         assert "60/60" in output
         assert re.search(r"\d+(\.\d+)? events/s", output), output
         assert re.search(r"ETA \d\d:\d\d", output), output
-        assert "dead letters 3, duplicates 6" in output
+        assert "dead letters 3, duplicates 6, partitions 2/2 done" in output
         assert "done 60" in output
 
     def test_json_logs_on_a_terminal_get_lines_not_a_bar(self) -> None:

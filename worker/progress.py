@@ -120,11 +120,17 @@ class Progress:
         if partition is not None:
             self.partition_done[partition] = self.partition_done.get(partition, 0) + count
         if self._bar is not None:
-            if dead_letters or duplicates or self._bar.postfix is None:
-                self._bar.set_postfix_str(f"dead letters {self.dead_letters}, duplicates {self.duplicates}", refresh=False)
+            self._bar.set_postfix_str(self._tallies(), refresh=False)
             self._bar.update(count)
         elif self._display == "log" and time.monotonic() >= self._next_log:
             self._log()
+
+    def _tallies(self) -> str:
+        text = f"dead letters {self.dead_letters}, duplicates {self.duplicates}"
+        if len(self.partition_totals) > 1:
+            finished = sum(1 for p, total in self.partition_totals.items() if self.partition_done[p] >= total)
+            text += f", partitions {finished}/{len(self.partition_totals)} done"
+        return text
 
     def resize(self, remaining: Mapping[int, int]) -> None:
         """Partitions taken on (a replay group's assignment), each with ``remaining`` units to go."""
