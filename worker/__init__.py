@@ -14,10 +14,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.apps import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
+    from worker.apps.contract import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
+    from worker.apps.http import HttpResponse
     from worker.errors import DeadLetterNow, HttpError, WorkerError
     from worker.events import Message, Room, User
-    from worker.http import HttpResponse
     from worker.persistence.associations import Association, AssociationModel
 
 __all__ = [
@@ -41,10 +41,10 @@ __all__ = [
 ]
 
 _MODULES = {
-    "worker.apps": ("App", "IHttp", "IModify", "IPersistence", "IPersistenceRead", "IRead", "MessageBuilder", "Record"),
+    "worker.apps.contract": ("App", "IHttp", "IModify", "IPersistence", "IPersistenceRead", "IRead", "MessageBuilder", "Record"),
+    "worker.apps.http": ("HttpResponse",),
     "worker.errors": ("DeadLetterNow", "HttpError", "WorkerError"),
     "worker.events": ("Message", "Room", "User"),
-    "worker.http": ("HttpResponse",),
     "worker.persistence.associations": ("Association", "AssociationModel"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}

@@ -13,13 +13,13 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from contextlib import AbstractContextManager
+from typing import Any, TextIO, cast
 from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from worker import progress
 from worker.config import LoggingSettings, Settings
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -28,7 +28,7 @@ REDACTED = "***"
 # The password part of a URL's user info, in any message (DSNs in driver errors, URLs in reasons).
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):[^@/\s]+@")
 # App settings whose names say they are secret (handlers.settings.<app>.api_key, ...).
-_SECRET_NAME = re.compile(r"password|passwd|secret|token|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
+SECRET_NAME = re.compile(r"password|passwd|secret|token|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
 # Shorter secrets would blank out ordinary words everywhere; the URL rule still covers them.
 _MIN_SECRET_LENGTH = 3
 
@@ -98,7 +98,7 @@ def secrets_of(settings: Settings) -> list[str]:
 def _app_secrets(node: Any, secret: bool = False) -> Iterable[str]:
     if isinstance(node, Mapping):
         for key, value in node.items():
-            yield from _app_secrets(value, secret or bool(_SECRET_NAME.search(str(key))))
+            yield from _app_secrets(value, secret or bool(SECRET_NAME.search(str(key))))
     elif isinstance(node, list | tuple):
         for value in node:
             yield from _app_secrets(value, secret)
@@ -146,6 +146,39 @@ def as_json(settings: LoggingSettings) -> bool:
     return settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
 
 
+class Console:
+    """stderr for log lines, which a progress display can keep clear of itself.
+
+    A log line (``--verbose``, a warning) written while a progress bar is drawn would land in
+    the middle of the bar's line: the display sets :attr:`around_write` to what clears the bar
+    before a write and redraws it after (tqdm's ``external_write_mode``), and unsets it when done.
+    """
+
+    def __init__(self) -> None:
+        self.around_write: Callable[[], AbstractContextManager[object]] | None = None
+
+    def write(self, text: str) -> int:
+        """Write ``text`` to stderr, clear of the progress display."""
+        if self.around_write is None:
+            return sys.stderr.write(text)
+        with self.around_write():
+            return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        """Flush stderr."""
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        """Whether stderr is a terminal."""
+        return sys.stderr.isatty()
+
+
+console = Console()
+"""Where log lines go: stderr, kept clear of a progress bar while one is drawn."""
+# What structlog and logging are handed: write, flush and isatty are all they use of a stream.
+_stream = cast(TextIO, console)
+
+
 def configure(settings: LoggingSettings, secrets: Iterable[str] = (), level: str | None = None) -> None:
     """Configure structlog (and stdlib logging, for aiokafka's own lines) once at start-up.
 
@@ -172,12 +205,11 @@ def configure(settings: LoggingSettings, secrets: Iterable[str] = (), level: str
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        # progress.console is stderr, kept clear of a progress bar while one is drawn.
-        logger_factory=structlog.PrintLoggerFactory(file=progress.console),
+        logger_factory=structlog.PrintLoggerFactory(file=_stream),
         cache_logger_on_first_use=True,
     )
     # aiokafka and SQLAlchemy log through the standard library; keep their warnings visible.
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=progress.console, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=_stream, format="%(name)s %(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         if _library_filter not in handler.filters:
             handler.addFilter(_library_filter)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from worker import logs, progress
+from worker import logs
 from worker.config import LoggingSettings
+from worker.tools import progress
 
 
 def main() -> None:
