@@ -7,16 +7,16 @@ Exit status: 0 done, 1 failed at run time, 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker import logs
-from worker.config import Settings, load_settings
 from worker.errors import ConfigError, PluginError, WorkerError
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -150,6 +150,7 @@ def output_flags(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRE
 
 
 def _configure_output(settings: Settings, args: argparse.Namespace) -> None:
+    from worker import logs
     from worker.tools import progress
 
     logging = settings.logging
@@ -164,6 +165,12 @@ def _configure_output(settings: Settings, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rc-worker`` console script."""
     args = _parser().parse_args(argv)
+    # Imported once the arguments are read: `--help` and a usage error need no settings, logs or asyncio.
+    import asyncio
+
+    from worker import logs
+    from worker.config import load_settings
+
     try:
         settings = load_settings(args.config)
         _configure_output(settings, args)
@@ -182,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+Handler = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
 
 # (command, action) -> (module, coroutine function(settings, args) -> exit status)
 COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
