@@ -35,6 +35,7 @@ from worker.errors import ConfigError, VersionConflict
 from worker.events import RawRecord
 from worker.kafka import create_topics
 from worker.observability import Endpoint, Health, Metrics, Observer, serve
+from worker.observability.throughput import Throughput
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.runner import Worker
 from worker.pipeline.tally import BatchResult
@@ -209,6 +210,31 @@ class TestObserver:
             raise VersionConflict("changed")
         assert sample(observer, "rc_worker_commit_duration_seconds_count", outcome="committed") == 1
         assert sample(observer, "rc_worker_commit_duration_seconds_count", outcome="conflict") == 1
+
+    def test_the_throughput_line_counts_since_the_last_one(self, observer: Observer, clock: FakeClock) -> None:
+        """Each throughput line has the events/s, conflicts, dead letters and duplicates of its own interval."""
+        throughput = Throughput(clock)
+        observer.polled({0: [object()] * 30})
+        result = BatchResult(next_offset=30, processed=20, duplicates=4, dead_lettered=1, conflicts=2)
+        result.outcomes.update({("a", "processed"): 20, ("a", "dead_lettered"): 3})
+        observer.batch_committed(result)
+        clock.now += 10
+        first = throughput.line(observer.tally, lag=7, partitions=3)
+        assert first == {
+            "events_per_s": 2.0,
+            "records_per_s": 3.0,
+            "events": 20,
+            "duplicates": 4,
+            "dead_letters": 4,
+            "conflicts": 2,
+            "lag": 7,
+            "partitions": 3,
+            "interval_s": 10.0,
+        }
+        observer.batch_committed(BatchResult(next_offset=40, processed=5))
+        clock.now += 5
+        second = throughput.line(observer.tally, lag=None, partitions=3)
+        assert (second["events"], second["events_per_s"], second["conflicts"], second["lag"]) == (5, 1.0, 0, None)
 
     def test_revoked_partitions_drop_their_lag_and_membership(self, observer: Observer) -> None:
         """A revoke removes the partitions' lag series and the worker is not a member until assigned."""
@@ -443,6 +469,31 @@ class TestTwoWorkers:
         assert all(status(url, "/readyz") == 200 and status(url, "/healthz") == 200 for url in urls)
         assert [w.terminate() for w in workers] == [0, 0]
         assert any(w.events("consumer_lag") for w in workers)
+
+
+@pytest.mark.kafka
+class TestThroughputLine:
+    async def test_a_worker_at_info_logs_throughput_lines_and_no_batch_lines(
+        self, topics: TopicSet, sqlite_url: str, tmp_path: Path, start_worker: StartWorker
+    ) -> None:
+        """At the info level a worker logs a periodic throughput line whose events add up, and no per-batch lines."""
+        env = topics.env(sqlite_url, RC_WORKER_LOGGING__LEVEL="info", RC_WORKER_OBSERVABILITY__LAG_INTERVAL_S="0.5")
+        rc_worker("db", "upgrade", env=env)
+        events = tmp_path / "events.jsonl"
+        totals = make_events(events, count=300, rooms=6, seed=5, duplicate_every=30)
+        worker = start_worker(env, "w")
+        rc_worker("load", str(events), env=env)
+
+        def counted() -> bool:  # events dispatched, the duplicates among them
+            return sum(line["events"] for line in worker.events("throughput")) == totals["events"] + totals["duplicates"]
+
+        await wait_until(counted, 90, what="throughput lines adding up to every event")
+        assert worker.terminate() == 0
+        lines = worker.events("throughput")
+        assert sum(line["duplicates"] for line in lines) == totals["duplicates"]
+        assert all({"events_per_s", "lag", "conflicts"} <= line.keys() for line in lines)
+        assert any(line["events_per_s"] > 0 for line in lines)
+        assert worker.events("batch_committed") == []
 
 
 # -- a broker outage, on a broker of this test's own ---------------------------------------------

@@ -124,6 +124,31 @@ class TestRedrive:
         assert second.stdout.splitlines()[-1] == "sent 0 dead letters to their topics; 5 already re-driven, left alone"
         assert sorted(await topic_records(topics), key=repr) == expected
 
+    async def test_redrive_through_an_app_whose_commands_topic_is_missing_fails_before_sending(
+        self, topics: TopicSet, ledger_url: str
+    ) -> None:
+        """redrive --app checks the topics its outbox writes to first: exit 2, the command that creates them, nothing claimed."""
+        await fabricate(topics)
+        missing = f"{topics.commands_topic}-missing"
+        env = topics.env(ledger_url, RC_WORKER_KAFKA__COMMANDS_TOPIC=missing)
+        result = rc_worker("dlq", "redrive", "--app", "message-count", env=env, check=False)
+        assert result.returncode == 2
+        assert f"topic {missing} does not exist" in result.stderr
+        assert "rc-worker topics create" in result.stderr
+        assert "--create-topic" not in result.stderr
+        async with store_for(ledger_url) as store:
+            assert await redrives(store, topics.dead_letter_topic) == {}
+
+    async def test_dlq_commands_log_progress_off_a_terminal(self, topics: TopicSet, ledger_url: str) -> None:
+        """Piped, list and redrive log progress lines that end with every dead letter read and sent."""
+        await fabricate(topics)
+        env = topics.env(ledger_url)
+        for action, tasks in (("list", {"dlq read": 5}), ("redrive", {"dlq read": 5, "dlq redrive": 5})):
+            result = rc_worker("dlq", action, env=env)
+            lines = [orjson.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+            last = {line["task"]: line["done"] for line in lines if line["event"] == "progress"}
+            assert last == tasks
+
     async def test_redrive_skips_a_truncated_dead_letter_and_says_so(self, topics: TopicSet, ledger_url: str) -> None:
         """A value cut short is not sent nor claimed: logged with its position, counted in the summary; the whole ones go."""
         originals = await fabricate(topics)

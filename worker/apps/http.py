@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from worker.config import HttpSettings
 from worker.errors import HttpError
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +75,12 @@ class Http:
     """
 
     def __init__(self, settings: HttpSettings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        # httpx when a client is made, not when a handler module imports HttpResponse: it costs
+        # every rc-worker command a tenth of a second of start-up.
+        import httpx
+
         self.settings = settings or HttpSettings()
+        self._errors: type[Exception] = httpx.HTTPError
         self._client = httpx.AsyncClient(timeout=self.settings.timeout_s, follow_redirects=True, transport=transport)
 
     async def aclose(self) -> None:
@@ -119,7 +126,7 @@ class Http:
                 return await self._send(method, url, send_headers, params, body, limit_s)
         except TimeoutError:
             raise HttpError(f"{method} {url} took longer than {limit_s}s; raise http.timeout_s or make the service faster") from None
-        except httpx.HTTPError as exc:  # the one boundary where httpx's errors are translated
+        except self._errors as exc:  # httpx.HTTPError: the one boundary where httpx's errors are translated
             raise HttpError(f"{method} {url} failed: {type(exc).__name__}: {exc}") from exc
 
     async def _send(

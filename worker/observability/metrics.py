@@ -26,6 +26,7 @@ from worker.pipeline.hooks import Hooks
 if TYPE_CHECKING:
     from worker.pipeline.tally import BatchResult
 from worker.observability.health import Health
+from worker.observability.throughput import Tally
 
 log = structlog.get_logger("worker.observability")
 
@@ -112,11 +113,12 @@ def _registry() -> CollectorRegistry:
 
 
 class Observer(Hooks):
-    """Where the runner and the dispatcher report; updates :class:`Metrics` and :class:`Health`."""
+    """Where the runner and the dispatcher report; updates :class:`Metrics`, :class:`Health` and the :class:`Tally`."""
 
     def __init__(self, metrics: Metrics, health: Health) -> None:
         self.metrics = metrics
         self.health = health
+        self.tally = Tally()
         self.partitions: set[int] = set()
         self._lag_series: set[tuple[str, str]] = set()
         metrics.live.set_function(lambda: float(health.liveness().ok))
@@ -127,7 +129,9 @@ class Observer(Hooks):
     def polled(self, batches: Mapping[int, Sequence[object]]) -> None:
         """A fetch returned ``batches`` (records by partition), about to be handed over."""
         if batches:
-            self.metrics.consumed.inc(sum(len(records) for records in batches.values()))
+            count = sum(len(records) for records in batches.values())
+            self.metrics.consumed.inc(count)
+            self.tally.records += count
             self.health.progress()
 
     def batch_committed(self, result: BatchResult) -> None:
@@ -136,6 +140,11 @@ class Observer(Hooks):
         for (app_id, outcome), count in result.outcomes.items():
             if outcome in counters:  # dead letters are counted by dead_lettered, as their commit succeeds
                 counters[outcome].labels(app_id).inc(count)
+        tally = self.tally
+        tally.events += result.processed
+        tally.duplicates += result.duplicates
+        tally.dead_letters += result.dead_letters
+        tally.conflicts += result.conflicts
         self.health.progress()
 
     def assigned(self, partitions: set[int]) -> None:

@@ -11,6 +11,7 @@ from worker.config import ObservabilitySettings
 from worker.errors import BrokerError, PersistenceError
 from worker.observability.health import HEALTH_CHECK_S, HEALTH_TIMEOUT_S
 from worker.observability.metrics import Observer
+from worker.observability.throughput import Throughput
 from worker.pipeline.status import Status
 
 log = structlog.get_logger("worker.observability")
@@ -24,6 +25,7 @@ class Monitor:
         self.status = status
         self.observer = observer
         self.health = observer.health
+        self.throughput = Throughput()
 
     async def run(self) -> None:
         """Until the worker is asked to stop (or this task is cancelled)."""
@@ -60,9 +62,14 @@ class Monitor:
             health.database_ok, health.database_error = True, ""
 
     async def measure(self) -> None:
-        """Lag per assigned partition (exported, and logged as consumer_lag) and the outbox backlog."""
+        """Lag per assigned partition (exported, and logged as consumer_lag), the outbox backlog, and the throughput line.
+
+        ``throughput`` is the line to read: this worker's events/s, lag and conflicts since its
+        last one; the per-batch ``batch_committed`` lines are at debug level.
+        """
         status = self.status
         bound = min(self.settings.lag_interval_s, HEALTH_TIMEOUT_S) + 1.0
+        total: int | None = None
         try:
             async with asyncio.timeout(bound):
                 lag = await status.lag()
@@ -70,7 +77,9 @@ class Monitor:
             log.info("consumer_lag_unavailable", reason=str(exc) or f"no answer within {bound:g}s")
         else:
             self.observer.measured_lag(status.topic, lag)
-            log.info("consumer_lag", total=sum(lag.values()), partitions={str(p): n for p, n in sorted(lag.items())})
+            total = sum(lag.values())
+            log.info("consumer_lag", total=total, partitions={str(p): n for p, n in sorted(lag.items())})
+        log.info("throughput", **self.throughput.line(self.observer.tally, total, len(self.observer.partitions)))
         try:
             async with asyncio.timeout(bound):
                 self.observer.metrics.outbox_backlog.set(await status.outbox_backlog())

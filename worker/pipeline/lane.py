@@ -159,7 +159,8 @@ class Lane:
         self.last_progress = time.monotonic()
         self._dispatcher.hooks.batch_committed(result)
         self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
-        log.info("batch_committed", first_offset=first_offset, **result.log_fields())
+        # Per batch, so at debug: the periodic `throughput` line (observability) is what a person reads.
+        log.debug("batch_committed", first_offset=first_offset, **result.log_fields())
 
     async def _publish(self) -> None:
         try:

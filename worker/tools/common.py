@@ -11,6 +11,7 @@ pays nothing for them.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -157,6 +158,35 @@ def require_records(spans: dict[int, Span], topic: str, start: Start, to_time_ms
     else:
         where = "at all"
     raise ConfigError(f"topic {topic} has no records {where} in partitions {sorted(spans)}; nothing was written")
+
+
+async def require_topic(settings: KafkaSettings, topic: str, *, create: bool | None = False, partitions: int = 6) -> None:
+    """Make sure ``topic`` exists before anything is written to it, creating it if asked.
+
+    Without the check a producer waits its whole request timeout for a topic that is not
+    there; this fails at once, with the command that creates it.
+
+    ``create`` None: the command has no ``--create-topic`` to offer.
+
+    Raises:
+        ConfigError: the topic does not exist and ``create`` is not true.
+        BrokerError: Kafka cannot be reached.
+
+    """
+    from worker.kafka import create_topics, topic_partitions
+
+    if await topic_partitions(settings, topic, CONNECT_TIMEOUT_S):
+        return
+    # `topics create` makes the configured event topic with its dead-letter and commands topics.
+    command = "rc-worker topics create" if topic == settings.topic else f"RC_WORKER_KAFKA__TOPIC={topic} rc-worker topics create"
+    if not create:
+        offer = "" if create is None else ", or run again with --create-topic"
+        raise ConfigError(
+            f"topic {topic} does not exist on {settings.bootstrap_servers}; nothing was sent. "
+            f"Create it with `{command}` (add --partitions N for other than 6){offer}"
+        )
+    for name in await create_topics(settings.model_copy(update={"topic": topic}), partitions):
+        print(f"created {name}", file=sys.stderr)
 
 
 def start_from_args(args: argparse.Namespace) -> Start:

@@ -49,8 +49,11 @@ from worker.persistence.admin import Redrive, claim_redrives, mark_sent, redrive
 from worker.persistence.store import Store
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.outbox import OutboxPublisher
-from worker.tools.common import CONNECT_TIMEOUT_S, Start, configured_store, plan, read_spans
+from worker.tools.common import CONNECT_TIMEOUT_S, Start, configured_store, plan, read_spans, require_topic
+from worker.tools.progress import Progress
 
+# Sent to their topics this many at a time, each chunk acknowledged before the progress moves on.
+SEND_CHUNK = 1000
 # The database claims under which `redrive --app` commits and publishes, apart from the live group.
 REDRIVE_GROUP = "rc-worker:redrive"
 
@@ -116,9 +119,15 @@ def parse(record: RawRecord, default_topic: str) -> DeadLetter:
 async def read_dead_letters(settings: KafkaSettings) -> list[DeadLetter]:
     """Every dead letter of ``settings.dead_letter_topic``, partition after partition, in offset order."""
     dlq = settings.model_copy(update={"topic": settings.dead_letter_topic})
+    letters = []
     async with PartitionReader(dlq, dlq.topic, timeout_s=CONNECT_TIMEOUT_S) as reader:
         spans = await plan(dlq, reader, Start())
-        return [parse(record, settings.topic) async for record in read_spans(reader, spans, dlq.fetch_timeout_ms, dlq.max_batch_records)]
+        sizes = {p: span.size for p, span in spans.items() if span.size}
+        with Progress("dlq read", sum(sizes.values()), unit="dead letters", partitions=sizes) as progress:
+            async for record in read_spans(reader, spans, dlq.fetch_timeout_ms, dlq.max_batch_records):
+                letters.append(parse(record, settings.topic))
+                progress.advance(1, partition=record.partition)
+    return letters
 
 
 def select(letters: Sequence[DeadLetter], app: str | None, reason: str | None) -> list[DeadLetter]:
@@ -193,10 +202,11 @@ async def redrive(
     claimed = await claim_redrives(store, dlq_topic, {d.position: d.target(app) for d in fresh})
     chosen = [*(d for d in fresh if d.position in claimed), *unsent]
     skipped += [d for d in fresh if d.position not in claimed]
-    if app is None:
-        await _to_topics(settings.kafka, chosen)
-    else:
-        await _through_app(settings, store, app, chosen)
+    with Progress("dlq redrive", len(chosen), unit="dead letters") as progress:
+        if app is None:
+            await _to_topics(settings.kafka, chosen, progress)
+        else:
+            await _through_app(settings, store, app, chosen, progress)
     await mark_sent(store, dlq_topic, [d.position for d in chosen])
     return RedriveResult(chosen, skipped, truncated, stale)
 
@@ -230,14 +240,19 @@ def _unsent(entry: Redrive | None, target: str) -> bool:
     return entry is not None and entry.sent_at is None and entry.target == target
 
 
-async def _to_topics(settings: KafkaSettings, letters: Sequence[DeadLetter]) -> None:
+async def _to_topics(settings: KafkaSettings, letters: Sequence[DeadLetter], progress: Progress) -> None:
     if not letters:
         return
     async with Producer(settings) as producer:
-        await producer.send_many([Outgoing(d.original.topic, d.original.key, d.original.value or b"", d.original.headers) for d in letters])
+        for first in range(0, len(letters), SEND_CHUNK):
+            chunk = letters[first : first + SEND_CHUNK]
+            await producer.send_many(
+                [Outgoing(d.original.topic, d.original.key, d.original.value or b"", d.original.headers) for d in chunk]
+            )
+            progress.advance(len(chunk))
 
 
-async def _through_app(settings: Settings, store: Store, app: App, letters: Sequence[DeadLetter]) -> None:
+async def _through_app(settings: Settings, store: Store, app: App, letters: Sequence[DeadLetter], progress: Progress) -> None:
     """Dispatch the originals through ``app`` under redrive claims, then publish what they staged."""
     if not letters:
         return
@@ -257,8 +272,9 @@ async def _through_app(settings: Settings, store: Store, app: App, letters: Sequ
                 claims = await store.claim(REDRIVE_GROUP, f"redrive:{topic}", [partition], owner)
                 fence = claims[partition].fence
                 await publisher.publish(fence)
-                await dispatcher.dispatch(sorted(records, key=lambda r: r.offset), fence)
+                result = await dispatcher.dispatch(sorted(records, key=lambda r: r.offset), fence)
                 await publisher.publish(fence)
+                progress.advance(len(records), dead_letters=result.dead_letters, duplicates=result.duplicates)
     finally:
         await http.aclose()
 
@@ -345,6 +361,12 @@ async def redrive_command(settings: Settings, args: argparse.Namespace) -> int:
 
     app = load_apps([args.app], settings.handlers.settings)[0] if args.app else None
     letters = select(await read_dead_letters(settings.kafka), args.app, args.reason)
+    if not args.dry_run:
+        kafka = settings.kafka
+        # Through an app, what it stages goes out from the outbox to the commands and dead-letter topics.
+        targets = {kafka.commands_topic, kafka.dead_letter_topic} if app is not None else {d.original.topic for d in letters}
+        for topic in sorted(targets):
+            await require_topic(kafka, topic, create=None)
     store = _required_store(settings)
     try:
         await store.check_schema()
