@@ -7,13 +7,13 @@ The accessors are Protocols, so a plugin depends on nothing but ``worker``'s pub
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
 
 import structlog
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from worker.events import Message, Room, User
 from worker.http import HttpResponse
@@ -266,7 +266,10 @@ class App:
             types, defaults and which are required; ``handlers.settings.<app id>`` is
             validated against it at start-up. None means the app takes no settings.
         id: the app id (the entry point's name), set by the runtime.
-        settings: the validated settings, defaults filled in, read-only.
+        settings: the validated settings: an instance of ``settings_model``, defaults filled
+            in, read-only (``self.settings.limit``; declare ``settings: MySettings`` in the
+            class body for typed access). ``self.settings["limit"]`` and
+            ``dict(self.settings)`` work too. An app without a model gets an empty one.
         log: a structlog logger bound to ``app=<id>``.
 
     """
@@ -274,13 +277,17 @@ class App:
     settings_model: ClassVar[type[BaseModel] | None] = None
 
     id: str = ""
-    settings: Mapping[str, Any] = MappingProxyType({})
+    settings: Any = None
     log: Any = structlog.get_logger("app")
 
-    def bind(self, app_id: str, settings: Mapping[str, Any]) -> None:
-        """Called once by the runtime, before the first event: sets ``id``, ``settings``, ``log``."""
+    def bind(self, app_id: str, settings: BaseModel | Mapping[str, Any]) -> None:
+        """Called once by the runtime, before the first event: sets ``id``, ``settings``, ``log``.
+
+        ``settings`` are the values already validated against ``settings_model`` (a model
+        instance, or its fields by name); they are kept as a read-only instance of it.
+        """
         self.id = app_id
-        self.settings = MappingProxyType(dict(settings))
+        self.settings = frozen_settings(type(self).settings_model, settings)
         self.log = structlog.get_logger("app").bind(app=app_id)
 
     async def check_post_message_sent(self, message: Message, read: IRead, http: IHttp) -> bool:
@@ -307,20 +314,56 @@ class App:
         raise NotImplementedError(f"{type(self).__name__} must define execute_post_message_sent")
 
 
+class _SettingsMapping:
+    """Mapping access to a settings model (``settings["limit"]``, ``dict(settings)``), mixed into its frozen copy."""
+
+    model_config = ConfigDict(frozen=True)
+
+    def keys(self) -> list[str]:
+        """The setting names (the model's fields, and extra keys where the model allows them)."""
+        return [*type(self).model_fields, *(self.model_extra or {})]  # type: ignore[attr-defined]
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.keys():
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+
+class _NoSettings(BaseModel):
+    """The settings of an app that declares no ``settings_model``: none."""
+
+
+@functools.cache
+def _frozen_model(model: type[BaseModel]) -> type[BaseModel]:
+    # A subclass, so isinstance(app.settings, MySettings) holds and the fields validate as
+    # declared; frozen, so no run can change what every other run reads.
+    return type(model.__name__, (_SettingsMapping, model), {"__module__": model.__module__, "__doc__": model.__doc__})
+
+
+def frozen_settings(model: type[BaseModel] | None, values: BaseModel | Mapping[str, Any]) -> BaseModel:
+    """``values`` (validated against ``model``) as a read-only instance of ``model``."""
+    given = values.model_dump() if isinstance(values, BaseModel) else dict(values)
+    return _frozen_model(model or _NoSettings).model_validate(given)
+
+
 class SettingsReader:
     """``read.get_environment_reader().get_settings()``: validated settings of one app."""
 
     __slots__ = ("_settings",)
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
-        self._settings = settings
+    def __init__(self, settings: BaseModel | Mapping[str, Any]) -> None:
+        # An app's frozen settings model has mapping access (keys, []); a plain mapping too.
+        self._settings: Any = settings
 
     def get_value_by_id(self, setting_id: str) -> Any:
         """The value of one setting; KeyError names the settings the app has."""
         try:
             return self._settings[setting_id]
         except KeyError:
-            known = ", ".join(sorted(self._settings)) or "none"
+            known = ", ".join(sorted(self._settings.keys())) or "none"
             raise KeyError(f"no setting {setting_id!r}; this app has: {known}") from None
 
 
@@ -329,7 +372,7 @@ class EnvironmentReader:
 
     __slots__ = ("_settings",)
 
-    def __init__(self, settings: Mapping[str, Any]) -> None:
+    def __init__(self, settings: BaseModel | Mapping[str, Any]) -> None:
         self._settings = SettingsReader(settings)
 
     def get_settings(self) -> SettingsReader:
@@ -342,7 +385,7 @@ class Read:
 
     __slots__ = ("_environment", "_persistence")
 
-    def __init__(self, persistence: IPersistenceRead, settings: Mapping[str, Any]) -> None:
+    def __init__(self, persistence: IPersistenceRead, settings: BaseModel | Mapping[str, Any]) -> None:
         self._persistence = persistence
         self._environment = EnvironmentReader(settings)
 

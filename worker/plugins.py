@@ -118,6 +118,7 @@ def check_class(app_class: object, app_id: str, where: str = "") -> None:
         raise PluginError(f"app {app_id!r}: {where} is not a subclass of worker.App; point the entry point at your App subclass")
     if app_class.execute_post_message_sent is App.execute_post_message_sent:
         raise PluginError(f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent; add it")
+    _check_async(app_class, app_id)
     required = _required_parameters(app_class)
     if required:
         raise PluginError(
@@ -243,6 +244,20 @@ async def handlers_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # -- internals ---------------------------------------------------------------------------
+
+
+def _check_async(app_class: type[App], app_id: str) -> None:
+    # The dispatcher awaits what these return; a plain def would fail on every event with
+    # "object NoneType can't be used in 'await' expression", far from the cause.
+    for name in sorted(vars(App)):
+        if not name.startswith(("execute_", "check_")):
+            continue
+        method = getattr(app_class, name)
+        if method is not getattr(App, name) and not inspect.iscoroutinefunction(method):
+            raise PluginError(
+                f"app {app_id!r}: {app_class.__name__}.{name} is not async; write `async def {name}(...)` "
+                "(the worker awaits it, and a handler awaits its accessors inside it)"
+            )
 
 
 def _names(available: Mapping[str, Installed]) -> str:
