@@ -38,11 +38,15 @@ class IPersistenceRead(Protocol):
         ...
 
     async def read_by_association(self, association: Association) -> list[dict[str, Any]]:
-        """The data of every record having ``association``."""
+        """The data of every record having ``association``, ordered by record id.
+
+        The order is the same for every run and every worker; records created by ``create``
+        have random ids, so sort by a field of your own where the order means something.
+        """
         ...
 
     async def read_by_associations(self, associations: Sequence[Association]) -> list[dict[str, Any]]:
-        """The data of every record having all of ``associations``."""
+        """The data of every record having all of ``associations``, ordered by record id."""
         ...
 
     async def read_record(self, record_id: str) -> Record | None:
@@ -74,11 +78,21 @@ class IPersistence(Protocol):
         ...
 
     async def update(self, record_id: str, data: Mapping[str, Any], upsert: bool = False) -> str:
-        """Replace the data of a record (create it with this id, with upsert); returns the id."""
+        """Replace the data of a record; returns the id.
+
+        The record keeps its associations. With ``upsert=True`` and no record of that id, a
+        record is created under exactly that id with ``data`` and no associations (to create
+        one with associations, use ``update_by_association(..., upsert=True)``). Without
+        upsert, a missing record raises ``RecordNotFoundError``.
+        """
         ...
 
     async def update_by_association(self, association: Association, data: Mapping[str, Any], upsert: bool = False) -> list[str]:
-        """Replace the data of every record having ``association``; returns their ids."""
+        """Replace the data of every record having ``association``; returns their ids.
+
+        With ``upsert=True`` and no such record, one is created with ``data`` and the
+        association, under a new random id.
+        """
         ...
 
     async def update_by_associations(self, associations: Sequence[Association], data: Mapping[str, Any], upsert: bool = False) -> list[str]:

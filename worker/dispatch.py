@@ -21,7 +21,7 @@ from structlog.contextvars import bound_contextvars
 from worker import constants, tracing
 from worker.apps import App, Read
 from worker.config import ProcessingSettings
-from worker.errors import DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
+from worker.errors import DecodeError, FencedError, PersistenceError, UnawaitedCallError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
 from worker.http import Http
 from worker.modify import Modify
@@ -273,6 +273,7 @@ class Dispatcher:
                         await app.execute_post_message_sent(message, read, self.http, PersistenceWriter(unit, app.id), modify)
                 if unit.failure is not None:
                     raise unit.failure
+                _check_awaited(unit, app.id)
                 unit.mark_processed(marker)
                 return "processed"
             except (VersionConflict, FencedError, PersistenceError):
@@ -311,6 +312,14 @@ class Dispatcher:
         # Not marked processed: its state never changed, so a redrive of this event (or a
         # later redelivery) must be able to process it.
         return "dead_lettered"
+
+
+def _check_awaited(unit: UnitOfWork, app_id: str) -> None:
+    missed = unit.take_unawaited()
+    if missed:
+        raise UnawaitedCallError(
+            f"app {app_id!r} called {'; '.join(missed)} and never awaited it, so it did nothing; add `await` before the call"
+        )
 
 
 def _decode(record: RawRecord) -> Event | DecodeError:
