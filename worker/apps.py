@@ -148,7 +148,7 @@ class IHttp(Protocol):
     """
 
     async def get(self, url: str, **options: Any) -> HttpResponse:
-        """GET ``url``; options: headers, params, json, content, timeout."""
+        """GET ``url``; options: headers, params, json (or data, the Apps-Engine's name), content, timeout."""
         ...
 
     async def post(self, url: str, **options: Any) -> HttpResponse:

@@ -7,7 +7,9 @@ stops start-up with a ConfigError that names the key, what was given and what is
 
 from __future__ import annotations
 
+import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -202,11 +204,36 @@ def load_settings(path: Path | None = None) -> Settings:
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from exc
     except SettingsError as exc:
-        # Raised before validation when a list or mapping variable is not JSON.
+        # Raised before validation when a list or mapping variable is not JSON; pydantic-settings
+        # names the section only, so find the variable ourselves.
+        broken = "".join(f"{name} is not valid JSON ({problem}): {value!r}; " for name, value, problem in _json_variables_broken())
         raise ConfigError(
-            f"invalid configuration: {exc}; lists and mappings in {ENV_PREFIX}* variables are JSON, "
+            f"invalid configuration: {broken or f'{exc}; '}lists and mappings in {ENV_PREFIX}* variables are JSON, "
             f"e.g. {ENV_PREFIX}HANDLERS__ENABLED='[\"message-count\"]'"
         ) from exc
+
+
+def _json_variables_broken() -> list[tuple[str, str, str]]:
+    """The RC_WORKER_* variables that must hold JSON (lists, mappings) and do not: name, value, problem."""
+    broken = []
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith(ENV_PREFIX) or not _takes_json(name[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            broken.append((name, value if len(value) <= 60 else value[:57] + "...", str(exc)))
+    return broken
+
+
+def _takes_json(path: list[str]) -> bool:
+    model: Any = Settings
+    for depth, part in enumerate(path):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return depth > 0 and model is dict  # a key inside a mapping (handlers.settings.<app id>) holds JSON
+        model = typing.get_origin(field.annotation) or field.annotation
+    return model in (dict, list, tuple, set) or (isinstance(model, type) and issubclass(model, BaseModel))
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None) -> str:
