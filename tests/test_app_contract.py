@@ -88,3 +88,45 @@ class TestLoadChecks:
 
         with pytest.raises(PluginError, match=r"SyncCheck\.check_post_message_sent is not async"):
             check_class(SyncCheck, "sync-check")
+
+
+class TestDeclaredEvents:
+    def test_an_app_takes_the_events_whose_execute_method_it_defines(self) -> None:
+        """Defining execute_post_message_updated alone: updates only, not sent messages."""
+
+        class EditsOnly(App):
+            async def execute_post_message_updated(self, message, read, http, persistence, modify):  # type: ignore[no-untyped-def]
+                return None
+
+        check_class(EditsOnly, "edits-only")
+        assert EditsOnly.takes("chat.rocket.message.updated")
+        assert not EditsOnly.takes("chat.rocket.message.sent")
+        assert not EditsOnly.takes("chat.rocket.message.deleted")
+
+    def test_event_types_narrows_what_an_app_takes(self) -> None:
+        """event_types overrides the derived set."""
+
+        class Narrowed(App):
+            event_types = frozenset({"chat.rocket.message.sent"})
+
+            async def execute_post_message_sent(self, message, read, http, persistence, modify):  # type: ignore[no-untyped-def]
+                return None
+
+            async def execute_post_message_updated(self, message, read, http, persistence, modify):  # type: ignore[no-untyped-def]
+                return None
+
+        check_class(Narrowed, "narrowed")
+        assert Narrowed.takes("chat.rocket.message.sent")
+        assert not Narrowed.takes("chat.rocket.message.updated")
+
+    def test_a_declared_type_without_its_execute_method_is_refused(self) -> None:
+        """event_types naming deletions with no execute_post_message_deleted stops start-up."""
+
+        class Overclaims(App):
+            event_types = frozenset({"chat.rocket.message.deleted"})
+
+            async def execute_post_message_sent(self, message, read, http, persistence, modify):  # type: ignore[no-untyped-def]
+                return None
+
+        with pytest.raises(PluginError, match=r"event_types must be a set of the types whose execute_ method it defines"):
+            check_class(Overclaims, "overclaims")

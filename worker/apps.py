@@ -15,9 +15,10 @@ from typing import Any, ClassVar, Protocol
 import structlog
 from pydantic import BaseModel, ConfigDict
 
-from worker.events import Message, Room, User
+from worker.events import INTERFACES, Message, MessageDeleteContext, Room, User
 from worker.http import HttpResponse
 from worker.persistence.associations import Association
+from worker.readers import Directory
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +129,55 @@ class IEnvironmentRead(Protocol):
         ...
 
 
+class IUserRead(Protocol):
+    """``read.get_user_reader()``: Rocket.Chat users (the Apps-Engine's ``IUserRead``).
+
+    Users the event carries (the sender) are answered from it; others through Rocket.Chat's
+    REST API (``users.info``), cached for a few minutes. Without a ``rocketchat`` section
+    those raise ``RocketChatUnavailable``.
+    """
+
+    async def get_app_user(self) -> User | None:
+        """The worker's own Rocket.Chat user (``rocketchat.user_id``); None when no Rocket.Chat is configured."""
+        ...
+
+    async def get_by_id(self, user_id: str) -> User | None:
+        """The user with this id, or None if Rocket.Chat has none."""
+        ...
+
+    async def get_by_username(self, username: str) -> User | None:
+        """The user with this username, or None if Rocket.Chat has none."""
+        ...
+
+
+class IRoomRead(Protocol):
+    """``read.get_room_reader()``: Rocket.Chat rooms (the Apps-Engine's ``IRoomRead``).
+
+    The event's room is answered from it; other rooms and the members of any room through
+    the REST API (``rooms.info``; ``channels.members``, ``groups.members``, ``im.members``).
+    """
+
+    async def get_by_id(self, room_id: str) -> Room | None:
+        """The room with this id, or None."""
+        ...
+
+    async def get_by_name(self, name: str) -> Room | None:
+        """The room with this name (its slugified name), or None."""
+        ...
+
+    async def get_members(self, room_id: str) -> list[User]:
+        """The room's members (at most ``constants.MEMBERS_LIMIT``)."""
+        ...
+
+
+class IMessageRead(Protocol):
+    """``read.get_message_reader()``: Rocket.Chat messages (the Apps-Engine's ``IMessageRead``)."""
+
+    async def get_by_id(self, message_id: str) -> Message | None:
+        """The message with this id (the event's own message without a REST call), or None."""
+        ...
+
+
 class IRead(Protocol):
     """Everything a handler may read."""
 
@@ -137,6 +187,18 @@ class IRead(Protocol):
 
     def get_environment_reader(self) -> IEnvironmentRead:
         """This app's settings."""
+        ...
+
+    def get_user_reader(self) -> IUserRead:
+        """Rocket.Chat users, the app's own user included."""
+        ...
+
+    def get_room_reader(self) -> IRoomRead:
+        """Rocket.Chat rooms and their members."""
+        ...
+
+    def get_message_reader(self) -> IMessageRead:
+        """Rocket.Chat messages."""
         ...
 
 
@@ -185,6 +247,7 @@ class MessageBuilder:
     custom_fields: dict[str, Any] = field(default_factory=dict)
     replace_custom_fields: bool = False
     attachments: list[dict[str, Any]] = field(default_factory=list)
+    blocks: list[dict[str, Any]] | None = None
 
     def set_room(self, room: Room | str) -> MessageBuilder:
         """The room of a new message (a Room or its id)."""
@@ -209,6 +272,17 @@ class MessageBuilder:
     def add_attachment(self, attachment: Mapping[str, Any]) -> MessageBuilder:
         """Add one attachment (a JSON object)."""
         self.attachments.append(dict(attachment))
+        return self
+
+    def set_blocks(self, blocks: Sequence[Mapping[str, Any]]) -> MessageBuilder:
+        """Replace the message's blocks (UIKit layout blocks, as JSON objects)."""
+        self.blocks = [dict(block) for block in blocks]
+        return self
+
+    def add_blocks(self, blocks: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> MessageBuilder:
+        """Append one block or several to the message's blocks."""
+        more = [blocks] if isinstance(blocks, Mapping) else list(blocks)
+        self.blocks = [*(self.blocks or []), *(dict(block) for block in more)]
         return self
 
     def add_custom_field(self, key: str, value: Any) -> MessageBuilder:
@@ -247,6 +321,34 @@ class IMessageCreator(Protocol):
         ...
 
 
+class INotifier(Protocol):
+    """``modify.get_notifier()``: notifications (the Apps-Engine's ``INotifier``), staged as commands.
+
+    Rocket.Chat's REST API has no ephemeral notification: the command's applier sends the
+    closest thing it has, a message from the worker's user (see docs/writing-a-handler.md).
+    """
+
+    def get_message_builder(self) -> MessageBuilder:
+        """A builder for the notification's text, attachments and blocks."""
+        ...
+
+    async def notify_user(self, user: User | str, message: MessageBuilder) -> str:
+        """Notify one user (a User or its id); returns the command id."""
+        ...
+
+    async def notify_room(self, room: Room | str, message: MessageBuilder) -> str:
+        """Notify every member of a room (a Room or its id); returns the command id."""
+        ...
+
+
+class IModifyDeleter(Protocol):
+    """``modify.get_deleter()``: deletions (the Apps-Engine's ``IModifyDeleter``), staged as commands."""
+
+    async def delete_message(self, message: Message | str, user: User | str | None = None) -> str:
+        """Delete a message (a Message, or the id of the event's own message) as ``user``; returns the command id."""
+        ...
+
+
 class IModify(Protocol):
     """Changes to the chat, staged as commands (an outbox) and published only after commit."""
 
@@ -258,12 +360,21 @@ class IModify(Protocol):
         """Create new messages."""
         ...
 
+    def get_notifier(self) -> INotifier:
+        """Notify users and rooms."""
+        ...
+
+    def get_deleter(self) -> IModifyDeleter:
+        """Delete messages."""
+        ...
+
 
 class App:
-    """Base class of every handler plugin (the Apps-Engine's ``IPostMessageSent``).
+    """Base class of every handler plugin (the Apps-Engine's ``IPostMessageSent``, ``IPostMessageUpdated``, ``IPostMessageDeleted``).
 
-    A plugin subclasses it, defines ``execute_post_message_sent`` (and, optionally,
-    ``check_post_message_sent`` and a ``settings_model``) and registers the class under the
+    A plugin subclasses it, defines ``execute_post_message_sent`` (or the ``_updated`` /
+    ``_deleted`` one, or several; optionally the ``check_`` pair of each, and a
+    ``settings_model``) and registers the class under the
     entry-point group ``rc_worker.handlers``; the entry point's name is the app id. The
     runtime creates it with no arguments, then gives it its id, settings and logger through
     :meth:`bind`. Example::
@@ -275,7 +386,12 @@ class App:
     Several workers run the same app at once, and a run may be repeated (after a version
     conflict, an error, or a crash): keep state in ``persistence``, never in attributes.
 
+    An app sees the events whose ``execute_`` method it defines, and no other: its
+    ``event_types`` are derived from them (set ``event_types`` to narrow them).
+
     Attributes:
+        event_types: the CloudEvents types the app takes; None (the default) means those
+            whose ``execute_`` method the class defines.
         settings_model: the settings the app accepts, as a pydantic model whose fields give
             types, defaults and which are required; ``handlers.settings.<app id>`` is
             validated against it at start-up. None means the app takes no settings.
@@ -289,6 +405,7 @@ class App:
     """
 
     settings_model: ClassVar[type[BaseModel] | None] = None
+    event_types: ClassVar[frozenset[str] | None] = None
 
     id: str = ""
     settings: Any = None
@@ -326,6 +443,57 @@ class App:
 
         """
         raise NotImplementedError(f"{type(self).__name__} must define execute_post_message_sent")
+
+    async def check_post_message_updated(self, message: Message, read: IRead, http: IHttp) -> bool:
+        """Return False to skip ``execute_post_message_updated`` for this message (the default runs it)."""
+        return True
+
+    async def execute_post_message_updated(
+        self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify
+    ) -> None:
+        """Handle one edited message (CloudEvents type ``chat.rocket.message.updated``).
+
+        Args:
+            message: the message as it is after the edit.
+            read: as for ``execute_post_message_sent``.
+            http: as for ``execute_post_message_sent``.
+            persistence: as for ``execute_post_message_sent``.
+            modify: as for ``execute_post_message_sent``.
+
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define execute_post_message_updated")
+
+    async def check_post_message_deleted(self, message: Message, read: IRead, http: IHttp, context: MessageDeleteContext) -> bool:
+        """Return False to skip ``execute_post_message_deleted`` for this message (the default runs it)."""
+        return True
+
+    async def execute_post_message_deleted(
+        self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify, context: MessageDeleteContext
+    ) -> None:
+        """Handle one deleted message (CloudEvents type ``chat.rocket.message.deleted``).
+
+        Args:
+            message: the message that was deleted.
+            read: as for ``execute_post_message_sent``.
+            http: as for ``execute_post_message_sent``.
+            persistence: as for ``execute_post_message_sent``.
+            modify: as for ``execute_post_message_sent``.
+            context: the deleted message and who deleted it.
+
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define execute_post_message_deleted")
+
+    @classmethod
+    def defined_event_types(cls) -> frozenset[str]:
+        """The CloudEvents types whose ``execute_`` method this class defines."""
+        return frozenset(
+            kind for kind, name in INTERFACES.items() if getattr(cls, f"execute_{name}") is not getattr(App, f"execute_{name}")
+        )
+
+    @classmethod
+    def takes(cls, event_type: str) -> bool:
+        """Whether this app sees events of ``event_type``."""
+        return event_type in (cls.event_types if cls.event_types is not None else cls.defined_event_types())
 
 
 class _SettingsMapping:
@@ -395,13 +563,16 @@ class EnvironmentReader:
 
 
 class Read:
-    """The ``read`` accessor: persistence reads and the environment of one app."""
+    """The ``read`` accessor: persistence reads, the environment, and Rocket.Chat's users, rooms and messages."""
 
-    __slots__ = ("_environment", "_persistence")
+    __slots__ = ("_environment", "_messages", "_persistence", "_rooms", "_users")
 
-    def __init__(self, persistence: IPersistenceRead, settings: BaseModel | Mapping[str, Any]) -> None:
+    def __init__(self, persistence: IPersistenceRead, settings: BaseModel | Mapping[str, Any], chat: ChatReaders | None = None) -> None:
         self._persistence = persistence
         self._environment = EnvironmentReader(settings)
+        if chat is None:
+            chat = Directory().for_message(None)
+        self._users, self._rooms, self._messages = chat.users, chat.rooms, chat.messages
 
     def get_persistence_reader(self) -> IPersistenceRead:
         """Reads of this app's records."""
@@ -410,3 +581,34 @@ class Read:
     def get_environment_reader(self) -> EnvironmentReader:
         """This app's settings."""
         return self._environment
+
+    def get_user_reader(self) -> IUserRead:
+        """Rocket.Chat users, the app's own user included."""
+        return self._users
+
+    def get_room_reader(self) -> IRoomRead:
+        """Rocket.Chat rooms and their members."""
+        return self._rooms
+
+    def get_message_reader(self) -> IMessageRead:
+        """Rocket.Chat messages."""
+        return self._messages
+
+
+class ChatReaders(Protocol):
+    """The user, room and message readers of one handler run (``worker.readers.Readers``)."""
+
+    @property
+    def users(self) -> IUserRead:
+        """``read.get_user_reader()``."""
+        ...
+
+    @property
+    def rooms(self) -> IRoomRead:
+        """``read.get_room_reader()``."""
+        ...
+
+    @property
+    def messages(self) -> IMessageRead:
+        """``read.get_message_reader()``."""
+        ...

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from worker import constants
@@ -118,6 +118,27 @@ class HttpSettings(_Section):
     max_response_bytes: int = Field(5_000_000, ge=1, description="a larger body fails the request with HttpError")
 
 
+class RocketChatSettings(_Section):
+    """Rocket.Chat's REST API, for the user, room and message readers; unset, they answer from events only."""
+
+    url: str | None = Field(None, min_length=1, description="e.g. https://chat.example.com; unset: no REST calls")
+    user_id: str | None = Field(None, min_length=1, description="the worker's Rocket.Chat user (X-User-Id): the app user")
+    auth_token: SecretStr | None = Field(None, description="its personal access token (X-Auth-Token)")
+
+    @model_validator(mode="after")
+    def _all_or_nothing(self) -> RocketChatSettings:
+        given = {name: getattr(self, name) is not None for name in ("url", "user_id", "auth_token")}
+        if any(given.values()) and not all(given.values()):
+            missing = ", ".join(f"rocketchat.{name}" for name, present in given.items() if not present)
+            raise ValueError(f"set url, user_id and auth_token together; missing: {missing}")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        """True when the worker may call Rocket.Chat's REST API."""
+        return self.url is not None
+
+
 class LoggingSettings(_Section):
     """Log level and format; ``auto`` is JSON lines unless stderr is a terminal."""
 
@@ -151,6 +172,7 @@ class Settings(BaseSettings):
     processing: ProcessingSettings = ProcessingSettings()
     handlers: HandlerSettings = HandlerSettings()
     http: HttpSettings = HttpSettings()
+    rocketchat: RocketChatSettings = RocketChatSettings()
     logging: LoggingSettings = LoggingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
 

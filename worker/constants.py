@@ -15,6 +15,11 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rc-worker.db"
 POST_MESSAGE_SENT = "chat.rocket.message.sent"
 CLOUDEVENTS_SPECVERSION = "1.0"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+# Any structured format (+json, +avro...) is announced this way; only JSON is decoded.
+STRUCTURED_CONTENT_TYPE_PREFIX = "application/cloudevents"
+# The other message events an app (or an outgoing webhook) reports; ingest takes all three.
+POST_MESSAGE_UPDATED = "chat.rocket.message.updated"
+POST_MESSAGE_DELETED = "chat.rocket.message.deleted"
 
 # Entry-point group through which handler plugins are found, built-in ones included.
 HANDLER_ENTRY_POINT_GROUP = "rc_worker.handlers"
@@ -55,3 +60,12 @@ MAX_JSON_DEPTH = 64
 # more than 64 KiB, are a bug or an attack, refused before anything else is read.
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65_536
+
+# What the user, room and message readers keep of Rocket.Chat's REST answers: a bounded
+# cache, so a busy room does not cost one REST call per event, and an answer a few minutes
+# old at most (a renamed user or a new member shows within that time).
+DIRECTORY_CACHE_ENTRIES = 10_000
+DIRECTORY_CACHE_TTL_S = 300.0
+# get_members pages through a room's members this many at a time, and stops at the limit.
+MEMBERS_PAGE_SIZE = 100
+MEMBERS_LIMIT = 10_000

@@ -116,9 +116,19 @@ def check_class(app_class: object, app_id: str, where: str = "") -> None:
     where = where or repr(app_class)
     if not (isinstance(app_class, type) and issubclass(app_class, App)):
         raise PluginError(f"app {app_id!r}: {where} is not a subclass of worker.App; point the entry point at your App subclass")
-    if app_class.execute_post_message_sent is App.execute_post_message_sent:
-        raise PluginError(f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent; add it")
+    defined = app_class.defined_event_types()
+    if not defined:
+        raise PluginError(
+            f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent (nor "
+            "execute_post_message_updated, execute_post_message_deleted); add the one for the events it takes"
+        )
     _check_async(app_class, app_id)
+    declared = app_class.event_types
+    if declared is not None and not (isinstance(declared, frozenset | set) and declared <= defined):
+        raise PluginError(
+            f"app {app_id!r}: {app_class.__name__}.event_types must be a set of the types whose execute_ method it defines "
+            f"({', '.join(sorted(defined))}), not {declared!r}"
+        )
     required = _required_parameters(app_class)
     if required:
         raise PluginError(

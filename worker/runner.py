@@ -26,6 +26,7 @@ from worker.dispatch import Dispatcher, Topics
 from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
 from worker.http import Http
+from worker.readers import Directory
 from worker.kafka import Consumer, Producer, Reader
 from worker.lane import Lane
 from worker.observability import observe
@@ -46,8 +47,14 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.http = Http(settings.http)
         kafka = settings.kafka
+        self.directory = Directory.from_settings(settings.rocketchat)
         self.dispatcher = Dispatcher(
-            apps, self.store, self.http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing
+            apps,
+            self.store,
+            self.http,
+            Topics(kafka.dead_letter_topic, kafka.commands_topic),
+            settings.processing,
+            directory=self.directory,
         )
         self.consumer = Consumer(kafka)
         self.producer = Producer(kafka)
@@ -186,5 +193,6 @@ class Worker:
         await self._commit_offsets()
         await self.consumer.stop()
         await self.http.aclose()
+        await self.directory.aclose()
         await self.store.close()
         log.info("worker_stopped", owner=self.owner)

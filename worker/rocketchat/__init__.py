@@ -1,0 +1,1 @@
+"""Rocket.Chat's REST API, as the worker calls it."""
