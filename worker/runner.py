@@ -26,7 +26,6 @@ from worker.dispatch import Dispatcher, Topics
 from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
 from worker.http import Http
-from worker.readers import Directory
 from worker.kafka import Consumer, Producer, Reader
 from worker.lane import Lane
 from worker.observability import observe
@@ -34,6 +33,7 @@ from worker.offsets import OffsetTracker
 from worker.outbox import OutboxPublisher
 from worker.persistence.retention import pruning
 from worker.persistence.store import Store
+from worker.readers import Directory
 
 log = structlog.get_logger("worker.runner")
 
