@@ -44,13 +44,14 @@ class FakeRocketChat:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         endpoint, query = request.url.path.removeprefix("/api/v1/"), dict(request.url.params)
         self.calls.append(f"{endpoint}?{request.url.query.decode()}")
-        assert request.headers["x-user-id"] == "bot-id" and request.headers["x-auth-token"] == "token"
+        assert request.headers["x-user-id"] == "bot-id"
+        assert request.headers["x-auth-token"] == "token"
         if endpoint == "users.info":
             found = USERS.get(query.get("userId", "")) or next((u for u in USERS.values() if u["username"] == query.get("username")), None)
             return _answer("user", found, "User not found.")
         if endpoint == "rooms.info":
             room = ROOMS.get(query.get("roomId", "")) or next((r for r in ROOMS.values() if r["name"] == query.get("roomName")), None)
-            return _answer("room", room, "The required \"roomId\" or \"roomName\" param provided does not match any room")
+            return _answer("room", room, 'The required "roomId" or "roomName" param provided does not match any room')
         if endpoint == "groups.members":
             offset, count = int(query["offset"]), int(query["count"])
             page = MEMBERS[offset : offset + count]
@@ -111,7 +112,8 @@ class TestUserReader:
         second = await directory.for_message(_event_message()).users.get_by_username("bob")
         by_id = await directory.for_message(_event_message()).users.get_by_id("u-bob")
         assert first == second == by_id
-        assert first is not None and first.model_extra == {"roles": ["user"]}
+        assert first is not None
+        assert first.model_extra == {"roles": ["user"]}
         assert fake.calls == ["users.info?username=bob"]
 
     async def test_an_unknown_user_is_none(self, directory: Directory) -> None:
@@ -141,7 +143,8 @@ class TestRoomAndMessageReaders:
     async def test_another_room_by_name_through_rooms_info(self, directory: Directory) -> None:
         """rooms.info maps _id, name, t to id, slugifiedName, type; other fields are kept."""
         room = await directory.for_message(_event_message()).rooms.get_by_name("ops")
-        assert room is not None and (room.id, room.slugified_name, room.type) == ("r-ops", "ops", "p")
+        assert room is not None
+        assert (room.id, room.slugified_name, room.type) == ("r-ops", "ops", "p")
         assert room.model_extra == {"fname": "Ops"}
 
     async def test_members_are_read_page_by_page(self, directory: Directory, fake: FakeRocketChat) -> None:

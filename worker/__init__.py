@@ -5,9 +5,23 @@ A handler subclasses :class:`App`; its methods receive a :class:`Message` and th
 typed by the ``I*`` Protocols. ``worker.testing`` is what its tests use.
 """
 
-from worker.apps import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
+from worker.apps import (
+    App,
+    IHttp,
+    IMessageRead,
+    IModify,
+    IModifyDeleter,
+    INotifier,
+    IPersistence,
+    IPersistenceRead,
+    IRead,
+    IRoomRead,
+    IUserRead,
+    MessageBuilder,
+    Record,
+)
 from worker.errors import DeadLetterNow, HttpError, WorkerError
-from worker.events import Message, Room, User
+from worker.events import Message, MessageDeleteContext, Room, User
 from worker.http import HttpResponse
 from worker.persistence.associations import Association, AssociationModel
 
@@ -19,12 +33,18 @@ __all__ = [
     "HttpError",
     "HttpResponse",
     "IHttp",
+    "IMessageRead",
     "IModify",
+    "IModifyDeleter",
+    "INotifier",
     "IPersistence",
     "IPersistenceRead",
     "IRead",
+    "IRoomRead",
+    "IUserRead",
     "Message",
     "MessageBuilder",
+    "MessageDeleteContext",
     "Record",
     "Room",
     "User",
