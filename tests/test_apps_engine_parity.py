@@ -6,75 +6,38 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from worker import App, Association, AssociationModel, Message
-from worker.config import RocketChatSettings
 from worker.errors import RocketChatUnavailable
 from worker.events import MessageDeleteContext
 from worker.readers import Directory
 from worker.rocketchat.client import RocketChatClient, RocketChatError
+from worker.rocketchat.stub import RocketChatStub
 from worker.testing import Harness, assert_idempotent, cloud_event, message
 
-SETTINGS = RocketChatSettings(url="http://rc.test", user_id="bot-id", auth_token=SecretStr("token"))
-USERS = {
-    "bot-id": {"_id": "bot-id", "username": "alerts.bot", "name": "Alerts", "type": "bot"},
-    "u-bob": {"_id": "u-bob", "username": "bob", "name": "Bob", "roles": ["user"]},
+USERS = [{"id": "u-bob", "username": "bob", "name": "Bob", "roles": ["user"]}] + [
+    {"id": f"u-{n}", "username": f"user{n}"} for n in range(150)
+]
+APP_USER = {"id": "bot-id", "username": "alerts.bot", "name": "Alerts", "type": "bot"}
+ROOMS = [{"id": "r-ops", "slugifiedName": "ops", "type": "p", "fname": "Ops"}]
+OLD = {
+    "id": "m-old",
+    "room": {"id": "r-ops"},
+    "sender": {"id": "u-bob", "username": "bob", "name": "Bob"},
+    "text": "earlier",
+    "createdAt": "2026-01-01T08:00:00.000Z",
+    "threadId": "m-root",
 }
-ROOMS = {"r-ops": {"_id": "r-ops", "name": "ops", "fname": "Ops", "t": "p"}}
-MESSAGES = {
-    "m-old": {
-        "_id": "m-old",
-        "rid": "r-ops",
-        "msg": "earlier",
-        "u": {"_id": "u-bob", "username": "bob", "name": "Bob"},
-        "ts": "2026-01-01T08:00:00.000Z",
-        "tmid": "m-root",
-    }
-}
-MEMBERS = [{"_id": f"u-{n}", "username": f"user{n}"} for n in range(150)]
-
-
-class FakeRocketChat:
-    """Answers users.info, rooms.info, groups.members and chat.getMessage as Rocket.Chat does; counts calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        endpoint, query = request.url.path.removeprefix("/api/v1/"), dict(request.url.params)
-        self.calls.append(f"{endpoint}?{request.url.query.decode()}")
-        assert request.headers["x-user-id"] == "bot-id"
-        assert request.headers["x-auth-token"] == "token"
-        if endpoint == "users.info":
-            found = USERS.get(query.get("userId", "")) or next((u for u in USERS.values() if u["username"] == query.get("username")), None)
-            return _answer("user", found, "User not found.")
-        if endpoint == "rooms.info":
-            room = ROOMS.get(query.get("roomId", "")) or next((r for r in ROOMS.values() if r["name"] == query.get("roomName")), None)
-            return _answer("room", room, 'The required "roomId" or "roomName" param provided does not match any room')
-        if endpoint == "groups.members":
-            offset, count = int(query["offset"]), int(query["count"])
-            page = MEMBERS[offset : offset + count]
-            return httpx.Response(200, json={"members": page, "count": len(page), "offset": offset, "total": len(MEMBERS), "success": True})
-        if endpoint == "chat.getMessage":
-            return _answer("message", MESSAGES.get(query["msgId"]), "error-not-allowed")
-        return httpx.Response(404, json={"success": False, "error": "no such endpoint"})
-
-
-def _answer(key: str, found: dict[str, Any] | None, error: str) -> httpx.Response:
-    if found is None:
-        return httpx.Response(400, json={"success": False, "error": error})
-    return httpx.Response(200, json={key: found, "success": True})
 
 
 @pytest.fixture
-async def fake() -> FakeRocketChat:
-    return FakeRocketChat()
+def fake() -> RocketChatStub:
+    return RocketChatStub(users=USERS, rooms=ROOMS, messages=[OLD], members={"r-ops": [f"u-{n}" for n in range(150)]}, app_user=APP_USER)
 
 
 @pytest.fixture
-async def directory(fake: FakeRocketChat) -> Any:
-    found = Directory(RocketChatClient(SETTINGS, transport=httpx.MockTransport(fake)), app_user_id="bot-id")
+async def directory(fake: RocketChatStub) -> Any:
+    found = Directory.over(fake)
     yield found
     await found.aclose()
 
@@ -100,13 +63,13 @@ class TestUserReader:
         """get_app_user is None (the Apps-Engine's undefined) when the worker has no Rocket.Chat account."""
         assert await Directory().for_message(_event_message()).users.get_app_user() is None
 
-    async def test_the_app_user_is_the_configured_user(self, directory: Directory, fake: FakeRocketChat) -> None:
+    async def test_the_app_user_is_the_configured_user(self, directory: Directory, fake: RocketChatStub) -> None:
         """get_app_user reads users.info for rocketchat.user_id."""
         app_user = await directory.for_message(_event_message()).users.get_app_user()
         assert (app_user.id, app_user.username) == ("bot-id", "alerts.bot")  # type: ignore[union-attr]
         assert fake.calls == ["users.info?userId=bot-id"]
 
-    async def test_rest_answers_are_cached_across_runs(self, directory: Directory, fake: FakeRocketChat) -> None:
+    async def test_rest_answers_are_cached_across_runs(self, directory: Directory, fake: RocketChatStub) -> None:
         """A second run asking for the same user makes no second REST call; by id after by username neither."""
         first = await directory.for_message(_event_message()).users.get_by_username("bob")
         second = await directory.for_message(_event_message()).users.get_by_username("bob")
@@ -120,10 +83,10 @@ class TestUserReader:
         """Rocket.Chat's 400 "User not found." is None, as the Apps-Engine's undefined."""
         assert await directory.for_message(_event_message()).users.get_by_id("nobody") is None
 
-    async def test_a_server_error_is_raised_and_retriable(self, fake: FakeRocketChat) -> None:
+    async def test_a_server_error_is_raised_and_retriable(self, fake: RocketChatStub) -> None:
         """A 503 is not "not found": the handler's run fails and is retried."""
         failing = Directory(
-            RocketChatClient(SETTINGS, transport=httpx.MockTransport(lambda r: httpx.Response(503, json={"error": "busy"}))),
+            RocketChatClient(fake.settings, transport=httpx.MockTransport(lambda r: httpx.Response(503, json={"error": "busy"}))),
             app_user_id="bot-id",
         )
         with pytest.raises(RocketChatError) as raised:
@@ -133,7 +96,7 @@ class TestUserReader:
 
 
 class TestRoomAndMessageReaders:
-    async def test_the_events_room_needs_no_rest(self, directory: Directory, fake: FakeRocketChat) -> None:
+    async def test_the_events_room_needs_no_rest(self, directory: Directory, fake: RocketChatStub) -> None:
         """get_by_id and get_by_name of the event's room answer from the event."""
         rooms = directory.for_message(_event_message()).rooms
         assert (await rooms.get_by_id("general")).type == "c"  # type: ignore[union-attr]
@@ -147,13 +110,13 @@ class TestRoomAndMessageReaders:
         assert (room.id, room.slugified_name, room.type) == ("r-ops", "ops", "p")
         assert room.model_extra == {"fname": "Ops"}
 
-    async def test_members_are_read_page_by_page(self, directory: Directory, fake: FakeRocketChat) -> None:
+    async def test_members_are_read_page_by_page(self, directory: Directory, fake: RocketChatStub) -> None:
         """A private room's 150 members come through groups.members in pages of 100."""
         members = await directory.for_message(_event_message()).rooms.get_members("r-ops")
         assert [m.username for m in members] == [f"user{n}" for n in range(150)]
         assert [c.split("?")[0] for c in fake.calls] == ["rooms.info", "groups.members", "groups.members"]
 
-    async def test_the_events_message_and_another_message(self, directory: Directory, fake: FakeRocketChat) -> None:
+    async def test_the_events_message_and_another_message(self, directory: Directory, fake: RocketChatStub) -> None:
         """The event's own message answers itself; another comes from chat.getMessage in the contract's shape."""
         own = _event_message()
         messages = directory.for_message(own).messages

@@ -20,6 +20,7 @@ from worker.config import RocketChatSettings
 from worker.errors import RocketChatUnavailable
 from worker.events import Message, Room, User
 from worker.rocketchat.client import RocketChatClient, RocketChatError
+from worker.rocketchat.stub import RocketChatStub
 
 _T = TypeVar("_T")
 _FIX = (
@@ -52,6 +53,11 @@ class Directory:
         if not settings.configured:
             return cls()
         return cls(RocketChatClient(settings), app_user_id=settings.user_id)
+
+    @classmethod
+    def over(cls, stub: RocketChatStub) -> Directory:
+        """A directory whose REST calls the stub answers (tests)."""
+        return cls(RocketChatClient(stub.settings, transport=stub.transport), app_user_id=stub.settings.user_id)
 
     async def aclose(self) -> None:
         """Close the REST client's connections."""
