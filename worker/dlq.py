@@ -42,6 +42,7 @@ from worker.kafka import Outgoing, PartitionReader, Producer, Reader
 from worker.outbox import OutboxPublisher
 from worker.persistence.admin import Redrive, claim_redrives, mark_sent, redrives
 from worker.persistence.store import Store
+from worker.readers import Directory
 from worker.tools import CONNECT_TIMEOUT_S, Start, configured_store, plan, read_spans
 
 # The database claims under which `redrive --app` commits and publishes, apart from the live group.
@@ -192,7 +193,10 @@ async def _through_app(settings: Settings, store: Store, app: App, letters: Sequ
         by_origin[(letter.original.topic, letter.original.partition)].append(letter.original)
     kafka = settings.kafka
     http = Http(settings.http)
-    dispatcher = Dispatcher([app], store, http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing)
+    directory = Directory.from_settings(settings.rocketchat)
+    dispatcher = Dispatcher(
+        [app], store, http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing, directory=directory
+    )
     owner = f"{socket.gethostname()}:{os.getpid()}:redrive"
     try:
         async with Producer(kafka) as producer, Reader(kafka) as reader:
@@ -207,6 +211,7 @@ async def _through_app(settings: Settings, store: Store, app: App, letters: Sequ
                 await publisher.publish(fence)
     finally:
         await http.aclose()
+        await directory.aclose()
 
 
 # -- commands ------------------------------------------------------------------------------

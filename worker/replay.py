@@ -32,6 +32,7 @@ from worker.http import Http
 from worker.kafka import Consumer, PartitionReader, group_offsets
 from worker.persistence.admin import prepare
 from worker.persistence.store import Store
+from worker.readers import Directory
 from worker.tools import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
 
 log = structlog.get_logger("worker.replay")
@@ -113,8 +114,14 @@ class Replay:
         self.to_time_ms = to_time_ms
         self.group = group
         self.http = Http(settings.http)
+        self.directory = Directory.from_settings(settings.rocketchat)
         self.dispatcher = Dispatcher(
-            apps, store, self.http, Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic), settings.processing
+            apps,
+            store,
+            self.http,
+            Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic),
+            settings.processing,
+            directory=self.directory,
         )
         self.summary = ReplaySummary(self.kafka.topic)
 
@@ -140,6 +147,7 @@ class Replay:
                 await self._run_group(self.group, spans)
         finally:
             await self.http.aclose()
+            await self.directory.aclose()
         self.summary.duration_s = time.monotonic() - started
         log.info("replay_finished", **self.summary.as_dict())
         return self.summary
