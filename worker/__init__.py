@@ -5,7 +5,7 @@ A handler subclasses :class:`App`; its methods receive a :class:`Message` and th
 typed by the ``I*`` Protocols. ``worker.testing`` is what its tests use.
 """
 
-from worker.apps import (
+from worker.apps.contract import (
     App,
     IHttp,
     IMessageRead,
@@ -20,9 +20,9 @@ from worker.apps import (
     MessageBuilder,
     Record,
 )
+from worker.apps.http import HttpResponse
 from worker.errors import DeadLetterNow, HttpError, WorkerError
 from worker.events import Message, MessageDeleteContext, Room, User
-from worker.http import HttpResponse
 from worker.persistence.associations import Association, AssociationModel
 
 __all__ = [
