@@ -268,7 +268,9 @@ class TestIdempotencyCheck:
 
     async def test_commands_that_differ_between_runs_fail(self) -> None:
         """A command with a random value: the message names each command and the field that differs, with both values."""
-        differs = r"command //worker\.testing/evt-msg-\d+/nonce-tagger/0: data\.customFields\.nonce: expected '[0-9a-f]{32}'; got '[0-9a-f]{32}'"
+        differs = (
+            r"command //worker\.testing/evt-msg-\d+/nonce-tagger/0: data\.customFields\.nonce: expected '[0-9a-f]{32}'; got '[0-9a-f]{32}'"
+        )
         with pytest.raises(AssertionError, match=differs):
             await assert_idempotent(NonceTagger, _events(count=2))
 
