@@ -6,9 +6,11 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr, ValidationError
 
 from worker import App, Association, AssociationModel, Message
 from worker.apps.readers import Directory
+from worker.config import RocketChatSettings
 from worker.errors import RocketChatUnavailable
 from worker.events import MessageDeleteContext
 from worker.rocketchat.client import RocketChatClient, RocketChatError
@@ -235,3 +237,18 @@ class TestMessageEvents:
         async with Harness(Recorder) as harness:
             await harness.deliver([_typed("deleted", message("x", message_id="m9", sender="dave"), "m9:deleted")])
             assert [r.data for r in await harness.records()] == [{"by": "dave"}]
+
+
+class TestConfiguration:
+    async def test_a_configured_section_gives_a_rest_client_and_the_app_user(self) -> None:
+        """rocketchat.url/user_id/auth_token set: the directory calls REST as that user; unset: none."""
+        configured = Directory.from_settings(RocketChatSettings(url="http://rc.test", user_id="bot", auth_token=SecretStr("t")))
+        assert configured.client is not None
+        assert configured.app_user_id == "bot"
+        await configured.aclose()
+        assert Directory.from_settings(RocketChatSettings()).client is None
+
+    def test_a_partial_section_is_refused_naming_what_is_missing(self) -> None:
+        """url without a token cannot authenticate: start-up stops naming the missing keys."""
+        with pytest.raises(ValidationError, match=r"missing: rocketchat\.user_id, rocketchat\.auth_token"):
+            RocketChatSettings(url="http://rc.test")
