@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from tests.support import ROOT
 from worker import App, Association, AssociationModel, Message
 from worker.apps.readers import Directory
 from worker.config import RocketChatSettings
@@ -252,3 +254,19 @@ class TestConfiguration:
         """url without a token cannot authenticate: start-up stops naming the missing keys."""
         with pytest.raises(ValidationError, match=r"missing: rocketchat\.user_id, rocketchat\.auth_token"):
             RocketChatSettings(url="http://rc.test")
+
+
+class TestTheBridgesEvents:
+    async def test_the_rocket_chat_apps_sent_updated_and_deleted_fixtures_reach_their_methods(self) -> None:
+        """The events rocketchat-app/ produces (its test fixtures) decode and reach each execute_ method."""
+        fixtures = ROOT / "rocketchat-app" / "test" / "fixtures"
+        events = [json.loads((fixtures / f"{kind}.json").read_text(encoding="utf-8")) for kind in ("sent", "updated", "deleted")]
+        async with Harness(Recorder) as harness:
+            delivery = await harness.deliver(events)
+            data = {r.id: r.data for r in await harness.records()}
+        assert delivery.processed == 3
+        assert data == {
+            "sent:msg-0001": {"text": events[0]["data"]["text"]},
+            "updated:msg-0001": {"text": "hello @bob, edited"},
+            "deleted:msg-0001": {"by": "alice"},
+        }
