@@ -203,7 +203,7 @@ class TestJsonVariables:
         """RC_WORKER_HANDLERS__SETTINGS='{bad' names RC_WORKER_HANDLERS__SETTINGS and where its JSON breaks."""
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("RC_WORKER_HANDLERS__SETTINGS", "{bad")
-        with pytest.raises(ConfigError, match=r"RC_WORKER_HANDLERS__SETTINGS is not valid JSON \(.*\): '\{bad'"):
+        with pytest.raises(ConfigError, match=r"RC_WORKER_HANDLERS__SETTINGS \(handlers\.settings\) is not valid JSON \(.*\): '\{bad'"):
             load_settings(None)
 
     def test_only_the_broken_variable_is_named(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -213,5 +213,5 @@ class TestJsonVariables:
         monkeypatch.setenv("RC_WORKER_HANDLERS__SETTINGS", '{"mentions": }')
         with pytest.raises(ConfigError) as caught:
             load_settings(None)
-        assert "RC_WORKER_HANDLERS__SETTINGS is not valid JSON" in str(caught.value)
+        assert "RC_WORKER_HANDLERS__SETTINGS (handlers.settings) is not valid JSON" in str(caught.value)
         assert "RC_WORKER_HANDLERS__ENABLED" not in str(caught.value).split("; lists and mappings")[0]

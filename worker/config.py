@@ -228,7 +228,9 @@ def load_settings(path: Path | None = None) -> Settings:
     except SettingsError as exc:
         # Raised before validation when a list or mapping variable is not JSON; pydantic-settings
         # names the section only, so find the variable ourselves.
-        broken = "".join(f"{name} is not valid JSON ({problem}): {value!r}; " for name, value, problem in _json_variables_broken())
+        broken = "".join(
+            f"{name} ({_key_of(name)}) is not valid JSON ({problem}): {value!r}; " for name, value, problem in _json_variables_broken()
+        )
         raise ConfigError(
             f"invalid configuration: {broken or f'{exc}; '}lists and mappings in {ENV_PREFIX}* variables are JSON, "
             f"e.g. {ENV_PREFIX}HANDLERS__ENABLED='[\"message-count\"]'"
@@ -246,6 +248,11 @@ def _json_variables_broken() -> list[tuple[str, str, str]]:
         except ValueError as exc:
             broken.append((name, value if len(value) <= 60 else value[:57] + "...", str(exc)))
     return broken
+
+
+def _key_of(variable: str) -> str:
+    """The config key an RC_WORKER_* variable sets: RC_WORKER_HANDLERS__SETTINGS is handlers.settings."""
+    return ".".join(variable[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER))
 
 
 def _takes_json(path: list[str]) -> bool:
