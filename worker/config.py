@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from worker import constants
@@ -118,27 +118,6 @@ class HttpSettings(_Section):
     max_response_bytes: int = Field(5_000_000, ge=1, description="a larger body fails the request with HttpError")
 
 
-class RocketChatSettings(_Section):
-    """Rocket.Chat's REST API, for the user, room and message readers; unset, they answer from events only."""
-
-    url: str | None = Field(None, min_length=1, description="e.g. https://chat.example.com; unset: no REST calls")
-    user_id: str | None = Field(None, min_length=1, description="the worker's Rocket.Chat user (X-User-Id): the app user")
-    auth_token: SecretStr | None = Field(None, description="its personal access token (X-Auth-Token)")
-
-    @model_validator(mode="after")
-    def _all_or_nothing(self) -> RocketChatSettings:
-        given = {name: getattr(self, name) is not None for name in ("url", "user_id", "auth_token")}
-        if any(given.values()) and not all(given.values()):
-            missing = ", ".join(f"rocketchat.{name}" for name, present in given.items() if not present)
-            raise ValueError(f"set url, user_id and auth_token together; missing: {missing}")
-        return self
-
-    @property
-    def configured(self) -> bool:
-        """True when the worker may call Rocket.Chat's REST API."""
-        return self.url is not None
-
-
 class LoggingSettings(_Section):
     """Log level and format; ``auto`` is JSON lines unless stderr is a terminal."""
 
@@ -157,6 +136,45 @@ class ObservabilitySettings(_Section):
     tracing: bool = False
 
 
+class IngestSettings(_Section):
+    """``rc-worker ingest``: the HTTP endpoint the Rocket.Chat App and outgoing webhooks post to."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="0.0.0.0 to take posts from other hosts (containers)")
+    port: int = Field(8088, ge=0, le=65535, description="0 picks a free port and logs it")
+    secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key shared with the app; empty refuses /v1/events")
+    webhook_token: SecretStr = Field(SecretStr(""), description="the outgoing webhook's token; empty refuses /v1/webhooks/rocketchat")
+    max_body_bytes: int = Field(constants.MAX_VALUE_BYTES, ge=1_024, le=constants.MAX_VALUE_BYTES, description="a larger body gets 413")
+    produce_timeout_s: float = Field(10.0, gt=0, le=300, description="wait this long for the broker's acknowledgement, then 503")
+    retry_after_s: int = Field(5, ge=1, le=3_600, description="the Retry-After of a 503")
+
+
+class RocketChatSettings(_Section):
+    """The Rocket.Chat server that ``rc-worker apply`` changes, and the app user the worker ignores."""
+
+    url: str = Field("http://127.0.0.1:3000", min_length=1, description="the server's base URL (its Site URL)")
+    user_id: str = Field("", description="X-User-Id of the account apply acts as")
+    auth_token: SecretStr = Field(SecretStr(""), description="X-Auth-Token (a personal access token) of that account")
+    timeout_s: float = Field(10.0, gt=0, le=300, description="per REST call, connect to last byte")
+    app_user_id: str | None = Field(
+        None, min_length=1, description="messages this user sent skip handlers (the loop guard) unless one sets handles_own_messages"
+    )
+    apply_group_id: str = Field("rc-apps-worker-apply", min_length=1, description="consumer group of rc-worker apply")
+    dead_letter_topic: str | None = Field(None, min_length=1, description="refused commands go here; default <commands_topic>.dlq")
+    backoff_initial_s: float = Field(1.0, gt=0, description="first wait after a 429 or 5xx without Retry-After")
+    backoff_max_s: float = Field(60.0, gt=0, description="longest wait between two tries of one command")
+
+    @property
+    def configured(self) -> bool:
+        """True when the worker may call the REST API: user_id and auth_token are set (the readers' test)."""
+        return bool(self.user_id and self.auth_token.get_secret_value())
+
+    @field_validator("app_user_id", "dead_letter_topic", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # An empty variable (compose's ${VAR:-}) means "not set", as null does in the file.
+        return None if value == "" else value
+
+
 class Settings(BaseSettings):
     """The whole configuration; build it with :func:`load_settings`."""
 
@@ -172,9 +190,10 @@ class Settings(BaseSettings):
     processing: ProcessingSettings = ProcessingSettings()
     handlers: HandlerSettings = HandlerSettings()
     http: HttpSettings = HttpSettings()
-    rocketchat: RocketChatSettings = RocketChatSettings()
     logging: LoggingSettings = LoggingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    ingest: IngestSettings = IngestSettings()
+    rocketchat: RocketChatSettings = RocketChatSettings()
 
     @classmethod
     def settings_customise_sources(

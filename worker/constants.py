@@ -69,3 +69,6 @@ DIRECTORY_CACHE_TTL_S = 300.0
 # get_members pages through a room's members this many at a time, and stops at the limit.
 MEMBERS_PAGE_SIZE = 100
 MEMBERS_LIMIT = 10_000
+# rc-worker apply: tries of one offset commit (with backoff) before the run ends; a restart
+# resumes from the last commit, and the commands after it are applied again, harmlessly.
+APPLY_COMMIT_ATTEMPTS = 10

@@ -7,15 +7,15 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 from tests.support import ROOT
 from worker import App, Association, AssociationModel, Message
 from worker.apps.readers import Directory
 from worker.config import RocketChatSettings
-from worker.errors import RocketChatUnavailable
+from worker.errors import RocketChatError, RocketChatUnavailable
 from worker.events import MessageDeleteContext
-from worker.rocketchat.client import RocketChatClient, RocketChatError
+from worker.rocketchat.client import RocketChatClient
 from worker.rocketchat.stub import RocketChatStub
 from worker.testing import Harness, assert_idempotent, cloud_event, message
 
@@ -243,17 +243,15 @@ class TestMessageEvents:
 
 class TestConfiguration:
     async def test_a_configured_section_gives_a_rest_client_and_the_app_user(self) -> None:
-        """rocketchat.url/user_id/auth_token set: the directory calls REST as that user; unset: none."""
+        """rocketchat.user_id/auth_token set: the directory calls REST as that user, the app user; unset: none."""
         configured = Directory.from_settings(RocketChatSettings(url="http://rc.test", user_id="bot", auth_token=SecretStr("t")))
         assert configured.client is not None
         assert configured.app_user_id == "bot"
         await configured.aclose()
+        guard = RocketChatSettings(url="http://rc.test", user_id="bot", auth_token=SecretStr("t"), app_user_id="alerts")
+        assert Directory.from_settings(guard).app_user_id == "alerts"
+        await configured.aclose()
         assert Directory.from_settings(RocketChatSettings()).client is None
-
-    def test_a_partial_section_is_refused_naming_what_is_missing(self) -> None:
-        """url without a token cannot authenticate: start-up stops naming the missing keys."""
-        with pytest.raises(ValidationError, match=r"missing: rocketchat\.user_id, rocketchat\.auth_token"):
-            RocketChatSettings(url="http://rc.test")
 
 
 class TestTheBridgesEvents:

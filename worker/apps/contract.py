@@ -392,6 +392,8 @@ class App:
     Attributes:
         event_types: the CloudEvents types the app takes; None (the default) means those
             whose ``execute_`` method the class defines.
+        handles_own_messages: True to see messages sent by ``rocketchat.app_user_id`` too; by
+            default they skip the app, so what the app posts does not trigger it again.
         settings_model: the settings the app accepts, as a pydantic model whose fields give
             types, defaults and which are required; ``handlers.settings.<app id>`` is
             validated against it at start-up. None means the app takes no settings.
@@ -406,6 +408,7 @@ class App:
 
     settings_model: ClassVar[type[BaseModel] | None] = None
     event_types: ClassVar[frozenset[str] | None] = None
+    handles_own_messages: ClassVar[bool] = False
 
     id: str = ""
     settings: Any = None

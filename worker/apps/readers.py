@@ -17,9 +17,9 @@ from pydantic import ValidationError
 
 from worker import constants
 from worker.config import RocketChatSettings
-from worker.errors import RocketChatUnavailable
+from worker.errors import RocketChatError, RocketChatUnavailable
 from worker.events import Message, Room, User
-from worker.rocketchat.client import RocketChatClient, RocketChatError
+from worker.rocketchat.client import RocketChatClient
 from worker.rocketchat.stub import RocketChatStub
 
 _T = TypeVar("_T")
@@ -52,7 +52,9 @@ class Directory:
         """A directory over the configured Rocket.Chat, or answering from events only when it is not."""
         if not settings.configured:
             return cls()
-        return cls(RocketChatClient(settings), app_user_id=settings.user_id)
+        # The app user is the account the worker is known by: rocketchat.app_user_id (the loop
+        # guard's), else the one it calls the REST API as.
+        return cls(RocketChatClient(settings), app_user_id=settings.app_user_id or settings.user_id)
 
     @classmethod
     def over(cls, stub: RocketChatStub) -> Directory:

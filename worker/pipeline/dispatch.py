@@ -82,10 +82,13 @@ class Dispatcher:
         settings: ProcessingSettings,
         hooks: Hooks | None = None,
         *,
+        own_user_id: str | None = None,
         directory: Directory | None = None,
     ) -> None:
         self.apps = list(apps)
         self.hooks = contained(hooks)
+        # The loop guard: messages this user sent (the app's own) skip apps that do not opt in.
+        self.own_user_id = own_user_id
         self.store = store
         self.http = http
         self.topics = topics
@@ -247,6 +250,10 @@ class Dispatcher:
     async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker, failures: HandlerFailures) -> str:
         """One app on one event: retried on its errors, dead-lettered when they persist; returns which."""
         checkpoint = unit.checkpoint()
+        message = event.message
+        if message is not None and message.sender.id == self.own_user_id and not app.handles_own_messages:
+            unit.mark_processed(marker)
+            return "skipped"
         while failures.runs[marker] < self.settings.handler_max_attempts:
             started = time.perf_counter()
             try:

@@ -58,6 +58,7 @@ class Worker:
             Topics(kafka.dead_letter_topic, kafka.commands_topic),
             settings.processing,
             self.hooks,
+            own_user_id=settings.rocketchat.app_user_id,
             directory=self.directory,
         )
         self.consumer = Consumer(kafka)

@@ -1,83 +1,99 @@
-"""One client of Rocket.Chat's REST API (``/api/v1``), authenticated as the worker's user.
+"""One authenticated client of Rocket.Chat's REST API (``/api/v1``); httpx errors stop here.
 
-httpx's exceptions and Rocket.Chat's error answers are translated here, and only here, into
-:class:`RocketChatError`, which says whether calling again may help.
+Every call answers the decoded JSON body or raises RocketChatError with the HTTP status, the
+server's ``error`` text and, when it throttles, how long it asked to wait: Retry-After if
+given, else Rocket.Chat's own ``X-RateLimit-Reset`` (the epoch milliseconds its window ends).
 """
 
 from __future__ import annotations
 
+import time
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
+import orjson
 
 from worker.config import RocketChatSettings
-from worker.errors import WorkerError
+from worker.errors import RocketChatError
 
-# Statuses after which the same call may succeed later: rate limited, or the server failed.
-_RETRIABLE = {429, 500, 502, 503, 504}
-
-
-class RocketChatError(WorkerError):
-    """Raised when a REST call fails: ``status`` (0: no answer), Rocket.Chat's ``error``, ``retry_after`` seconds if it said."""
-
-    def __init__(self, status: int, error: str, retry_after: float | None = None) -> None:
-        super().__init__(f"Rocket.Chat answered {status}: {error}" if status else f"Rocket.Chat could not be reached: {error}")
-        self.status = status
-        self.error = error
-        self.retry_after = retry_after
-        self.retriable = status == 0 or status in _RETRIABLE
+API_PREFIX = "/api/v1/"
 
 
 class RocketChatClient:
-    """``await client.call("GET", "users.info", params={"userId": ...})`` returns the answer's JSON object.
+    """Calls Rocket.Chat as the account of ``rocketchat.user_id`` (headers X-User-Id and X-Auth-Token).
 
-    Args:
-        settings: the ``rocketchat`` section; it must be configured (url, user_id, auth_token).
-        transport: an httpx transport to use instead of the network (tests).
-
+    Use it as an async context manager, or call :meth:`aclose` when done. ``transport`` replaces
+    the network (tests hand in an ``httpx.ASGITransport`` over a fake server).
     """
 
     def __init__(self, settings: RocketChatSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
-        if settings.url is None or settings.user_id is None or settings.auth_token is None:
-            raise ValueError("rocketchat.url, rocketchat.user_id and rocketchat.auth_token must be set to call Rocket.Chat")
         self.settings = settings
         self._client = httpx.AsyncClient(
-            base_url=settings.url.rstrip("/") + "/api/v1/",
+            base_url=settings.url.rstrip("/") + API_PREFIX,
             headers={"X-User-Id": settings.user_id, "X-Auth-Token": settings.auth_token.get_secret_value()},
+            timeout=settings.timeout_s,
             transport=transport,
-            timeout=10.0,
         )
 
+    async def __aenter__(self) -> RocketChatClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connections."""
         await self._client.aclose()
 
     async def call(self, method: str, endpoint: str, *, params: dict[str, Any] | None = None, json: Any = None) -> dict[str, Any]:
-        """Call ``endpoint`` (e.g. ``"users.info"``); returns the JSON object Rocket.Chat answered.
+        """Call ``endpoint`` (e.g. ``chat.sendMessage``) and return its JSON body.
 
         Raises:
-            RocketChatError: no answer, a 4xx/5xx status, or ``"success": false``.
+            RocketChatError: no answer (status 0), an HTTP error status, or ``success: false``.
 
         """
+        name = endpoint.lstrip("/")
         try:
-            response = await self._client.request(method, endpoint, params=params, json=json)
-        except httpx.HTTPError as exc:  # the one boundary where httpx's errors are translated
-            raise RocketChatError(0, f"{method} {endpoint}: {type(exc).__name__}: {exc}") from exc
-        try:
-            body = response.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            body = {}
-        if response.status_code >= 400 or body.get("success") is False:
-            error = str(body.get("error") or body.get("message") or response.reason_phrase)
-            raise RocketChatError(response.status_code, f"{method} {endpoint}: {error}", _retry_after(response))
-        return body
+            response = await self._client.request(method, name, params=params, json=json)
+        except httpx.TimeoutException as exc:
+            raise RocketChatError(0, f"{method} {name} timed out after {self.settings.timeout_s}s (rocketchat.timeout_s)") from exc
+        except httpx.HTTPError as exc:
+            raise RocketChatError(0, f"{method} {name} at {self.settings.url} failed: {exc!r}; is rocketchat.url right?") from exc
+        body = _json_object(response.content)
+        if response.is_success and body.get("success", True) is not False:
+            return body
+        error = body.get("error") or body.get("message") or response.reason_phrase or "no reason given"
+        raise RocketChatError(response.status_code, f"{name}: {error}", retry_after(response.headers))
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
+def _json_object(content: bytes) -> dict[str, Any]:
     try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+        body = orjson.loads(content) if content else {}
+    except orjson.JSONDecodeError:
+        return {"error": content[:200].decode("utf-8", "replace")}
+    return body if isinstance(body, dict) else {"error": f"unexpected JSON {type(body).__name__}"}
+
+
+def retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds the server asked to wait: Retry-After (seconds or an HTTP date), else X-RateLimit-Reset; None if neither."""
+    now = time.time() if now is None else now
+    given = headers.get("retry-after")
+    if given:
+        try:
+            return max(0.0, float(given))
+        except ValueError:
+            pass
+        try:
+            return max(0.0, parsedate_to_datetime(given).timestamp() - now)
+        except (TypeError, ValueError):
+            pass
+    reset = headers.get("x-ratelimit-reset")
+    if reset:
+        try:
+            at = float(reset)
+        except ValueError:
+            return None
+        # Rocket.Chat sends epoch milliseconds; seconds are accepted as other servers send them.
+        return max(0.0, (at / 1000 if at > 1e11 else at) - now)
+    return None

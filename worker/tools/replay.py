@@ -150,6 +150,7 @@ class Replay:
             self.http,
             Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic),
             settings.processing,
+            own_user_id=settings.rocketchat.app_user_id,
             directory=self.directory,
         )
         self.summary = ReplaySummary(self.kafka.topic)
