@@ -14,10 +14,24 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.apps.contract import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
+    from worker.apps.contract import (
+        App,
+        IHttp,
+        IMessageRead,
+        IModify,
+        IModifyDeleter,
+        INotifier,
+        IPersistence,
+        IPersistenceRead,
+        IRead,
+        IRoomRead,
+        IUserRead,
+        MessageBuilder,
+        Record,
+    )
     from worker.apps.http import HttpResponse
     from worker.errors import DeadLetterNow, HttpError, WorkerError
-    from worker.events import Message, Room, User
+    from worker.events import Message, MessageDeleteContext, Room, User
     from worker.persistence.associations import Association, AssociationModel
 
 __all__ = [
@@ -28,12 +42,18 @@ __all__ = [
     "HttpError",
     "HttpResponse",
     "IHttp",
+    "IMessageRead",
     "IModify",
+    "IModifyDeleter",
+    "INotifier",
     "IPersistence",
     "IPersistenceRead",
     "IRead",
+    "IRoomRead",
+    "IUserRead",
     "Message",
     "MessageBuilder",
+    "MessageDeleteContext",
     "Record",
     "Room",
     "User",
@@ -41,10 +61,24 @@ __all__ = [
 ]
 
 _MODULES = {
-    "worker.apps.contract": ("App", "IHttp", "IModify", "IPersistence", "IPersistenceRead", "IRead", "MessageBuilder", "Record"),
+    "worker.apps.contract": (
+        "App",
+        "IHttp",
+        "IMessageRead",
+        "IModify",
+        "IModifyDeleter",
+        "INotifier",
+        "IPersistence",
+        "IPersistenceRead",
+        "IRead",
+        "IRoomRead",
+        "IUserRead",
+        "MessageBuilder",
+        "Record",
+    ),
     "worker.apps.http": ("HttpResponse",),
     "worker.errors": ("DeadLetterNow", "HttpError", "WorkerError"),
-    "worker.events": ("Message", "Room", "User"),
+    "worker.events": ("Message", "MessageDeleteContext", "Room", "User"),
     "worker.persistence.associations": ("Association", "AssociationModel"),
 }
 _WHERE = {name: module for module, names in _MODULES.items() for name in names}

@@ -21,6 +21,8 @@ these. The tree::
         ├── RecordNotFoundError   update without upsert matched no record
         ├── HttpError             an http accessor call failed
         ├── CommandTooLargeError  a command staged through modify is over MAX_COMMAND_BYTES
+        ├── UnawaitedCallError    a handler run ended with an accessor call it never awaited
+        ├── RocketChatUnavailable a reader needs Rocket.Chat's REST API and none is configured
         └── DeadLetterNow         the handler asks to dead-letter this event without retries
 
 ``retriable`` says whether doing the same thing again may succeed, so the dispatcher can
@@ -145,6 +147,17 @@ class HttpError(AppError):
 
 class CommandTooLargeError(AppError, retriable=False):
     """Raised at ``finish`` when a command is over ``constants.MAX_COMMAND_BYTES``; that app's event is dead-lettered."""
+
+
+class UnawaitedCallError(AppError, retriable=False):
+    """Raised when a handler run ends with an accessor call it never awaited (so the call did nothing).
+
+    The same code fails the same way on every run, so it is not retriable.
+    """
+
+
+class RocketChatUnavailable(AppError, retriable=False):
+    """Raised when a user, room or message reader needs Rocket.Chat's REST API and no ``rocketchat`` section is configured."""
 
 
 class DeadLetterNow(AppError, retriable=False):

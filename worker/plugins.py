@@ -114,8 +114,19 @@ def check_class(app_class: object, app_id: str, where: str = "") -> None:
         raise PluginError(f"app id {app_id[:60]!r} {problem}: the database stores it with every record; register a shorter name")
     if not (isinstance(app_class, type) and issubclass(app_class, App)):
         raise PluginError(f"app {app_id!r}: {where} is not a subclass of worker.App; point the entry point at your App subclass")
-    if app_class.execute_post_message_sent is App.execute_post_message_sent:
-        raise PluginError(f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent; add it")
+    defined = app_class.defined_event_types()
+    if not defined:
+        raise PluginError(
+            f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent (nor "
+            "execute_post_message_updated, execute_post_message_deleted); add the one for the events it takes"
+        )
+    _check_async(app_class, app_id)
+    declared = app_class.event_types
+    if declared is not None and not (isinstance(declared, frozenset | set) and declared <= defined):
+        raise PluginError(
+            f"app {app_id!r}: {app_class.__name__}.event_types must be a set of the types whose execute_ method it defines "
+            f"({', '.join(sorted(defined))}), not {declared!r}"
+        )
     required = _required_parameters(app_class)
     if required:
         raise PluginError(
@@ -231,6 +242,20 @@ async def handlers_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # -- internals ---------------------------------------------------------------------------
+
+
+def _check_async(app_class: type[App], app_id: str) -> None:
+    # The dispatcher awaits what these return; a plain def would fail on every event with
+    # "object NoneType can't be used in 'await' expression", far from the cause.
+    for name in sorted(vars(App)):
+        if not name.startswith(("execute_", "check_")):
+            continue
+        method = getattr(app_class, name)
+        if method is not getattr(App, name) and not inspect.iscoroutinefunction(method):
+            raise PluginError(
+                f"app {app_id!r}: {app_class.__name__}.{name} is not async; write `async def {name}(...)` "
+                "(the worker awaits it, and a handler awaits its accessors inside it)"
+            )
 
 
 def _names(available: Mapping[str, EntryPoint]) -> str:

@@ -67,7 +67,7 @@ class HttpResponse:
 
 
 class Http:
-    """``http.get/post/put/delete/patch(url, *, headers=, params=, json=, content=, timeout=)``.
+    """``http.get/post/put/delete/patch(url, *, headers=, params=, json= (or data=), content=, timeout=)``.
 
     One instance (one connection pool) serves every handler of a worker. Each call is bounded
     by ``http.timeout_s`` from connect to last byte, and reads at most
@@ -96,6 +96,7 @@ class Http:
         params: Mapping[str, Any] | None = None,
         json: Any = None,
         content: str | bytes | None = None,
+        data: Any = None,
         timeout: float | None = None,  # noqa: ASYNC109 - the per-call option httpx users expect; capped below
     ) -> HttpResponse:
         """Send one request and read its response.
@@ -107,6 +108,7 @@ class Http:
             params: query parameters, added to the URL.
             json: a body to send as JSON (sets content-type).
             content: a raw body; give ``json`` or ``content``, not both.
+            data: the Apps-Engine's name (``IHttpRequest.data``) for ``json``: sent as JSON.
             timeout: seconds for this call; never longer than ``http.timeout_s``.
 
         Raises:
@@ -114,6 +116,10 @@ class Http:
                 ``http.max_response_bytes``. It is retriable: the handler's run is retried.
 
         """
+        if data is not None:
+            if json is not None:
+                raise ValueError("data= is the Apps-Engine's name for json=: give one of them")
+            json = data
         if json is not None and content is not None:
             raise ValueError("give json= or content=, not both")
         limit_s = min(timeout, self.settings.timeout_s) if timeout is not None else self.settings.timeout_s

@@ -50,6 +50,13 @@ class OutboxMessage:
     headers: tuple[tuple[str, bytes], ...]
 
 
+class HandedOut(Protocol):
+    """An accessor call handed to a handler as an awaitable: its name, and whether it was awaited."""
+
+    name: str
+    awaited: bool
+
+
 class Loader(Protocol):
     """How a unit of work reads what it has not seen yet; the store implements it."""
 
@@ -175,6 +182,9 @@ class UnitOfWork:
     #: The first database failure seen by a read: the dispatcher re-raises it after the
     #: handler returns, so a handler that swallows errors cannot commit on a failed read.
     failure: Exception | None = None
+    #: Accessor calls handed out since the last :meth:`take_unawaited`: a call a handler
+    #: never awaited never ran, and the dispatcher must fail the run rather than lose it.
+    handed_out: list[HandedOut] = field(default_factory=list)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -212,6 +222,8 @@ class UnitOfWork:
         app_id, wanted = query
         found: list[StoredRecord] = []
         wanted_set = set(wanted)
+        # Ordered by record id, the database's order, with this unit's new records in place:
+        # a repeated run, or another worker, sees the same order.
         for record_id in self.queries[query]:
             ref = (app_id, record_id)
             record = self.staged[ref] if ref in self.staged else self.base.get(ref)
@@ -223,6 +235,7 @@ class UnitOfWork:
             record = self.staged.get((app_id, record_id))
             if record is not None and wanted_set.issubset(record.associations) and record_id not in from_database:
                 found.append(record)
+        found.sort(key=lambda record: record.id)
         return found
 
     async def already_processed(self, markers: Sequence[Marker]) -> set[Marker]:
@@ -303,6 +316,16 @@ class UnitOfWork:
 
     # -- handler runs --------------------------------------------------------------------
 
+    def hand_out(self, call: HandedOut) -> None:
+        """Track an accessor call given to a handler, so that one never awaited is found."""
+        self.handed_out.append(call)
+
+    def take_unawaited(self) -> list[str]:
+        """The names of the calls handed out and never awaited since the last take; forgets them all."""
+        names = [call.name for call in self.handed_out if not call.awaited]
+        self.handed_out.clear()
+        return names
+
     def checkpoint(self) -> Checkpoint:
         """Remember where the staged state is, so that a failed handler run can be undone."""
         return Checkpoint(len(self.journal), len(self.outbox), len(self.markers))
@@ -321,6 +344,7 @@ class UnitOfWork:
                 target[key] = value
         del self.outbox[checkpoint.outbox :]
         del self.markers[checkpoint.markers :]
+        self.handed_out.clear()
 
     @property
     def is_empty(self) -> bool:

@@ -24,8 +24,9 @@ from worker.apps.contract import App, Read
 from worker.apps.http import Http
 from worker.apps.modify import Modify
 from worker.apps.persistence import PersistenceReader, PersistenceWriter
+from worker.apps.readers import Directory
 from worker.config import ProcessingSettings
-from worker.errors import DataError, DecodeError, FencedError, PersistenceError, VersionConflict, WorkerError
+from worker.errors import DataError, DecodeError, FencedError, PersistenceError, UnawaitedCallError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
 from worker.persistence.keys import Marker
 from worker.persistence.store import Fence, Store
@@ -84,6 +85,7 @@ class Dispatcher:
         hooks: Hooks | None = None,
         *,
         own_user_id: str | None = None,
+        directory: Directory | None = None,
     ) -> None:
         self.apps = list(apps)
         self.hooks = contained(hooks)
@@ -93,6 +95,7 @@ class Dispatcher:
         self.http = http
         self.topics = topics
         self.settings = settings
+        self.directory = directory or Directory()
 
     async def dispatch(
         self,
@@ -266,12 +269,7 @@ class Dispatcher:
     ) -> BatchResult:
         result = BatchResult(next_offset)
         done = await unit.already_processed(
-            [
-                (app.id, item.source, item.id)
-                for _, item in decoded
-                if isinstance(item, Event) and item.is_post_message_sent
-                for app in self.apps
-            ]
+            [(app.id, item.source, item.id) for _, item in decoded if isinstance(item, Event) for app in self._takers(item)]
         )
         for record, item in decoded:
             if isinstance(item, DecodeError):
@@ -280,15 +278,16 @@ class Dispatcher:
                 unit.publish(dead_letter(record, self.topics.dead_letter, item.reason, stage="decode"))
                 result.dead_lettered += 1
                 continue
-            if not item.is_post_message_sent:
+            takers = self._takers(item)
+            result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
+            if not takers:
                 result.skipped += 1
-                result.outcomes.update((app.id, "skipped") for app in self.apps)
                 continue
             with (
                 bound_contextvars(offset=item.record.offset, event_id=item.id),
                 tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id),
             ):
-                for app in self.apps:
+                for app in takers:
                     marker = (app.id, item.source, item.id)
                     if marker in done:
                         result.duplicates += 1
@@ -300,13 +299,34 @@ class Dispatcher:
             result.processed += 1
         return result
 
+    def _takers(self, event: Event) -> list[App]:
+        """The apps that see ``event``: those taking its type (none for system messages and other types)."""
+        if event.interface is None:
+            return []
+        return [app for app in self.apps if app.takes(event.type)]
+
+    async def _invoke(self, unit: UnitOfWork, app: App, event: Event) -> None:
+        """One run of ``app``'s check_ and execute_ methods for the event's interface."""
+        message = event.message
+        if message is None:  # _takers passes message events only
+            raise TypeError("only message events reach apps")
+        read = Read(PersistenceReader(unit, app.id), app.settings, self.directory.for_message(message))
+        persistence, modify = PersistenceWriter(unit, app.id), Modify(unit, app.id, event, self.topics.commands)
+        if event.interface == "post_message_deleted":
+            context = event.delete_context()
+            if await app.check_post_message_deleted(message, read, self.http, context):
+                await app.execute_post_message_deleted(message, read, self.http, persistence, modify, context)
+        elif event.interface == "post_message_updated":
+            if await app.check_post_message_updated(message, read, self.http):
+                await app.execute_post_message_updated(message, read, self.http, persistence, modify)
+        elif await app.check_post_message_sent(message, read, self.http):
+            await app.execute_post_message_sent(message, read, self.http, persistence, modify)
+
     async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker, failures: HandlerFailures) -> str:
         """One app on one event: retried on its errors, dead-lettered when they persist; returns which."""
         checkpoint = unit.checkpoint()
         message = event.message
-        if message is None:  # the caller passes PostMessageSent events only
-            raise TypeError("only PostMessageSent events reach apps")
-        if message.sender.id == self.own_user_id and not app.handles_own_messages:
+        if message is not None and message.sender.id == self.own_user_id and not app.handles_own_messages:
             unit.mark_processed(marker)
             return "skipped"
         while failures.runs[marker] < self.settings.handler_max_attempts:
@@ -314,12 +334,10 @@ class Dispatcher:
             try:
                 with tracing.span("rc_worker.handler", app=app.id):
                     async with asyncio.timeout(self.settings.handler_timeout_s), self.hooks.handler(app.id):
-                        read = Read(PersistenceReader(unit, app.id), app.settings)
-                        if await app.check_post_message_sent(message, read, self.http):
-                            modify = Modify(unit, app.id, event, self.topics.commands)
-                            await app.execute_post_message_sent(message, read, self.http, PersistenceWriter(unit, app.id), modify)
+                        await self._invoke(unit, app, event)
                 if unit.failure is not None:
                     raise unit.failure
+                _check_awaited(unit, app.id)
                 unit.mark_processed(marker)
                 return "processed"
             except (VersionConflict, FencedError, PersistenceError):
@@ -359,6 +377,14 @@ class Dispatcher:
         # Not marked processed: its state never changed, so a redrive of this event (or a
         # later redelivery) must be able to process it.
         return "dead_lettered"
+
+
+def _check_awaited(unit: UnitOfWork, app_id: str) -> None:
+    missed = unit.take_unawaited()
+    if missed:
+        raise UnawaitedCallError(
+            f"app {app_id!r} called {'; '.join(missed)} and never awaited it, so it did nothing; add `await` before the call"
+        )
 
 
 def _decode(record: RawRecord) -> Event | DecodeError:

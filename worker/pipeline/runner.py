@@ -22,6 +22,7 @@ import structlog
 
 from worker.apps.contract import App
 from worker.apps.http import Http
+from worker.apps.readers import Directory
 from worker.config import Settings
 from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
@@ -49,6 +50,7 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.http = Http(settings.http)
         kafka = settings.kafka
+        self.directory = Directory.from_settings(settings.rocketchat)
         self.dispatcher = Dispatcher(
             apps,
             self.store,
@@ -57,6 +59,7 @@ class Worker:
             settings.processing,
             self.hooks,
             own_user_id=settings.rocketchat.app_user_id,
+            directory=self.directory,
         )
         self.consumer = Consumer(kafka)
         self.producer = Producer(kafka)
@@ -199,5 +202,6 @@ class Worker:
         await self._commit_offsets()
         await self.consumer.stop()
         await self.http.aclose()
+        await self.directory.aclose()
         await self.store.close()
         log.info("worker_stopped", owner=self.owner)

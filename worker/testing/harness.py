@@ -10,15 +10,19 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpx
+
 from worker import plugins
 from worker.apps.contract import App, Record
 from worker.apps.http import Http
+from worker.apps.readers import Directory
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
 from worker.errors import PluginError, VersionConflict
 from worker.events import RawRecord
@@ -27,6 +31,7 @@ from worker.persistence.store import Fence, Store
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.hooks import Hooks
 from worker.pipeline.tally import BatchResult
+from worker.rocketchat.stub import RocketChatStub
 from worker.testing.builders import (
     COMMANDS_TOPIC,
     DEAD_LETTER_TOPIC,
@@ -62,6 +67,9 @@ class Harness:
         directory: keep the database (``state.db``) in this directory instead.
         processing: retry and timeout settings; by default quick retries (``TEST_PROCESSING``).
         http: limits of the ``http`` accessor.
+        rocketchat: a :class:`~worker.testing.RocketChatStub` that answers the user, room
+            and message readers' REST calls (and names the app user); without it, they
+            answer what the event carries and raise ``RocketChatUnavailable`` otherwise.
 
     Raises:
         PluginError: the app is not installed, not a usable App, or its settings are invalid.
@@ -77,8 +85,9 @@ class Harness:
         directory: str | os.PathLike[str] | None = None,
         processing: ProcessingSettings | None = None,
         http: HttpSettings | None = None,
+        rocketchat: RocketChatStub | None = None,
     ) -> None:
-        self._spec = AppSpec.resolve(app, app_id, settings or {})
+        self._spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat)
         self._spec.new_app()  # fail here, not at the first event, if the app cannot be set up
         self._directory = Path(directory) if directory is not None else None
         self._processing = processing or TEST_PROCESSING
@@ -221,9 +230,12 @@ class AppSpec:
     app_class: type[App]
     app_id: str
     settings: Mapping[str, Any]
+    rocketchat: RocketChatStub | None = None
 
     @classmethod
-    def resolve(cls, app: type[App] | str, app_id: str | None, settings: Mapping[str, Any]) -> AppSpec:
+    def resolve(
+        cls, app: type[App] | str, app_id: str | None, settings: Mapping[str, Any], rocketchat: RocketChatStub | None = None
+    ) -> AppSpec:
         """The app given as a class or as an installed plugin's id."""
         if isinstance(app, str):
             available = plugins.installed()
@@ -231,9 +243,9 @@ class AppSpec:
                 raise PluginError(
                     f"no installed app has the id {app!r} (installed: {', '.join(available) or 'none'}); pass the App class instead"
                 )
-            return cls(plugins.load_class(available[app]), app_id or app, dict(settings))
+            return cls(plugins.load_class(available[app]), app_id or app, dict(settings), rocketchat)
         plugins.check_class(app, app_id or app.__name__)
-        return cls(app, app_id or _default_id(app), dict(settings))
+        return cls(app, app_id or _default_id(app), dict(settings), rocketchat)
 
     def new_app(self) -> App:
         """A fresh instance with the settings."""
@@ -250,6 +262,7 @@ class _Share:
     def __init__(self, store: Store, app: App, dispatcher: Dispatcher, fence: Fence, http: Http, url: str) -> None:
         self.store, self.app, self.dispatcher, self.fence, self.http, self.url = store, app, dispatcher, fence, http, url
         self.next_offset = 0
+        self.http_calls: Counter[str] = Counter()
 
     @classmethod
     async def open(
@@ -261,12 +274,16 @@ class _Share:
         http_settings: HttpSettings,
         hooks: Hooks | None = None,
     ) -> _Share:
+        app = spec.new_app()  # first: an app that cannot be set up leaves no store open behind it
         store = Store.from_settings(PersistenceSettings(url=url))
         claims = await store.claim(GROUP, TOPIC, [partition], owner=f"worker.testing:{partition}:{uuid.uuid4().hex[:8]}")
-        app = spec.new_app()
-        http = Http(http_settings)
-        dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks)
-        return cls(store, app, dispatcher, claims[partition].fence, http, url)
+        recording = _Recording()
+        http = Http(http_settings, transport=recording)
+        directory = Directory.over(spec.rocketchat) if spec.rocketchat is not None else Directory()
+        dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks, directory=directory)
+        share = cls(store, app, dispatcher, claims[partition].fence, http, url)
+        share.http_calls = recording.calls
+        return share
 
     async def run(self, items: Sequence[FileRecord], batch_size: int) -> Delivery:
         if batch_size < 1:
@@ -286,13 +303,30 @@ class _Share:
             processed=total.outcomes[self.app.id, "processed"],
             duplicates=total.duplicates,
             skipped=total.skipped,
-            dead_lettered=total.dead_lettered + total.outcomes[self.app.id, "dead_lettered"],
+            # Undecodable records, and the events the handler failed on (counted per app).
+            dead_lettered=total.dead_lettered + sum(n for (_, outcome), n in total.outcomes.items() if outcome == "dead_lettered"),
             conflicts=total.conflicts,
         )
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.dispatcher.directory.aclose()
         await self.store.close()
+
+
+class _Recording(httpx.AsyncBaseTransport):
+    """Sends the http accessor's requests, counting them by method and URL (without the query)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self._network = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls[f"{request.method} {request.url.copy_with(query=None)}"] += 1
+        return await self._network.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
 
 
 class _RepeatingCommits(Hooks):
@@ -328,15 +362,23 @@ async def _new_database(path: Path) -> str:
     return _sqlite_url(path)
 
 
-async def run_scenario(spec: AppSpec, deliveries: Sequence[Sequence[FileRecord]], *, repeat_runs: bool = False) -> State:
-    """A fresh database, one lane, the deliveries in order; the state at the end."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a scenario left, and the http calls its app made (by ``"METHOD url"``)."""
+
+    state: State
+    http_calls: Counter[str]
+
+
+async def run_scenario(spec: AppSpec, deliveries: Sequence[Sequence[FileRecord]], *, repeat_runs: bool = False) -> Outcome:
+    """A fresh database, one lane, the deliveries in order; what it left at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
         lane = await _Share.open(spec, url, 0, TEST_PROCESSING, HttpSettings(), _RepeatingCommits() if repeat_runs else None)
         try:
             for items in deliveries:
                 await lane.run(items, batch_size=1)
-            return await snapshot(lane.store, spec.app_id)
+            return Outcome(await snapshot(lane.store, spec.app_id), lane.http_calls)
         finally:
             await lane.close()
 

@@ -41,6 +41,7 @@ import structlog
 from worker import constants
 from worker.apps.contract import App
 from worker.apps.http import Http
+from worker.apps.readers import Directory
 from worker.config import KafkaSettings, Settings
 from worker.errors import ConfigError, PersistenceError, WorkerError
 from worker.events import RawRecord
@@ -261,7 +262,10 @@ async def _through_app(settings: Settings, store: Store, app: App, letters: Sequ
         by_origin[(letter.original.topic, letter.original.partition)].append(letter.original)
     kafka = settings.kafka
     http = Http(settings.http)
-    dispatcher = Dispatcher([app], store, http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing)
+    directory = Directory.from_settings(settings.rocketchat)
+    dispatcher = Dispatcher(
+        [app], store, http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing, directory=directory
+    )
     owner = f"{socket.gethostname()}:{os.getpid()}:redrive"
     try:
         async with Producer(kafka) as producer, Reader(kafka) as reader:
@@ -277,6 +281,7 @@ async def _through_app(settings: Settings, store: Store, app: App, letters: Sequ
                 progress.advance(len(records), dead_letters=result.dead_letters, duplicates=result.duplicates)
     finally:
         await http.aclose()
+        await directory.aclose()
 
 
 # -- commands ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from structlog.contextvars import bound_contextvars
 
 from worker.apps.contract import App
 from worker.apps.http import Http
+from worker.apps.readers import Directory
 from worker.config import KafkaSettings, Settings
 from worker.errors import BrokerError, ConfigError, PersistenceError, WorkerError
 from worker.events import RawRecord
@@ -148,6 +149,7 @@ class Replay:
         self.to_time_ms = to_time_ms
         self.group = group
         self.http = Http(settings.http)
+        self.directory = Directory.from_settings(settings.rocketchat)
         self.dispatcher = Dispatcher(
             apps,
             store,
@@ -155,6 +157,7 @@ class Replay:
             Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic),
             settings.processing,
             own_user_id=settings.rocketchat.app_user_id,
+            directory=self.directory,
         )
         self.summary = ReplaySummary(self.kafka.topic)
         self.progress: Progress | None = None
@@ -184,6 +187,7 @@ class Replay:
         finally:
             self.progress = None
             await self.http.aclose()
+            await self.directory.aclose()
         self.summary.duration_s = time.monotonic() - started
         log.info("replay_finished", **self.summary.as_dict())
         return self.summary
