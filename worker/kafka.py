@@ -287,6 +287,12 @@ class Consumer:
             ends = await self._consumer.end_offsets(assigned)
             return {tp.partition: max(0, ends[tp] - await self._consumer.position(tp)) for tp in assigned}
 
+    def member_id(self) -> str | None:
+        """The id the group coordinator gave this member (what ``describe_group_members`` lists), once joined."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        member_id = getattr(coordinator, "member_id", None)
+        return member_id if isinstance(member_id, str) and member_id else None
+
     def in_group(self) -> bool:
         """Whether this member holds a generation of the group and can reach its coordinator."""
         # aiokafka has no public call for this; its group coordinator is the only source.
@@ -705,6 +711,43 @@ async def describe_group(settings: KafkaSettings, group_id: str, timeout_s: floa
                 members = [f"{m['client_id']}@{m['client_host'].lstrip('/')}" for m in group["members"]]
                 return GroupInfo(group["state"], members)
     return GroupInfo("Dead", [])
+
+
+class GroupMember(NamedTuple):
+    """One active member of a consumer group as the coordinator describes it."""
+
+    member_id: str
+    client_id: str
+    host: str
+    partitions: tuple[int, ...]  # of the topic asked about
+
+
+async def describe_group_members(
+    settings: KafkaSettings, group_id: str, topic: str, timeout_s: float = 10.0
+) -> tuple[str, list[GroupMember]]:
+    """The state of ``group_id`` and each active member with the partitions of ``topic`` assigned to it."""
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+
+    client = AIOKafkaAdminClient(**client_options(settings))
+    await _start_bounded(client, settings.bootstrap_servers, timeout_s)
+    try:
+        with translate(f"describing consumer group {group_id}"):
+            responses = await client.describe_consumer_groups([group_id])
+    finally:
+        await client.close()
+    for response in responses:
+        for group in response.to_object()["groups"]:
+            if group["group"] != group_id:
+                continue
+            members = []
+            for m in group["members"]:
+                partitions: list[int] = []
+                if m["member_assignment"]:
+                    assignment = ConsumerProtocolMemberAssignment.decode(m["member_assignment"])
+                    partitions = sorted(p for t, ps in assignment.assignment if t == topic for p in ps)
+                members.append(GroupMember(m["member_id"], m["client_id"], m["client_host"].lstrip("/"), tuple(partitions)))
+            return group["state"], sorted(members, key=lambda m: (m.partitions[:1], m.member_id))
+    return "Dead", []
 
 
 async def group_offsets(settings: KafkaSettings, group_id: str, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, str]]:

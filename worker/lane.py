@@ -63,6 +63,10 @@ class Lane:
         self._locked_batches = 0
         self._snapshot = Snapshot()  # what this partition's last commit left in the database
         self.last_progress = time.monotonic()
+        # What the status pages show of this lane: the current batch's failed attempts, the last failure.
+        self.attempt = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None  # epoch seconds
         self.task = asyncio.create_task(self._run(), name=f"lane-{fence.topic}-{fence.partition}")
         # A lane that dies would hold its partition paused forever, silently: surface it.
         self.task.add_done_callback(lambda task: None if task.cancelled() or task.exception() is None else on_failure(task.exception()))  # type: ignore[arg-type]
@@ -120,6 +124,7 @@ class Lane:
             except (PersistenceError, ConflictsExhausted) as exc:
                 self._snapshot.clear()  # the database may come back changed (a restore, a reset)
                 attempt += 1
+                self._failed(attempt, exc)
                 log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=records[0].offset)
                 await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
                 continue
@@ -128,6 +133,7 @@ class Lane:
                 # and try again, not end its lane in silence with the partition paused.
                 self._snapshot.clear()
                 attempt += 1
+                self._failed(attempt, exc)
                 log.error(
                     "batch_failed",
                     error_type=type(exc).__name__,
@@ -138,6 +144,7 @@ class Lane:
                 )
                 await self._sleep(min(5.0, backoff(attempt, self._settings) + 0.1 * attempt))
                 continue
+            self.attempt = 0
             self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
             self._offsets.mark(self.partition, result.next_offset)
             observe.batch_committed(result)
@@ -156,6 +163,11 @@ class Lane:
             )
             return
         log.warning("batch_abandoned", first_offset=records[0].offset, reason="partition revoked or worker stopping")
+
+    def _failed(self, attempt: int, exc: BaseException) -> None:
+        self.attempt = attempt
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error_at = time.time()
 
     async def _publish(self) -> None:
         try:

@@ -89,6 +89,8 @@ def secrets_of(settings: Settings) -> list[str]:
     if database_password:
         found.append(str(database_password))
     found.extend(_app_secrets(settings.handlers.settings))
+    if settings.web.token is not None:
+        found.append(settings.web.token.get_secret_value())
     return found
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client 
 # and how long one such question may take: readiness is at most this stale.
 HEALTH_CHECK_S = 2.0
 HEALTH_TIMEOUT_S = 5.0
+# How often a worker renews its row in worker_members (where the status pages find it).
+MEMBER_HEARTBEAT_S = 5.0
 # Seconds buckets for handler runs and commits: 1 ms (an in-memory counter) to 30 s (the
 # default handler timeout).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -163,6 +166,7 @@ class Health:
         self.database_ok: bool | None = None  # None until first asked
         self.database_error = ""
         self.stopping = False
+        self.report: dict[str, Any] = {}  # what /status answers besides the verdicts; replaced whole by the monitor
 
     def now(self) -> float:
         """The clock this health is judged by."""
@@ -226,6 +230,8 @@ class Observer:
         self.metrics = metrics
         self.health = health
         self.partitions: set[int] = set()
+        self.started_at = datetime.now(UTC)
+        self.assigned_at: datetime | None = None  # the last rebalance that gave this worker its partitions
         self._lag_series: set[tuple[str, str]] = set()
         metrics.live.set_function(lambda: float(health.liveness().ok))
         metrics.ready.set_function(lambda: float(health.readiness().ok))
@@ -257,6 +263,7 @@ class Observer:
         self.metrics.assigned.set(len(self.partitions))
         self.metrics.rebalances.inc()
         self.health.member = True
+        self.assigned_at = datetime.now(UTC)
 
     def revoked(self, partitions: set[int]) -> None:
         """A rebalance began and took ``partitions`` away."""
@@ -316,6 +323,22 @@ class Observer:
 
     # -- the monitor ------------------------------------------------------------------------
 
+    def per_app(self) -> dict[str, dict[str, int]]:
+        """The per-app counters since this process started: processed, conflicts, retries, dead-lettered."""
+        counters = {
+            "processed": self.metrics.processed,
+            "conflicts": self.metrics.conflicts,
+            "retries": self.metrics.retries,
+            "dead_lettered": self.metrics.dead_lettered,
+        }
+        totals: dict[str, dict[str, int]] = {}
+        for name, counter in counters.items():
+            for family in counter.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        totals.setdefault(sample.labels["app"], dict.fromkeys(counters, 0))[name] = int(sample.value)
+        return totals
+
     def measured_lag(self, topic: str, lag: Mapping[int, int]) -> None:
         """Export the lag just measured, per partition."""
         for partition, records in lag.items():
@@ -359,6 +382,13 @@ class Endpoint:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def advertised_url(self) -> str:
+        """The URL other processes reach it at: the host name when listening on every address."""
+        if self.host in ("0.0.0.0", "::"):  # noqa: S104 - comparing, not binding
+            return f"http://{socket.gethostname()}:{self.port}"
+        return self.url
+
     def close(self) -> None:
         """Stop serving and release the port."""
         self._server.shutdown()
@@ -389,8 +419,11 @@ class _Handler(MetricsHandler):
             verdict = self.health.liveness()
         elif path == "/readyz":
             verdict = self.health.readiness()
+        elif path == "/status":
+            self._reply(200, status_document(self.health))
+            return
         else:
-            self._reply(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})
+            self._reply(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz", "/status"]})
             return
         self._reply(200 if verdict.ok else 503, {"status": "ok" if verdict.ok else "fail", **verdict.detail})
 
@@ -402,6 +435,16 @@ class _Handler(MetricsHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(data)
+
+
+def status_document(health: Health) -> dict[str, Any]:
+    """What /status answers: the monitor's last report (member, lanes, per-app counters) and both verdicts now."""
+    liveness, readiness = health.liveness(), health.readiness()
+    return {
+        **health.report,
+        "liveness": {"ok": liveness.ok, "detail": liveness.detail},
+        "readiness": {"ok": readiness.ok, "detail": readiness.detail},
+    }
 
 
 # -- serving beside the loop ------------------------------------------------------------------
@@ -422,7 +465,8 @@ async def serve(settings: ObservabilitySettings, worker: Worker, observer: Obser
     if settings.enabled:
         endpoint = Endpoint(settings.host, settings.port, observer.metrics.registry, observer.health)
         log.info("observability_listening", host=endpoint.host, port=endpoint.port, url=endpoint.url)
-    monitor = asyncio.create_task(Monitor(settings, worker, observer).run(), name="observability-monitor")
+    url = endpoint.advertised_url if endpoint is not None else None
+    monitor = asyncio.create_task(Monitor(settings, worker, observer, url).run(), name="observability-monitor")
     try:
         yield endpoint
     finally:
@@ -438,11 +482,13 @@ async def serve(settings: ObservabilitySettings, worker: Worker, observer: Obser
 class Monitor:
     """Beside the loop: every HEALTH_CHECK_S the coordinator and the database, every lag_interval_s lag and backlog."""
 
-    def __init__(self, settings: ObservabilitySettings, worker: Worker, observer: Observer) -> None:
+    def __init__(self, settings: ObservabilitySettings, worker: Worker, observer: Observer, url: str | None = None) -> None:
         self.settings = settings
         self.worker = worker
         self.observer = observer
         self.health = observer.health
+        self.url = url
+        self._next_heartbeat = 0.0
 
     async def run(self) -> None:
         """Until the worker is asked to stop (or this task is cancelled)."""
@@ -458,6 +504,7 @@ class Monitor:
             await asyncio.sleep(min(HEALTH_CHECK_S, self.settings.lag_interval_s))
         # Draining after SIGTERM: not ready any more, and the store is about to close.
         self.health.stopping = True
+        await self._leave()
 
     async def check(self) -> None:
         """What readiness and liveness read: membership, the coordinator, the database, busy lanes."""
@@ -476,6 +523,66 @@ class Monitor:
             health.database_ok, health.database_error = False, reason
         else:
             health.database_ok, health.database_error = True, ""
+        health.report = self.report()
+        if health.database_ok and time.monotonic() >= self._next_heartbeat:
+            self._next_heartbeat = time.monotonic() + MEMBER_HEARTBEAT_S
+            await self._heartbeat()
+
+    def report(self) -> dict[str, Any]:
+        """This member, its lanes and its per-app counters, for /status (the status pages)."""
+        worker, observer = self.worker, self.observer
+        lanes = sorted(worker.lanes.values(), key=lambda lane: lane.partition)
+        return {
+            "member": worker.owner,
+            "kafka_member_id": worker.consumer.member_id(),
+            "group": worker.consumer.group_id,
+            "topic": worker.consumer.topic,
+            "host": socket.gethostname(),
+            "started_at": observer.started_at.isoformat(),
+            "assigned_at": observer.assigned_at.isoformat() if observer.assigned_at else None,
+            "partitions": [
+                {
+                    "partition": lane.partition,
+                    "generation": lane.fence.generation,
+                    "paused": lane.busy,  # the runner pauses a partition in Kafka while its lane has a batch
+                    "retrying": lane.attempt > 0,
+                    "attempt": lane.attempt,
+                    "last_error": lane.last_error,
+                    "last_error_at": datetime.fromtimestamp(lane.last_error_at, UTC).isoformat() if lane.last_error_at else None,
+                }
+                for lane in lanes
+            ],
+            "apps": observer.per_app(),
+        }
+
+    async def _heartbeat(self) -> None:
+        from worker.persistence.members import Member, heartbeat
+
+        worker = self.worker
+        row = Member(
+            worker.owner,
+            worker.consumer.group_id,
+            worker.consumer.topic,
+            socket.gethostname(),
+            worker.consumer.member_id(),
+            self.url,
+            self.observer.started_at,
+            datetime.now(UTC),
+        )
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await heartbeat(worker.store, row)
+        except (PersistenceError, TimeoutError) as exc:
+            log.info("member_heartbeat_failed", reason=str(exc) or f"no answer within {HEALTH_TIMEOUT_S:g}s")
+
+    async def _leave(self) -> None:
+        from worker.persistence.members import leave
+
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                await leave(self.worker.store, self.worker.owner)
+        except (PersistenceError, TimeoutError) as exc:
+            log.info("member_leave_failed", reason=str(exc) or f"no answer within {HEALTH_TIMEOUT_S:g}s")
 
     async def measure(self) -> None:
         """Lag per assigned partition (exported, and logged as consumer_lag) and the outbox backlog."""
