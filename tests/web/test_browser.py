@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -26,7 +27,7 @@ from worker.persistence.admin import redrives
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.browser, pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -48,7 +49,7 @@ ODD_HEADER = ("x-odd<b>", b"\x00\xff<i>\x1b[31m")
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
     """A fresh headless Chromium context (its own user-data dir); fails in CI when chromium is missing."""
-    if not CHROMIUM.exists():
+    if not os.path.exists(CHROMIUM):  # noqa: ASYNC240 - one stat before the browser starts
         unavailable(f"{CHROMIUM} is missing: apt-get install chromium")
     try:
         from playwright.async_api import async_playwright
@@ -57,7 +58,7 @@ async def browser() -> AsyncIterator[Any]:
     with tempfile.TemporaryDirectory(prefix="rc-web-chromium-") as profile:
         async with async_playwright() as driver:
             context = await driver.chromium.launch_persistent_context(
-                profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, viewport={"width": 1280, "height": 900}
+                profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, viewport={"width": 1280, "height": 900}
             )
             try:
                 yield context
@@ -113,14 +114,14 @@ async def text_of(page: Any, selector: str) -> str:
     return str(await page.locator(selector).first.inner_text()).strip()
 
 
-async def reload_until(page: Any, url: str, check: Any, what: str, timeout: float = 90) -> None:
+async def reload_until(page: Any, url: str, check: Any, what: str, within: float = 90) -> None:
     """Load ``url`` again and again until ``check(page)`` holds (the pages render the latest sample)."""
 
     async def holds() -> bool:
         await page.goto(url)
         return bool(await check(page))
 
-    await wait_until(holds, timeout=timeout, interval=1.0, what=what)
+    await wait_until(holds, timeout=within, interval=1.0, what=what)
 
 
 async def offsets_table(page: Any) -> dict[int, dict[str, str]]:
