@@ -223,3 +223,21 @@ async def test_state_page_escapes_record_data(client_for, store: Store) -> None:
     assert page.text.count("<tr><td><code>r000") == 2  # r00000 and r00003
     assert "<img src=x" not in page.text
     assert "&lt;img src=x onerror=" in page.text
+
+
+async def test_member_rows_are_renewed_listed_while_recent_and_deleted_on_leave(store: Store) -> None:
+    from datetime import timedelta
+
+    from worker.persistence.members import Member, heartbeat, leave, recent
+
+    now = datetime.now(UTC)
+    one = Member("host:1:a", "g", "t", "host", "m-1", "http://127.0.0.1:9464", now, now)
+    gone = Member("host:2:b", "g", "t", "host", None, None, now - timedelta(hours=3), now - timedelta(hours=2))
+    await heartbeat(store, gone)
+    await heartbeat(store, one)  # prunes the group's rows older than an hour
+    await heartbeat(store, Member("host:1:a", "g", "t", "host", "m-1b", "http://127.0.0.1:9465", now, now))
+    found = await recent(store, "g", "t", 30.0)
+    assert [(m.member, m.kafka_member_id, m.url) for m in found] == [("host:1:a", "m-1b", "http://127.0.0.1:9465")]
+    assert await recent(store, "g", "other-topic", 30.0) == []
+    await leave(store, "host:1:a")
+    assert await recent(store, "g", "t", 30.0) == []

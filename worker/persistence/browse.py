@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from worker.persistence.schema import outbox, partition_offsets, record_associations, records
+from worker.persistence.schema import dlq_redrives, outbox, partition_offsets, record_associations, records
 from worker.persistence.store import Store, _stored, _translate
 from worker.persistence.unit import StoredRecord
 
@@ -102,3 +102,11 @@ async def outbox_backlog_by_topic(store: Store) -> dict[str, int]:
     with _translate("counting the outbox backlog"):
         async with store.engine.connect() as conn:
             return {row[0]: int(row[1]) for row in await conn.execute(query)}
+
+
+async def redriven_count(store: Store, dlq_topic: str) -> int:
+    """How many dead letters of ``dlq_topic`` the redrive ledger has sent back."""
+    query = select(func.count()).select_from(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic, dlq_redrives.c.sent_at.is_not(None))
+    with _translate("counting re-driven dead letters"):
+        async with store.engine.connect() as conn:
+            return int(await conn.scalar(query) or 0)

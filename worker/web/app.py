@@ -89,13 +89,12 @@ class Pages:
     async def overview(self, request: Request) -> Response:
         """Group, members, offsets, events/s, dead letters per reason, conflicts and retries per app, outbox."""
         sample = self.live.sample
-        ledger = await redrives(self.store, self.settings.kafka.dead_letter_topic)
         return self.render(
             request,
             "overview.html",
             rates=self.live.events_per_second(),
             reasons=self.live.dead_letters.counts("reason").most_common(20),
-            redriven=len(ledger),
+            redriven=await queries.redriven_count(self.store, self.settings.kafka.dead_letter_topic),
             dead_letters=len(self.live.dead_letters.newest_first),
             apps=_app_counters(sample.members),
             backlog=await queries.outbox_backlog_by_topic(self.store),

@@ -16,7 +16,15 @@ from worker.dlq import redrive as dlq_redrive
 from worker.errors import ConfigError, DecodeError
 from worker.events import Event, RawRecord, decode
 from worker.kafka import PartitionReader, topic_partitions
-from worker.persistence.browse import RecordsPage, app_ids, association_models, claims, outbox_backlog_by_topic, records_page
+from worker.persistence.browse import (
+    RecordsPage,
+    app_ids,
+    association_models,
+    claims,
+    outbox_backlog_by_topic,
+    records_page,
+    redriven_count,
+)
 from worker.persistence.store import Store
 from worker.tools import CONNECT_TIMEOUT_S, parse_time
 from worker.web.live import DeadLetterIndex
@@ -32,6 +40,7 @@ __all__ = [
     "outbox_backlog_by_topic",
     "records_page",
     "redrive",
+    "redriven_count",
     "select_dead_letters",
 ]
 
