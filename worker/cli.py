@@ -143,6 +143,11 @@ async def _run(settings: Settings, _args: argparse.Namespace) -> int:
 
     apps = load_apps(settings.handlers.enabled, settings.handlers.settings)
     worker = Worker(settings, apps)
+    pages = None
+    if settings.observability.web:
+        from worker.web.embedded import pages_factory
+
+        pages = pages_factory(settings)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - asyncio.run always runs us in a task
@@ -157,7 +162,7 @@ async def _run(settings: Settings, _args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        async with serve(settings.observability, worker):
+        async with serve(settings.observability, worker, pages=pages):
             await worker.run()
     except asyncio.CancelledError:
         print(f"rc-worker: shutdown took longer than {settings.processing.shutdown_timeout_s}s; stopped hard", file=sys.stderr)

@@ -41,8 +41,11 @@ from prometheus_client.exposition import MetricsHandler
 from worker import tracing
 from worker.config import ObservabilitySettings
 from worker.errors import BrokerError, ConfigError, FencedError, PersistenceError, VersionConflict
+from worker.observability_asgi import AsgiEndpoint
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from worker.dispatch import BatchResult
     from worker.runner import Worker
 
@@ -415,17 +418,7 @@ class _Handler(MetricsHandler):
         if path == "/metrics":
             super().do_GET()
             return
-        if path in ("/healthz", "/livez"):
-            verdict = self.health.liveness()
-        elif path == "/readyz":
-            verdict = self.health.readiness()
-        elif path == "/status":
-            self._reply(200, status_document(self.health))
-            return
-        else:
-            self._reply(404, {"error": "not found", "paths": ["/metrics", "/healthz", "/readyz", "/status"]})
-            return
-        self._reply(200 if verdict.ok else 503, {"status": "ok" if verdict.ok else "fail", **verdict.detail})
+        self._reply(*probe(self.health, path))
 
     def _reply(self, status: int, body: dict[str, Any]) -> None:
         data = json.dumps(body).encode()
@@ -435,6 +428,22 @@ class _Handler(MetricsHandler):
         self.send_header("Cache-Control", "no-store")
         self.end_headers()
         self.wfile.write(data)
+
+
+PROBE_PATHS = ("/metrics", "/healthz", "/readyz", "/status")
+
+
+def probe(health: Health, path: str) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and JSON body of a probe path: /healthz (or /livez), /readyz, /status; 404 otherwise."""
+    if path == "/status":
+        return 200, status_document(health)
+    if path in ("/healthz", "/livez"):
+        verdict = health.liveness()
+    elif path == "/readyz":
+        verdict = health.readiness()
+    else:
+        return 404, {"error": "not found", "paths": list(PROBE_PATHS)}
+    return (200 if verdict.ok else 503), {"status": "ok" if verdict.ok else "fail", **verdict.detail}
 
 
 def status_document(health: Health) -> dict[str, Any]:
@@ -451,8 +460,10 @@ def status_document(health: Health) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def serve(settings: ObservabilitySettings, worker: Worker, observer: Observer = observe) -> AsyncIterator[Endpoint | None]:
-    """Serve the endpoint (when enabled) and run the monitor beside ``worker`` for the block.
+async def serve(
+    settings: ObservabilitySettings, worker: Worker, observer: Observer = observe, pages: Callable[[], ASGIApp] | None = None
+) -> AsyncIterator[Endpoint | AsgiEndpoint | None]:
+    """Serve the endpoint (when enabled; with ``pages`` when ``web`` is on) and run the monitor beside ``worker`` for the block.
 
     Raises:
         ConfigError: the port cannot be bound, or tracing is on without OpenTelemetry.
@@ -461,10 +472,15 @@ async def serve(settings: ObservabilitySettings, worker: Worker, observer: Obser
     observer.health.stall_s = settings.liveness_stall_s
     observer.metrics.info.info({"version": _version(), "group": worker.consumer.group_id, "topic": worker.consumer.topic})
     tracing.configure(settings.tracing)
-    endpoint = None
-    if settings.enabled:
+    endpoint: Endpoint | AsgiEndpoint | None = None
+    if settings.enabled and settings.web and pages is not None:
+        endpoint = AsgiEndpoint(settings.host, settings.port, observer.metrics.registry, lambda path: probe(observer.health, path), pages)
+    elif settings.enabled:
         endpoint = Endpoint(settings.host, settings.port, observer.metrics.registry, observer.health)
-        log.info("observability_listening", host=endpoint.host, port=endpoint.port, url=endpoint.url)
+    if endpoint is not None:
+        log.info(
+            "observability_listening", host=endpoint.host, port=endpoint.port, url=endpoint.url, web=isinstance(endpoint, AsgiEndpoint)
+        )
     url = endpoint.advertised_url if endpoint is not None else None
     monitor = asyncio.create_task(Monitor(settings, worker, observer, url).run(), name="observability-monitor")
     try:

@@ -213,17 +213,21 @@ async def _failed(request: Request, exc: Exception) -> Response:
     return pages.render(request, "refused.html", status=503, reason=f"this page could not be built: {reason}")
 
 
-def create_app(settings: Settings, store: Store, live: Live, *, run_live: bool = True) -> Starlette:
-    """The ASGI app; with ``run_live`` it samples in the background while it serves."""
+def create_app(settings: Settings, store: Store, live: Live, *, run_live: bool = True, owns_store: bool = False) -> Starlette:
+    """The ASGI app; with ``run_live`` it samples in the background while it serves; with ``owns_store`` it closes the store at the end."""
     pages = Pages(settings, store, live, Guard(settings.web.token))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[Mapping[str, Any]]:
-        if not run_live:
-            yield {}
-            return
-        async with live.running():
-            yield {}
+        try:
+            if not run_live:
+                yield {}
+                return
+            async with live.running():
+                yield {}
+        finally:
+            if owns_store:
+                await store.close()
 
     routes = [
         Route("/", pages.overview),
