@@ -698,19 +698,8 @@ class GroupInfo(NamedTuple):
 
 async def describe_group(settings: KafkaSettings, group_id: str, timeout_s: float = 10.0) -> GroupInfo:
     """The state and the active members of ``group_id``."""
-    client = AIOKafkaAdminClient(**client_options(settings))
-    await _start_bounded(client, settings.bootstrap_servers, timeout_s)
-    try:
-        with translate(f"describing consumer group {group_id}"):
-            responses = await client.describe_consumer_groups([group_id])
-    finally:
-        await client.close()
-    for response in responses:
-        for group in response.to_object()["groups"]:
-            if group["group"] == group_id:
-                members = [f"{m['client_id']}@{m['client_host'].lstrip('/')}" for m in group["members"]]
-                return GroupInfo(group["state"], members)
-    return GroupInfo("Dead", [])
+    state, members = await describe_group_members(settings, group_id, None, timeout_s)
+    return GroupInfo(state, [f"{m.client_id}@{m.host}" for m in members])
 
 
 class GroupMember(NamedTuple):
@@ -723,9 +712,9 @@ class GroupMember(NamedTuple):
 
 
 async def describe_group_members(
-    settings: KafkaSettings, group_id: str, topic: str, timeout_s: float = 10.0
+    settings: KafkaSettings, group_id: str, topic: str | None, timeout_s: float = 10.0
 ) -> tuple[str, list[GroupMember]]:
-    """The state of ``group_id`` and each active member with the partitions of ``topic`` assigned to it."""
+    """The state of ``group_id`` and each active member with the partitions of ``topic`` (if given) assigned to it."""
     from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
     client = AIOKafkaAdminClient(**client_options(settings))
@@ -742,7 +731,7 @@ async def describe_group_members(
             members = []
             for m in group["members"]:
                 partitions: list[int] = []
-                if m["member_assignment"]:
+                if topic is not None and m["member_assignment"]:
                     assignment = ConsumerProtocolMemberAssignment.decode(m["member_assignment"])
                     partitions = sorted(p for t, ps in assignment.assignment if t == topic for p in ps)
                 members.append(GroupMember(m["member_id"], m["client_id"], m["client_host"].lstrip("/"), tuple(partitions)))

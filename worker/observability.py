@@ -40,8 +40,8 @@ from prometheus_client.exposition import MetricsHandler
 
 from worker import tracing
 from worker.config import ObservabilitySettings
-from worker.errors import BrokerError, ConfigError, FencedError, PersistenceError, VersionConflict
-from worker.observability_asgi import AsgiEndpoint
+from worker.errors import BrokerError, FencedError, PersistenceError, VersionConflict
+from worker.observability_asgi import Addressed, AsgiEndpoint, cannot_listen
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -360,7 +360,7 @@ observe = Observer(Metrics(REGISTRY), Health())
 # -- the HTTP endpoint ------------------------------------------------------------------------
 
 
-class Endpoint:
+class Endpoint(Addressed):
     """The HTTP server for /metrics, /healthz and /readyz, answering from its own thread."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
@@ -369,28 +369,12 @@ class Endpoint:
         try:
             self._server = server_class((host, port), handler)
         except OSError as exc:
-            raise ConfigError(
-                f"observability: cannot listen on {host}:{port} ({exc.strerror}); set observability.port "
-                "(RC_WORKER_OBSERVABILITY__PORT) to a free port, or 0 for any, or observability.enabled false"
-            ) from exc
+            raise cannot_listen(host, port, exc) from exc
         self.host = host
         self.port: int = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="rc-worker-http")
         self._thread.daemon = True  # never keeps the process alive on its own
         self._thread.start()
-
-    @property
-    def url(self) -> str:
-        """The base URL, e.g. http://127.0.0.1:9464."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def advertised_url(self) -> str:
-        """The URL other processes reach it at: the host name when listening on every address."""
-        if self.host in ("0.0.0.0", "::"):  # noqa: S104 - comparing, not binding
-            return f"http://{socket.gethostname()}:{self.port}"
-        return self.url
 
     def close(self) -> None:
         """Stop serving and release the port."""

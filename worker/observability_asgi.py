@@ -38,7 +38,35 @@ class _Server(uvicorn.Server):
         yield
 
 
-class AsgiEndpoint:
+def cannot_listen(host: str, port: int, exc: OSError) -> ConfigError:
+    """The error of an observability endpoint whose port cannot be bound."""
+    return ConfigError(
+        f"observability: cannot listen on {host}:{port} ({exc.strerror}); set observability.port "
+        "(RC_WORKER_OBSERVABILITY__PORT) to a free port, or 0 for any, or observability.enabled false"
+    )
+
+
+class Addressed:
+    """Where an endpoint listens (``host``, ``port``), as URLs."""
+
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        """The base URL, e.g. http://127.0.0.1:9464."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def advertised_url(self) -> str:
+        """The URL other processes reach it at: the host name when listening on every address."""
+        if self.host in ("0.0.0.0", "::"):  # noqa: S104 - comparing, not binding
+            return f"http://{socket.gethostname()}:{self.port}"
+        return self.url
+
+
+class AsgiEndpoint(Addressed):
     """Probes and pages on one port, from a thread of their own; the same face as the plain endpoint."""
 
     def __init__(
@@ -54,10 +82,7 @@ class AsgiEndpoint:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._socket.bind((host, port))
         except OSError as exc:
-            raise ConfigError(
-                f"observability: cannot listen on {host}:{port} ({exc.strerror}); set observability.port "
-                "(RC_WORKER_OBSERVABILITY__PORT) to a free port, or 0 for any, or observability.enabled false"
-            ) from exc
+            raise cannot_listen(host, port, exc) from exc
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         self._registry = registry
@@ -71,19 +96,6 @@ class AsgiEndpoint:
         if not self._started.wait(START_TIMEOUT_S) or self._failure is not None:
             self.close()
             raise ConfigError(f"observability: the status pages on port {self.port} did not start: {self._failure or 'timed out'}")
-
-    @property
-    def url(self) -> str:
-        """The base URL, e.g. http://127.0.0.1:9464."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    @property
-    def advertised_url(self) -> str:
-        """The URL other processes reach it at: the host name when listening on every address."""
-        if self.host in ("0.0.0.0", "::"):  # noqa: S104 - comparing, not binding
-            return f"http://{socket.gethostname()}:{self.port}"
-        return self.url
 
     def _app(self) -> Starlette:
         async def metrics(_request: Request) -> Response:
