@@ -241,3 +241,30 @@ async def test_member_rows_are_renewed_listed_while_recent_and_deleted_on_leave(
     assert await recent(store, "g", "other-topic", 30.0) == []
     await leave(store, "host:1:a")
     assert await recent(store, "g", "t", 30.0) == []
+
+
+async def test_partitions_show_owner_claim_offsets_and_a_retrying_lane_with_its_error(client_for, store: Store) -> None:
+    await store.claim("rc-apps-worker", "rocketchat.message.sent", [0, 1], "host-a:11:abc")
+    client, live = client_for()
+    lanes = [
+        {
+            "partition": 0,
+            "paused": True,
+            "retrying": True,
+            "attempt": 4,
+            "last_error": "PersistenceError: <b>db</b> down",
+            "last_error_at": None,
+        },
+        {"partition": 1, "paused": False, "retrying": False, "attempt": 0, "last_error": None, "last_error_at": None},
+    ]
+    member = MemberView(GroupMember("m-1", "rc-worker", "10.0.0.7", (0, 1)), None, {"partitions": lanes})
+    live.sample = Sample(datetime.now(UTC), [PartitionOffsets(0, 0, 10, 4, 6), PartitionOffsets(1, 0, 3, 3, 3)], "Stable", [member])
+    page = (await client.get("/partitions")).text
+    rows = re.findall(r'<tr data-partition="(\d)">(.*?)</tr>', page, re.DOTALL)
+    assert [p for p, _ in rows] == ["0", "1"]
+    first, second = rows[0][1], rows[1][1]
+    assert "host-a:11:abc (1)" in first
+    assert "retrying (attempt 4)" in first
+    assert "PersistenceError: &lt;b&gt;db&lt;/b&gt; down" in first
+    assert re.search(r">4</td>\s*<td class=\"num differs\">6</td>", first)  # stored ahead of committed
+    assert "running" in second

@@ -26,6 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from worker import logs
 from worker.config import Settings
 from worker.errors import ConfigError, WorkerError
 from worker.persistence.admin import redrives
@@ -208,7 +209,8 @@ def _int(text: str | None, default: Any, *, minimum: int | None = None, maximum:
 
 async def _failed(request: Request, exc: Exception) -> Response:
     pages: Pages = request.app.state.pages
-    reason = str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}"
+    # Errors may quote a database URL or a broker's words: the configured secrets are cut out.
+    reason = logs.redact(str(exc) if isinstance(exc, WorkerError) else f"{type(exc).__name__}: {exc}")
     log.warning("web_page_failed", path=request.url.path, reason=reason)
     return pages.render(request, "refused.html", status=503, reason=f"this page could not be built: {reason}")
 
