@@ -18,6 +18,7 @@ lint: install
 	$(BIN)/ruff check worker handlers tests bench scripts
 	$(BIN)/ruff format --check worker handlers tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Starts the broker and PostgreSQL it needs (or uses KAFKA_BOOTSTRAP_SERVERS), then runs all.
 test: lint services app-test

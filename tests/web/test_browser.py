@@ -22,8 +22,8 @@ import pytest
 from tests.support import RC_WORKER, ROOT, StartWorker, TopicSet, make_events, rc_worker, store_for, unavailable, wait_until
 from worker.config import KafkaSettings, PersistenceSettings, Settings
 from worker.kafka import Outgoing, PartitionReader, Producer
-from worker.offsets_admin import survey
 from worker.persistence.admin import redrives
+from worker.tools.offsets import survey
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres, pytest.mark.browser, pytest.mark.slow]
 

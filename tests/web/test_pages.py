@@ -17,13 +17,13 @@ from pydantic import SecretStr
 from sqlalchemy import insert
 
 from worker.config import Settings, WebSettings
-from worker.dlq import DeadLetter
 from worker.events import RawRecord
 from worker.kafka import GroupMember
-from worker.offsets_admin import PartitionOffsets
 from worker.persistence.browse import app_ids, records_page
 from worker.persistence.schema import record_associations, records
 from worker.persistence.store import Store
+from worker.tools.dlq import DeadLetter
+from worker.tools.offsets import PartitionOffsets
 from worker.web.app import create_app
 from worker.web.display import pretty, printable
 from worker.web.live import Live, MemberView, Sample

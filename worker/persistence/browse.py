@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from worker.persistence.schema import dlq_redrives, outbox, partition_offsets, record_associations, records
-from worker.persistence.store import Store, _stored, _translate
+from worker.persistence.sql import stored, translate
+from worker.persistence.store import Store
 from worker.persistence.unit import StoredRecord
 
 
@@ -38,7 +39,7 @@ class RecordsPage:
 async def claims(store: Store, group_id: str, topic: str) -> dict[int, PartitionClaim]:
     """Every partition claim of ``group_id`` on ``topic``."""
     query = select(partition_offsets).where(partition_offsets.c.group_id == group_id, partition_offsets.c.topic == topic)
-    with _translate("reading partition claims"):
+    with translate("reading partition claims"):
         async with store.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
     return {row.partition: PartitionClaim(row.partition, row.owner, row.generation, row.next_offset) for row in rows}
@@ -47,7 +48,7 @@ async def claims(store: Store, group_id: str, topic: str) -> dict[int, Partition
 async def app_ids(store: Store) -> list[str]:
     """The apps that have records, in order (a loose walk of the primary key: one lookup per app)."""
     found: list[str] = []
-    with _translate("listing apps"):
+    with translate("listing apps"):
         async with store.engine.connect() as conn:
             # PostgreSQL has no skip scan: take the next app id after the last, one index lookup each.
             while True:
@@ -76,16 +77,16 @@ async def records_page(store: Store, app_id: str, association: str | None, after
         if after is not None:
             query = query.where(records.c.id > after)
     query = query.order_by(records.c.id).limit(limit + 1)
-    with _translate("reading records"):
+    with translate("reading records"):
         async with store.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-    found = [_stored(row) for row in rows[:limit]]
+    found = [stored(row) for row in rows[:limit]]
     return RecordsPage(found, found[-1].id if len(rows) > limit else None)
 
 
 async def association_models(store: Store, app_id: str, limit: int = 50) -> list[str]:
     """Some associations of ``app_id``, the first of each model (``room:``, ``user:``...), as search examples."""
-    with _translate("reading associations"):
+    with translate("reading associations"):
         async with store.engine.connect() as conn:
             rows = await conn.execute(
                 select(record_associations.c.association)
@@ -99,7 +100,7 @@ async def association_models(store: Store, app_id: str, limit: int = 50) -> list
 async def outbox_backlog_by_topic(store: Store) -> dict[str, int]:
     """Outbox rows committed but not yet published, per target topic."""
     query = select(outbox.c.topic, func.count()).where(outbox.c.published_at.is_(None)).group_by(outbox.c.topic)
-    with _translate("counting the outbox backlog"):
+    with translate("counting the outbox backlog"):
         async with store.engine.connect() as conn:
             return {row[0]: int(row[1]) for row in await conn.execute(query)}
 
@@ -107,6 +108,6 @@ async def outbox_backlog_by_topic(store: Store) -> dict[str, int]:
 async def redriven_count(store: Store, dlq_topic: str) -> int:
     """How many dead letters of ``dlq_topic`` the redrive ledger has sent back."""
     query = select(func.count()).select_from(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic, dlq_redrives.c.sent_at.is_not(None))
-    with _translate("counting re-driven dead letters"):
+    with translate("counting re-driven dead letters"):
         async with store.engine.connect() as conn:
             return int(await conn.scalar(query) or 0)

@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import delete, select
 
 from worker.persistence.schema import worker_members
-from worker.persistence.store import Store, _translate
+from worker.persistence.sql import dialect_insert, translate
+from worker.persistence.store import Store
 
 # A row not renewed for this long is a worker that is gone (killed, partitioned away).
 STALE_AFTER_S = 3600.0
@@ -46,14 +47,14 @@ async def heartbeat(store: Store, member: Member) -> None:
         "started_at": member.started_at,
         "seen_at": member.seen_at,
     }
-    statement = store._insert(worker_members).values(values)
+    statement = dialect_insert(store.is_sqlite, worker_members).values(values)
     statement = statement.on_conflict_do_update(
         index_elements=[worker_members.c.member],
         set_={"kafka_member_id": member.kafka_member_id, "url": member.url, "seen_at": member.seen_at},
     )
     cutoff = member.seen_at - timedelta(seconds=STALE_AFTER_S)
-    with _translate("renewing the worker's member row"):
-        async with store._write() as conn:
+    with translate("renewing the worker's member row"):
+        async with store.transaction() as conn:
             await conn.execute(statement)
             await conn.execute(
                 delete(worker_members).where(worker_members.c.group_id == member.group_id, worker_members.c.seen_at < cutoff)
@@ -62,8 +63,8 @@ async def heartbeat(store: Store, member: Member) -> None:
 
 async def leave(store: Store, member: str) -> None:
     """Delete ``member``'s row (a clean stop)."""
-    with _translate("deleting the worker's member row"):
-        async with store._write() as conn:
+    with translate("deleting the worker's member row"):
+        async with store.transaction() as conn:
             await conn.execute(delete(worker_members).where(worker_members.c.member == member))
 
 
@@ -75,7 +76,7 @@ async def recent(store: Store, group_id: str, topic: str, within_s: float) -> li
         .where(worker_members.c.group_id == group_id, worker_members.c.topic == topic, worker_members.c.seen_at >= since)
         .order_by(worker_members.c.started_at)
     )
-    with _translate("reading worker members"):
+    with translate("reading worker members"):
         async with store.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
     return [Member(r.member, r.group_id, r.topic, r.host, r.kafka_member_id, r.url, _aware(r.started_at), _aware(r.seen_at)) for r in rows]

@@ -4,7 +4,7 @@ Routes (all GET but the re-drive):
   /               overview: group, members, offsets and lag, events/s, dead letters, conflicts, outbox
   /partitions     each partition's owner, offsets in Kafka and in the database, its lane's state
   /dead-letters   the dead letters, newest first, filtered by app and reason, paged
-  /dead-letters/redrive (POST)  a dry-run count, then the re-drive, through ``worker.dlq.redrive``
+  /dead-letters/redrive (POST)  a dry-run count, then the re-drive, through ``worker.tools.dlq.redrive``
   /state          an app's records, by association, paged
   /explorer       records of the event topic around an offset or a time, decoded as the worker does
   /health         each member's liveness and readiness checks

@@ -24,13 +24,13 @@ import httpx
 import structlog
 
 from worker.config import KafkaSettings, Settings
-from worker.dlq import DeadLetter, parse
 from worker.errors import WorkerError
 from worker.kafka import GroupMember, PartitionReader, describe_group_members, group_offsets, topic_partitions
-from worker.offsets_admin import PartitionOffsets
 from worker.persistence import members as member_rows
 from worker.persistence.store import Store
-from worker.tools import CONNECT_TIMEOUT_S, Span, read_spans
+from worker.tools.common import CONNECT_TIMEOUT_S, Span, read_spans
+from worker.tools.dlq import DeadLetter, parse
+from worker.tools.offsets import PartitionOffsets
 
 log = structlog.get_logger("worker.web")
 

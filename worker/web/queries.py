@@ -1,7 +1,7 @@
 """What the pages read on request: the database's pages of state, the re-drive, the topic explorer.
 
 The database reads are ``worker.persistence.browse`` (paged, over indexes). The re-drive is
-``worker.dlq.redrive`` itself, to the records' original topics: the same ledger as
+``worker.tools.dlq.redrive`` itself, to the records' original topics: the same ledger as
 ``rc-worker dlq redrive``, so no dead letter is ever sent twice, from the pages or the CLI.
 """
 
@@ -11,8 +11,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from worker.config import KafkaSettings, Settings
-from worker.dlq import DeadLetter, RedriveResult
-from worker.dlq import redrive as dlq_redrive
 from worker.errors import ConfigError, DecodeError
 from worker.events import Event, RawRecord, decode
 from worker.kafka import PartitionReader, topic_partitions
@@ -26,7 +24,9 @@ from worker.persistence.browse import (
     redriven_count,
 )
 from worker.persistence.store import Store
-from worker.tools import CONNECT_TIMEOUT_S, parse_time
+from worker.tools.common import CONNECT_TIMEOUT_S, parse_time
+from worker.tools.dlq import DeadLetter, RedriveResult
+from worker.tools.dlq import redrive as dlq_redrive
 from worker.web.live import DeadLetterIndex
 
 __all__ = [
