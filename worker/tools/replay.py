@@ -143,7 +143,12 @@ class Replay:
         self.group = group
         self.http = Http(settings.http)
         self.dispatcher = Dispatcher(
-            apps, store, self.http, Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic), settings.processing
+            apps,
+            store,
+            self.http,
+            Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic),
+            settings.processing,
+            own_user_id=settings.rocketchat.app_user_id,
         )
         self.summary = ReplaySummary(self.kafka.topic)
 
