@@ -115,6 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     reset_to.add_argument("--to-offset", metavar="P:O[,P:O...]", help="these partitions to these offsets; others stay")
     reset.add_argument("--dry-run", action="store_true", help="print the new offsets; change nothing")
 
+    web = commands.add_parser("web", help="serve the status pages of the whole group (lag, dead letters, state, topic, health)")
+    web.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
+    web.add_argument("--host", help="address to listen on (default: web.host, 127.0.0.1)")
+    web.add_argument("--port", type=int, help="port to listen on (default: web.port, 8080; 0 picks a free one)")
+
     check = commands.add_parser("check-config", help="validate and print the effective configuration, secrets redacted")
     check.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
     check.add_argument("--reference", action="store_true", help="print every key, its variable and default as a Markdown table")
@@ -218,4 +223,5 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("offsets", "show"): ("worker.tools.offsets", "show_command"),
     ("offsets", "reset"): ("worker.tools.offsets", "reset_command"),
     ("check-config", None): ("worker.tools.check_config", "check_config_command"),
+    ("web", None): ("worker.web.server", "command"),
 }

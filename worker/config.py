@@ -134,6 +134,16 @@ class ObservabilitySettings(_Section):
     liveness_stall_s: float = Field(120.0, gt=0, description="busy without progress this long fails /healthz")
     lag_interval_s: float = Field(15.0, gt=0, description="how often lag is measured and logged")
     tracing: bool = False
+    web: bool = Field(False, description="also serve the status pages (rc-worker web) on this port")
+
+
+class WebSettings(_Section):
+    """The status pages of ``rc-worker web``: where they listen, and the token that allows re-drives."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="0.0.0.0 exposes the pages to other hosts")
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port and logs it")
+    token: SecretStr | None = Field(None, description="allows re-drives from the pages; without it they are read-only")
+    sample_interval_s: float = Field(5.0, gt=0, le=300, description="how often the pages sample offsets for the events/s chart")
 
 
 class IngestSettings(_Section):
@@ -192,6 +202,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    web: WebSettings = WebSettings()
     ingest: IngestSettings = IngestSettings()
     rocketchat: RocketChatSettings = RocketChatSettings()
 

@@ -92,6 +92,8 @@ def secrets_of(settings: Settings) -> list[str]:
     if database_password:
         found.append(unquote(database_password))
     found.extend(_app_secrets(settings.handlers.settings))
+    if settings.web.token is not None:
+        found.append(settings.web.token.get_secret_value())
     for secret in (settings.ingest.secret, settings.ingest.webhook_token, settings.rocketchat.auth_token):
         if secret.get_secret_value():
             found.append(secret.get_secret_value())

@@ -278,12 +278,14 @@ class TestEndpoint:
         assert "not a member" in ready.json()["reason"]
 
     def test_status_serves_the_monitor_s_last_view_of_the_pipeline(self, endpoint: Endpoint, observer: Observer) -> None:
-        """/status is the JSON the monitor last took of the pipeline's Status."""
+        """/status is the report the monitor last took of the pipeline's Status, with both verdicts now."""
         lanes = [{"partition": 1, "paused": True, "busy": True, "attempt": 2, "last_error": None, "seconds_since_progress": 3.5}]
-        observer.health.status = {"owner": "w1", "lanes": lanes}
+        observer.health.report = {"member": "w1", "partitions": lanes}
         response = httpx.get(f"{endpoint.url}/status", timeout=5)
         assert (response.status_code, response.headers["content-type"]) == (200, "application/json")
-        assert response.json() == {"owner": "w1", "lanes": lanes}
+        body = response.json()
+        assert (body["member"], body["partitions"]) == ("w1", lanes)
+        assert set(body["liveness"]) == {"ok", "detail"}
 
     def test_unknown_paths_are_404(self, endpoint: Endpoint) -> None:
         """Only the documented paths exist."""
@@ -318,7 +320,7 @@ class TestServe:
                 served = (await asyncio.to_thread(httpx.get, f"{url}/status", timeout=5)).json()
                 page = await asyncio.to_thread(httpx.get, f"{url}/metrics", timeout=5)
             assert ready["database"] is True
-            assert (served["owner"], served["group"], served["lanes"]) == (worker.owner, settings.kafka.group_id, [])
+            assert (served["member"], served["group"], served["partitions"]) == (worker.owner, settings.kafka.group_id, [])
             assert ready["status"] == "fail"  # never joined a group: the consumer was not started
             assert f'group="{settings.kafka.group_id}"' in page.text
             assert observer.health.stopping

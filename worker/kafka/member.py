@@ -171,6 +171,12 @@ class Consumer:
             ends = await self._consumer.end_offsets(assigned)
             return {tp.partition: max(0, ends[tp] - await self._consumer.position(tp)) for tp in assigned}
 
+    def member_id(self) -> str | None:
+        """The id the group coordinator gave this member (what ``describe_group_members`` lists), once joined."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        member_id = getattr(coordinator, "member_id", None)
+        return member_id if isinstance(member_id, str) and member_id else None
+
     def in_group(self) -> bool:
         """Whether this member holds a generation of the group and can reach its coordinator."""
         state = group_state(self._consumer)

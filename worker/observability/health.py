@@ -54,7 +54,7 @@ class Health:
         self.database_ok: bool | None = None  # None until first asked
         self.database_error = ""
         self.stopping = False
-        self.status: dict[str, Any] = {}  # the pipeline's status as of the monitor's last round (GET /status)
+        self.report: dict[str, Any] = {}  # what /status answers besides the verdicts; replaced whole by the monitor
 
     @property
     def stall_s(self) -> float:

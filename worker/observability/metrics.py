@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -120,6 +121,8 @@ class Observer(Hooks):
         self.health = health
         self.tally = Tally()
         self.partitions: set[int] = set()
+        self.started_at = datetime.now(UTC)
+        self.assigned_at: datetime | None = None  # the last rebalance that gave this worker its partitions
         self._lag_series: set[tuple[str, str]] = set()
         metrics.live.set_function(lambda: float(health.liveness().ok))
         metrics.ready.set_function(lambda: float(health.readiness().ok))
@@ -153,6 +156,7 @@ class Observer(Hooks):
         self.metrics.assigned.set(len(self.partitions))
         self.metrics.rebalances.inc()
         self.health.member = True
+        self.assigned_at = datetime.now(UTC)
 
     def revoked(self, partitions: set[int]) -> None:
         """A rebalance began and took ``partitions`` away."""
@@ -218,6 +222,22 @@ class Observer(Hooks):
         self.metrics.markers_pruned.inc(count)
 
     # -- the monitor ------------------------------------------------------------------------
+
+    def per_app(self) -> dict[str, dict[str, int]]:
+        """The per-app counters since this process started: processed, conflicts, retries, dead-lettered."""
+        counters = {
+            "processed": self.metrics.processed,
+            "conflicts": self.metrics.conflicts,
+            "retries": self.metrics.retries,
+            "dead_lettered": self.metrics.dead_lettered,
+        }
+        totals: dict[str, dict[str, int]] = {}
+        for name, counter in counters.items():
+            for family in counter.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        totals.setdefault(sample.labels["app"], dict.fromkeys(counters, 0))[name] = int(sample.value)
+        return totals
 
     def measured_lag(self, topic: str, lag: Mapping[int, int]) -> None:
         """Export the lag just measured, per partition."""

@@ -128,3 +128,20 @@ dlq_redrives = Table(
     Column("redriven_at", DateTime(timezone=True), nullable=False),
     Column("sent_at", DateTime(timezone=True), nullable=True),
 )
+
+# Each running worker's row, renewed every few seconds by its monitor: where its status
+# endpoint answers and which Kafka member it is, so the status pages (worker.web) can ask
+# every member of the group. Rows not renewed for a while belong to workers that are gone.
+worker_members = Table(
+    "worker_members",
+    metadata,
+    Column("member", String(250), primary_key=True),  # the worker's owner name, as in partition_offsets.owner
+    Column("group_id", String(250), nullable=False),
+    Column("topic", String(250), nullable=False),
+    Column("host", String(250), nullable=False),
+    Column("kafka_member_id", String(250), nullable=True),
+    Column("url", String(500), nullable=True),  # the observability endpoint, None when disabled
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+    Index("ix_worker_members_group", "group_id", "topic", "seen_at"),
+)

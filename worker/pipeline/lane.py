@@ -65,11 +65,14 @@ class Lane:
         self._outbox_dirty = True  # a new owner first publishes what the last one left
         self.busy = False
         # What the status reports of this lane (read-only outside it).
-        self.attempt = 0  # failed tries of the batch in flight, while it is tried again
-        self.last_error: tuple[str, str] | None = None  # (type, message without secrets) of the last failed try
         self.last_progress = time.monotonic()  # when the lane began or last committed a batch
         self._locked_batches = 0
         self._snapshot = Snapshot()  # what this partition's last commit left in the database
+        # What a status shows of this lane: the failed tries of the batch in flight (0: none),
+        # and the last failure as "Type: message" without secrets.
+        self.attempt = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None  # epoch seconds
         self.task = asyncio.create_task(self._run(), name=f"lane-{fence.topic}-{fence.partition}")
         # A lane that dies would hold its partition paused forever, silently: surface it.
         self.task.add_done_callback(lambda task: None if task.cancelled() or task.exception() is None else on_failure(task.exception()))  # type: ignore[arg-type]
@@ -142,7 +145,8 @@ class Lane:
         self._committed(result, records[0].offset)
 
     def _failed(self, exc: Exception, attempt: int, first_offset: int) -> None:
-        self.attempt, self.last_error = attempt, (type(exc).__name__, redact(str(exc))[:MAX_ERROR_CHARS])
+        self.attempt, self.last_error_at = attempt, time.time()
+        self.last_error = f"{type(exc).__name__}: {redact(str(exc))}"[:MAX_ERROR_CHARS]
         self._snapshot.clear()  # the database may come back changed (a restore, a reset)
         # A DataError here refused even a bare dead letter (the dispatcher isolates the rest):
         # a bug to surface, not an outage to wait out quietly.
@@ -154,6 +158,7 @@ class Lane:
             )
 
     def _committed(self, result: BatchResult, first_offset: int) -> None:
+        self.attempt = 0
         self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
         self._offsets.mark(self.partition, result.next_offset)
         self.last_progress = time.monotonic()

@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 from worker.kafka import Consumer
 from worker.persistence.store import Store
 from worker.pipeline.lane import Lane
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStatus:
+    """One assigned partition's lane as a status shows it."""
+
+    partition: int
+    generation: int
+    paused: bool  # held in Kafka: the runner pauses a partition while its lane has a batch
+    busy: bool  # a batch in flight
+    attempt: int  # failed attempts of the batch in flight (0: none, or it committed)
+    last_error: str | None  # "Type: message" of the last failed attempt, secrets redacted
+    last_error_at: float | None  # epoch seconds
+    seconds_since_progress: float  # since the lane began or last committed a batch
 
 
 class Watched(Protocol):
@@ -42,6 +57,37 @@ class Status:
         """The event topic it consumes."""
         return self._worker.consumer.topic
 
+    @property
+    def owner(self) -> str:
+        """The worker's name, as its partition claims in the database record it."""
+        return self._worker.owner
+
+    @property
+    def store(self) -> Store:
+        """The worker's store, for observers that record something about the worker (its member row)."""
+        return self._worker.store
+
+    def member_id(self) -> str | None:
+        """The id the group coordinator gave the worker, once joined."""
+        return self._worker.consumer.member_id()
+
+    def lanes(self) -> list[LaneStatus]:
+        """Each assigned partition's lane, by partition."""
+        now, paused = time.monotonic(), self._worker.consumer.paused()
+        return [
+            LaneStatus(
+                lane.partition,
+                lane.fence.generation,
+                lane.partition in paused,
+                lane.busy,
+                lane.attempt,
+                lane.last_error,
+                lane.last_error_at,
+                round(now - lane.last_progress, 3),
+            )
+            for lane in sorted(self._worker.lanes.values(), key=lambda lane: lane.partition)
+        ]
+
     def stopping(self) -> bool:
         """Whether the worker has been asked to stop."""
         return self._worker.stopping.is_set()
@@ -49,37 +95,6 @@ class Status:
     def busy_partitions(self) -> int:
         """How many partitions have a batch in flight."""
         return sum(1 for lane in list(self._worker.lanes.values()) if lane.busy)
-
-    def lanes(self) -> list[dict[str, Any]]:
-        """Each assigned partition's lane, JSON-ready: paused, busy, retrying, last error, last progress.
-
-        ``attempt`` counts the failed tries of the batch in flight (0: not retrying);
-        ``last_error`` is the type and message (secrets redacted) of the last failed try.
-        """
-        now = time.monotonic()
-        paused = self._worker.consumer.paused()
-        return [
-            {
-                "partition": partition,
-                "paused": partition in paused,
-                "busy": lane.busy,
-                "attempt": lane.attempt,
-                "last_error": None if lane.last_error is None else {"type": lane.last_error[0], "message": lane.last_error[1]},
-                "seconds_since_progress": round(now - lane.last_progress, 3),
-            }
-            for partition, lane in sorted(self._worker.lanes.items())
-        ]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The whole view, JSON-ready, as ``GET /status`` serves it."""
-        return {
-            "owner": self._worker.owner,
-            "group": self.group_id,
-            "topic": self.topic,
-            "stopping": self.stopping(),
-            "seconds_since_poll": round(self.seconds_since_poll(), 3),
-            "lanes": self.lanes(),
-        }
 
     def seconds_since_poll(self) -> float:
         """Seconds since the last successful fetch."""
