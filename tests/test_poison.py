@@ -47,7 +47,8 @@ from worker.persistence import schema
 from worker.persistence import unit as unit_module
 from worker.persistence.sql import translate
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import UnitOfWork, encode_data
+from worker.persistence.unit import UnitOfWork
+from worker.persistence.values import encode_data
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.tally import BatchResult
 from worker.plugins import instantiate

@@ -14,8 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from worker.apps.contract import (
-        App,
+    from worker.apps.accessors import (
         IHttp,
         IMessageRead,
         IModify,
@@ -29,6 +28,7 @@ if TYPE_CHECKING:
         MessageBuilder,
         Record,
     )
+    from worker.apps.contract import App
     from worker.apps.http import HttpResponse
     from worker.errors import DeadLetterNow, HttpError, WorkerError
     from worker.events import Message, MessageDeleteContext, Room, User
@@ -61,8 +61,8 @@ __all__ = [
 ]
 
 _MODULES = {
-    "worker.apps.contract": (
-        "App",
+    "worker.apps.contract": ("App",),
+    "worker.apps.accessors": (
         "IHttp",
         "IMessageRead",
         "IModify",

@@ -31,7 +31,7 @@ import orjson
 import pytest
 
 if TYPE_CHECKING:  # importing the worker costs seconds: only the fixtures in use pay for it
-    from worker.tools.replay import ReplaySummary
+    from worker.tools.replay_summary import ReplaySummary
 
 _T = TypeVar("_T")
 LOCAL_BROKER = ("127.0.0.1", 9092)

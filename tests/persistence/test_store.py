@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from worker.apps.contract import Record
+from worker.apps.accessors import Record
 from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
 from worker.persistence.associations import Association, AssociationModel

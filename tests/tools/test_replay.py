@@ -37,7 +37,8 @@ from worker.persistence.schema import records
 from worker.plugins import load_apps
 from worker.tools.common import Start, state_store
 from worker.tools.dump import read_records_file
-from worker.tools.replay import Replay, ReplaySummary, command
+from worker.tools.replay import Replay, command
+from worker.tools.replay_summary import ReplaySummary
 
 pytestmark = pytest.mark.kafka
 

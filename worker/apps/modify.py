@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from worker import constants
-from worker.apps.contract import MessageBuilder
+from worker.apps.accessors import MessageBuilder
 from worker.errors import CommandTooLargeError
 from worker.events import Event, Message, Room, User
 from worker.persistence.unit import OutboxMessage, UnitOfWork

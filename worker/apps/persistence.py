@@ -11,9 +11,10 @@ import functools
 from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from worker.apps.contract import Record
+from worker.apps.accessors import Record
 from worker.persistence.associations import Association
-from worker.persistence.unit import StoredRecord, UnitOfWork, decode_data
+from worker.persistence.unit import StoredRecord, UnitOfWork
+from worker.persistence.values import decode_data
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")

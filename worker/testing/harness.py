@@ -20,7 +20,8 @@ from typing import Any
 import httpx
 
 from worker import plugins
-from worker.apps.contract import App, Record
+from worker.apps.accessors import Record
+from worker.apps.contract import App
 from worker.apps.http import Http
 from worker.apps.readers import Directory
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings

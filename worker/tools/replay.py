@@ -18,8 +18,6 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 import structlog
@@ -40,6 +38,7 @@ from worker.pipeline.stall import Stall
 from worker.pipeline.tally import BatchResult
 from worker.tools.common import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
 from worker.tools.progress import Progress
+from worker.tools.replay_summary import ReplaySummary
 
 log = structlog.get_logger("worker.replay")
 
@@ -51,81 +50,6 @@ STALL_TIMEOUT_S = 60.0
 WORKERS_POLL_S = 1.0
 # Commit metadata pinning a replay group's end offset of a partition ("rc-replay end=1234").
 END_MARK = "rc-replay end="
-
-
-@dataclass
-class ReplaySummary:
-    """What one replay process did; ``render`` is what the command prints."""
-
-    topic: str
-    partitions: int = 0
-    records: int = 0
-    duration_s: float = 0.0
-    total: BatchResult = field(default_factory=lambda: BatchResult(next_offset=0))
-
-    def add(self, result: BatchResult, records: int) -> None:
-        """Count one committed batch of ``records`` records."""
-        self.records += records
-        self.total.add(result)
-
-    @property
-    def events(self) -> int:
-        """Events an app ran on, committed."""
-        return self.total.processed
-
-    @property
-    def duplicates(self) -> int:
-        """Events an app had already processed."""
-        return self.total.duplicates
-
-    @property
-    def skipped(self) -> int:
-        """Events of a type the apps do not handle."""
-        return self.total.skipped
-
-    @property
-    def dead_letters(self) -> int:
-        """Undecodable records, and events an app failed for good (counted per app)."""
-        return self.total.dead_letters
-
-    @property
-    def conflicts(self) -> int:
-        """Version conflicts retried."""
-        return self.total.conflicts
-
-    @property
-    def per_app(self) -> dict[str, int]:
-        """Events processed, by app."""
-        return self.total.per_app
-
-    @property
-    def rate(self) -> float:
-        """Records per second."""
-        return self.records / self.duration_s if self.duration_s > 0 else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        """The summary as JSON-ready values."""
-        counts = {name: getattr(self, name) for name in ("events", "duplicates", "skipped", "dead_letters", "conflicts")}
-        return {
-            "topic": self.topic,
-            "partitions": self.partitions,
-            "records": self.records,
-            **counts,
-            "per_app": dict(self.per_app),
-            "duration_s": round(self.duration_s, 3),
-            "records_per_s": round(self.rate, 1),
-        }
-
-    def render(self) -> str:
-        """A few lines for a terminal."""
-        head = f"replayed {self.records} records of {self.topic} ({self.partitions} partitions) in {self.duration_s:.1f}s"
-        tail = f"duplicates: {self.duplicates}  skipped: {self.skipped}  dead letters: {self.dead_letters}  conflicts retried: {self.conflicts}"
-        lines = [
-            f"{head}: {self.rate:.0f} events/s",
-            *(f"  {app_id}: {count} events" for app_id, count in sorted(self.per_app.items())),
-            f"  {tail}",
-        ]
-        return "\n".join(lines)
 
 
 class Replay:
