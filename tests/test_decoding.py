@@ -87,6 +87,17 @@ class TestModes:
         assert event.message.model_extra == {"editedBy": {"id": "u9"}}
         assert event.message.to_json()["editedBy"] == {"id": "u9"}
 
+    def test_unknown_fields_given_as_null_are_kept_too(self) -> None:
+        """An unknown field whose value is null survives serialising the message (it used to be dropped)."""
+        envelope = json.loads(_lines("valid.jsonl")[0]["value"])
+        envelope["data"]["pinned"] = None
+        event = decode(RawRecord("t", 0, 0, 0, None, json.dumps(envelope).encode()))
+        assert event.message is not None
+        serialised = event.message.to_json()
+        assert "pinned" in serialised
+        assert serialised["pinned"] is None
+        assert "updatedAt" not in serialised  # what the event never had stays out
+
     def test_system_messages_are_not_post_message_sent(self) -> None:
         """A message with `type` set is a system message: decoded, but not for these handlers."""
         envelope = json.loads(_lines("valid.jsonl")[0]["value"])

@@ -108,7 +108,9 @@ class Message(_Model):
 
     def to_json(self) -> dict[str, Any]:
         """The message in the contract's JSON shape, unknown fields included."""
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+        # Unset, not None: a field the event gave as null (an unknown one included) is kept
+        # as the contract asks, and only what the event never had is left out.
+        return self.model_dump(by_alias=True, exclude_unset=True, mode="json")
 
 
 @dataclass(frozen=True, slots=True)
