@@ -60,6 +60,10 @@ __all__ = [
     "WorkerError",
 ]
 
+# The names again, as data: the imports above are for type checkers only (mypy must see
+# the real classes, or a handler's `class X(App)` subclasses Any), and a runtime table
+# cannot be read back from them. Kept twice on purpose: tests/test_public_api.py checks
+# the table resolves every name in __all__, and mypy checks the imports.
 _MODULES = {
     "worker.apps.contract": ("App",),
     "worker.apps.accessors": (
