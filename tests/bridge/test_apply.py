@@ -12,7 +12,7 @@ import pytest
 from tests.fakes.rocketchat import FakeRocketChat
 from tests.support import TopicSet, wait_until
 from worker import constants
-from worker.apps.modify import CREATE_MESSAGE, UPDATE_MESSAGE
+from worker.apps.modify import CREATE_MESSAGE, DELETE_MESSAGE, NOTIFY_ROOM, NOTIFY_USER, UPDATE_MESSAGE
 from worker.bridge.apply import Applier
 from worker.bridge.commands import REACT_MESSAGE, message_id_for
 from worker.config import RocketChatSettings, Settings
@@ -99,3 +99,52 @@ class TestApplier:
         # Offsets were committed after the effects: the group has nothing left to read.
         committed = await group_offsets(settings.kafka, settings.rocketchat.apply_group_id, topics.commands_topic)
         assert sum(offset for offset, _ in committed.values()) == len(values)
+
+    async def test_deletes_and_notifications_change_rocket_chat_once(self, topics: TopicSet) -> None:
+        """Deletes and notifications, each sent twice, take effect once through 5xx; refusals are dead-lettered with the reason."""
+        fake = FakeRocketChat()
+        fake.add_message("m1", "GENERAL", "delete me")
+        fake.fail_next("chat.delete", 502)
+        fake.fail_next("im.create", 503)
+        settings = _settings(topics, fake)
+        dead_letters = f"{topics.commands_topic}.dlq"
+        await create_topic(settings, dead_letters)
+        delete = command(DELETE_MESSAGE, "c/1", {"messageId": "m1", "roomId": "GENERAL", "user": None})
+        notify_room = command(NOTIFY_ROOM, "c/2", {"roomId": "GENERAL", "text": "heads up"})
+        notify_user = command(NOTIFY_USER, "c/3", {"userId": "u-1", "username": "alice", "text": "psst"})
+        values = [
+            delete,
+            delete,  # a repeat: the message is gone
+            notify_room,
+            notify_room,
+            notify_user,
+            notify_user,
+            command(DELETE_MESSAGE, "c/4", {"messageId": "m1", "roomId": "OTHER"}),  # gone too: done, not refused
+            command(NOTIFY_USER, "c/5", {"userId": "u-9", "username": "nobody", "text": "psst"}),  # refused: unknown user
+            command(NOTIFY_USER, "c/6", {"userId": "u-1", "text": "psst"}),  # refused: no username
+        ]
+        async with Producer(settings.kafka) as producer:
+            await producer.send_many(
+                [
+                    Outgoing(topics.commands_topic, b"GENERAL", value, [("content-type", b"application/cloudevents+json")])
+                    for value in values
+                ]
+            )
+
+        applier = Applier(settings, RocketChatClient(settings.rocketchat, transport=httpx.ASGITransport(app=fake.app)))
+        await _run_until(applier, lambda: applier.tally["applied"] + applier.tally["dead_lettered"] >= len(values))
+
+        assert fake.deletes == {"m1": 1}
+        assert fake.inserts == {message_id_for("c/2"): 1, message_id_for("c/3"): 1}
+        [direct_room] = fake.direct_rooms
+        assert fake.rooms_created == {direct_room: 1}
+        assert fake.messages[message_id_for("c/3")]["rid"] == direct_room
+        assert fake.messages[message_id_for("c/2")]["rid"] == "GENERAL"
+        assert fake.count("chat.delete", 502) == fake.count("im.create", 503) == 1
+        assert applier.tally["retried"] >= 2
+
+        letters = [record async for record in read_topic(settings.kafka, dead_letters)]
+        refusals = sorted((dict(r.headers)[constants.DLQ_ERROR_TYPE], dict(r.headers)[constants.DLQ_REASON]) for r in letters)
+        assert [error_type for error_type, _ in refusals] == [b"DecodeError", b"RocketChatError"]
+        assert b"data.username" in refusals[0][1]
+        assert b"Invalid user" in refusals[1][1]

@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from tests.fakes.rocketchat import FakeRocketChat
-from worker.apps.modify import CREATE_MESSAGE, UPDATE_MESSAGE
+from worker.apps.modify import CREATE_MESSAGE, DELETE_MESSAGE, NOTIFY_ROOM, NOTIFY_USER, UPDATE_MESSAGE
 from worker.bridge.commands import ID_ALPHABET, ID_LENGTH, REACT_MESSAGE, Command, apply, message_id_for, parse
 from worker.config import RocketChatSettings
 from worker.errors import DecodeError, RocketChatError
@@ -112,6 +112,151 @@ class TestReact:
             await apply(client, command)
         assert fake.messages["m1"]["reactions"] == {":thumbsup:": {"usernames": [fake.username]}}
         assert all(call.body["shouldReact"] is True for call in fake.calls)
+
+
+class TestDelete:
+    async def test_applied_twice_deletes_once(self) -> None:
+        """The first try deletes; the repeat finds the message gone and counts it as done."""
+        fake = FakeRocketChat()
+        fake.add_message("m1", "GENERAL", "hello")
+        command = _command(DELETE_MESSAGE, {"messageId": "m1", "roomId": "GENERAL", "user": None})
+        async with _client(fake) as client:
+            assert await apply(client, command) == "deleted"
+            assert await apply(client, command) == "deleted_before"
+        assert "m1" not in fake.messages
+        assert fake.deletes == {"m1": 1}
+        assert fake.calls[0].body == {"roomId": "GENERAL", "msgId": "m1"}
+
+    async def test_unknown_message_counts_as_deleted(self) -> None:
+        """A message the server never had (or lost) is already what the command asks for."""
+        fake = FakeRocketChat()
+        async with _client(fake) as client:
+            assert await apply(client, _command(DELETE_MESSAGE, {"messageId": "nope", "roomId": "GENERAL"})) == "deleted_before"
+        assert fake.count("chat.delete", 400) == fake.count("chat.getMessage", 400) == 1
+
+    async def test_message_of_another_room_is_refused_for_good(self) -> None:
+        """chat.delete refuses a room that is not the message's: the message stays and the error is permanent."""
+        fake = FakeRocketChat()
+        fake.add_message("m1", "GENERAL", "hello")
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError, match="does not match") as caught:
+                await apply(client, _command(DELETE_MESSAGE, {"messageId": "m1", "roomId": "OTHER"}))
+        assert (caught.value.status, caught.value.retriable) == (400, False)
+        assert "m1" in fake.messages
+
+    @pytest.mark.parametrize("status", [429, 502])
+    async def test_throttled_or_failing_server_is_retriable_and_the_retry_deletes_once(self, status: int) -> None:
+        """A 429 or 5xx is retriable and asks nothing more; the next try deletes."""
+        fake = FakeRocketChat()
+        fake.add_message("m1", "GENERAL", "hello")
+        fake.fail_next("chat.delete", status)
+        command = _command(DELETE_MESSAGE, {"messageId": "m1", "roomId": "GENERAL"})
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError) as caught:
+                await apply(client, command)
+            assert caught.value.retriable
+            assert fake.count("chat.getMessage") == 0
+            assert await apply(client, command) == "deleted"
+        assert fake.deletes == {"m1": 1}
+
+    async def test_refused_credentials_are_not_taken_for_a_deleted_message(self) -> None:
+        """A 401 is a permanent error of its own, not a sign that the message is gone."""
+        fake = FakeRocketChat()
+        fake.add_message("m1", "GENERAL", "hello")
+        fake.fail_next("chat.delete", 401)
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError) as caught:
+                await apply(client, _command(DELETE_MESSAGE, {"messageId": "m1", "roomId": "GENERAL"}))
+        assert (caught.value.status, caught.value.retriable) == (401, False)
+        assert "m1" in fake.messages
+
+    async def test_a_message_the_worker_may_not_read_is_not_taken_for_deleted(self) -> None:
+        """chat.getMessage's "not allowed" (a 400 too) is no proof the message is gone: the refusal stands."""
+        fake = FakeRocketChat(hidden_rooms={"SECRET"})
+        fake.add_message("m1", "SECRET", "hello")
+        fake.fail_next("chat.delete", 400)
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError, match=r"chat\.delete: planned failure") as caught:
+                await apply(client, _command(DELETE_MESSAGE, {"messageId": "m1", "roomId": "SECRET"}))
+        assert not caught.value.retriable
+        assert fake.count("chat.getMessage", 400) == 1
+        assert "m1" in fake.messages
+
+
+class TestNotifyRoom:
+    async def test_applied_twice_posts_once_in_the_room(self) -> None:
+        """A room notification is one message from the worker's user under the command's id."""
+        fake = FakeRocketChat()
+        attachment = {"title": {"value": "T"}, "text": "body"}
+        command = _command(NOTIFY_ROOM, {"roomId": "GENERAL", "text": "heads up", "attachments": [attachment]})
+        async with _client(fake) as client:
+            assert await apply(client, command) == "notified_room"
+            assert await apply(client, command) == "notified_room"  # the server answers the known _id
+        message_id = message_id_for(command.id)
+        assert fake.inserts == {message_id: 1}
+        stored = fake.messages[message_id]
+        assert (stored["rid"], stored["msg"], stored["u"]["_id"]) == ("GENERAL", "heads up", fake.user_id)
+        assert stored["attachments"] == [{"title": "T", "text": "body"}]
+
+    async def test_too_long_is_refused_for_good_and_5xx_retried(self) -> None:
+        """Text over the size limit is permanent; a 503 is retriable and the retry posts once."""
+        fake = FakeRocketChat()
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError) as caught:
+                await apply(client, _command(NOTIFY_ROOM, {"roomId": "GENERAL", "text": "x" * 5001}))
+            assert not caught.value.retriable
+            fake.fail_next("chat.sendMessage", 503)
+            command = _command(NOTIFY_ROOM, {"roomId": "GENERAL", "text": "ok"}, "src/ev/app/1")
+            with pytest.raises(RocketChatError) as caught:
+                await apply(client, command)
+            assert caught.value.retriable
+            await apply(client, command)
+        assert fake.inserts == {message_id_for("src/ev/app/1"): 1}
+
+
+class TestNotifyUser:
+    async def test_applied_twice_opens_one_direct_room_and_posts_once(self) -> None:
+        """im.create answers the same direct room again; the message goes there once."""
+        fake = FakeRocketChat()
+        command = _command(NOTIFY_USER, {"userId": "u-1", "username": "alice", "text": "psst"})
+        async with _client(fake) as client:
+            assert await apply(client, command) == "notified_user"
+            assert await apply(client, command) == "notified_user"
+        [room_id] = fake.direct_rooms
+        assert fake.rooms_created == {room_id: 1}
+        assert fake.direct_rooms[room_id]["usernames"] == sorted(["alice", fake.username])
+        message_id = message_id_for(command.id)
+        assert fake.inserts == {message_id: 1}
+        assert (fake.messages[message_id]["rid"], fake.messages[message_id]["msg"]) == (room_id, "psst")
+        assert fake.count("im.create") == 2
+
+    async def test_unknown_user_is_refused_for_good(self) -> None:
+        """im.create refuses a username it does not know: permanent, and nothing is posted."""
+        fake = FakeRocketChat()
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError, match="Invalid user") as caught:
+                await apply(client, _command(NOTIFY_USER, {"userId": "u-9", "username": "nobody", "text": "psst"}))
+        assert (caught.value.status, caught.value.retriable) == (400, False)
+        assert fake.count("chat.sendMessage") == 0
+
+    @pytest.mark.parametrize("status", [429, 500])
+    async def test_throttled_or_failing_im_create_is_retriable(self, status: int) -> None:
+        """A 429 or 5xx from im.create is retriable; the retry posts once."""
+        fake = FakeRocketChat()
+        fake.fail_next("im.create", status)
+        command = _command(NOTIFY_USER, {"userId": "u-1", "username": "alice", "text": "psst"})
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError) as caught:
+                await apply(client, command)
+            assert caught.value.retriable
+            await apply(client, command)
+        assert fake.inserts == {message_id_for(command.id): 1}
+
+    async def test_without_username_is_refused_as_data(self) -> None:
+        """A notification of a user id alone cannot reach im.create: the reason names the field."""
+        async with _client(FakeRocketChat()) as client:
+            with pytest.raises(DecodeError, match="username"):
+                await apply(client, _command(NOTIFY_USER, {"userId": "u-1", "text": "psst"}))
 
 
 class TestRefusedCommands:

@@ -4,8 +4,13 @@ Built from Rocket.Chat's sources and developer docs (see tests/fixtures/rocketch
 auth by X-User-Id/X-Auth-Token (401 otherwise); ``chat.sendMessage`` takes a client-chosen
 ``_id`` and, when a message with that id exists, answers it again instead of inserting a
 second one; text over Message_MaxAllowedSize (5000) is refused; ``chat.update`` replaces
-``customFields`` and ``msg``; ``chat.react`` toggles unless ``shouldReact`` is given; a rate
-limit per endpoint answers 429 with Retry-After and X-RateLimit-* headers.
+``customFields`` and ``msg``; ``chat.react`` toggles unless ``shouldReact`` is given;
+``chat.getMessage`` answers a missing message with a bare 400 and one of a room the caller
+cannot access with 400 error-not-allowed; ``chat.delete`` refuses (400) a message it does not
+have or one of another room;
+``im.create`` answers the direct room of the caller and a user, creating it only the first
+time, and refuses (400) an unknown username; a rate limit per endpoint answers 429 with
+Retry-After and X-RateLimit-* headers.
 
 Use :class:`FakeRocketChat` in-process through ``httpx.ASGITransport(fake.app)``, or serve it
 on a loopback port in a thread with :meth:`FakeRocketChat.serve` for other processes.
@@ -58,6 +63,11 @@ class FakeRocketChat:
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     inserts: Counter[str] = field(default_factory=Counter)  # message id -> times inserted
+    deletes: Counter[str] = field(default_factory=Counter)  # message id -> times deleted
+    users: dict[str, str] = field(default_factory=lambda: {"alice": "u-1"})  # username -> user id, besides the caller
+    direct_rooms: dict[str, dict[str, Any]] = field(default_factory=dict)  # room id -> direct room
+    rooms_created: Counter[str] = field(default_factory=Counter)  # room id -> times created
+    hidden_rooms: set[str] = field(default_factory=set)  # rooms the caller cannot access: chat.getMessage refuses their messages
     failures: dict[str, list[int]] = field(default_factory=dict)  # endpoint -> statuses to answer next
     journal: Path | None = None  # every call also appended here as a JSON line (other processes read it)
 
@@ -70,6 +80,8 @@ class FakeRocketChat:
                 Route("/api/v1/chat.update", self._update, methods=["POST"]),
                 Route("/api/v1/chat.react", self._react, methods=["POST"]),
                 Route("/api/v1/chat.getMessage", self._get_message, methods=["GET"]),
+                Route("/api/v1/chat.delete", self._delete, methods=["POST"]),
+                Route("/api/v1/im.create", self._im_create, methods=["POST"]),
             ]
         )
 
@@ -185,9 +197,51 @@ class FakeRocketChat:
         if refusal is not None:
             return refusal
         message = self.messages.get(request.query_params.get("msgId", ""))
-        if message is None:
-            return self._answer(request, "chat.getMessage", None, 400, {"success": False, "error": "Message not found"})
+        if message is None:  # Rocket.Chat's bare failure(): no error text
+            return self._answer(request, "chat.getMessage", None, 400, {"success": False})
+        if message["rid"] in self.hidden_rooms:
+            error = {"success": False, "error": "Not allowed [error-not-allowed]", "errorType": "error-not-allowed"}
+            return self._answer(request, "chat.getMessage", None, 400, error)
         return self._answer(request, "chat.getMessage", None, 200, {"message": message, "success": True})
+
+    async def _delete(self, request: Request) -> JSONResponse:
+        body, refusal = await self._admit(request, "chat.delete")
+        if refusal is not None:
+            return refusal
+        if not isinstance(body, dict) or not body.get("roomId") or not body.get("msgId"):
+            return self._answer(request, "chat.delete", body, 400, {"success": False, "error": "must have required property 'msgId'"})
+        message = self.messages.get(body["msgId"])
+        if message is None:
+            error = f'No message found with the id of "{body["msgId"]}".'
+            return self._answer(request, "chat.delete", body, 400, {"success": False, "error": error})
+        if message["rid"] != body["roomId"]:
+            error = "The room id provided does not match where the message is from."
+            return self._answer(request, "chat.delete", body, 400, {"success": False, "error": error})
+        del self.messages[body["msgId"]]
+        self.deletes[body["msgId"]] += 1
+        gone = {"_id": message["_id"], "rid": message["rid"], "u": message["u"]}
+        answer = {"_id": message["_id"], "ts": str(int(time.time() * 1000)), "message": gone, "success": True}
+        return self._answer(request, "chat.delete", body, 200, answer)
+
+    async def _im_create(self, request: Request) -> JSONResponse:
+        body, refusal = await self._admit(request, "im.create")
+        if refusal is not None:
+            return refusal
+        username = body.get("username") if isinstance(body, dict) else None
+        if not isinstance(username, str) or not username:
+            return self._answer(request, "im.create", body, 400, {"success": False, "error": "must have required property 'username'"})
+        known = {**self.users, self.username: self.user_id}
+        if username not in known:
+            error = {"success": False, "error": "Invalid user [error-invalid-user]", "errorType": "error-invalid-user"}
+            return self._answer(request, "im.create", body, 400, error)
+        # A direct room's id is its members' ids, sorted and joined, so asking again finds it.
+        uids = sorted({self.user_id, known[username]})
+        room_id = "".join(uids)
+        if room_id not in self.direct_rooms:
+            self.direct_rooms[room_id] = {"rid": room_id, "t": "d", "usernames": sorted({self.username, username}), "uids": uids}
+            self.rooms_created[room_id] += 1
+        room = {**self.direct_rooms[room_id], "_id": room_id}
+        return self._answer(request, "im.create", body, 200, {"room": room, "success": True})
 
     # -- what every endpoint does first ----------------------------------------------------
 

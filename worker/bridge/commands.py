@@ -4,18 +4,22 @@ A create sends ``chat.sendMessage`` with an ``_id`` derived from the command id:
 finds the message there and inserts nothing (confirmed with ``chat.getMessage``). An update
 reads the message, merges the command's custom fields into the ones it has and writes the
 result with ``chat.update``: writing the same merge twice changes nothing more. A reaction
-names ``shouldReact`` explicitly, so a repeat does not take it back.
+names ``shouldReact`` explicitly, so a repeat does not take it back. A delete that finds the
+message gone (``chat.getMessage`` has none) counts as done. A notification is a message from
+the worker's user, in the room or in the user's direct room (``im.create``, which answers the
+room that exists), sent like a create under an ``_id`` derived from the command id.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from worker.apps.modify import CREATE_MESSAGE, UPDATE_MESSAGE
+from worker.apps.modify import CREATE_MESSAGE, DELETE_MESSAGE, NOTIFY_ROOM, NOTIFY_USER, UPDATE_MESSAGE
 from worker.errors import DecodeError, RocketChatError
 from worker.rocketchat.client import RocketChatClient
 from worker.rocketchat.names import rest_attachment
@@ -70,6 +74,29 @@ class ReactData(_Data):
     should_react: bool = Field(True, alias="shouldReact")
 
 
+class DeleteData(_Data):
+    """``data`` of a delete command; its ``user`` is not carried: the worker's user deletes."""
+
+    message_id: str = Field(alias="messageId", min_length=1)
+    room_id: str = Field(alias="roomId", min_length=1)
+
+
+class NotifyRoomData(_Data):
+    """``data`` of a room notification: a message from the worker's user in the room."""
+
+    room_id: str = Field(alias="roomId", min_length=1)
+    text: str = ""
+    attachments: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class NotifyUserData(_Data):
+    """``data`` of a user notification: a direct message from the worker's user, found by username."""
+
+    username: str = Field(min_length=1, description="im.create finds the direct room by username: notify a User, not an id")
+    text: str = ""
+    attachments: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class Command(BaseModel):
     """A command as the worker's outbox publishes it: a structured CloudEvent."""
 
@@ -106,54 +133,73 @@ async def apply(client: RocketChatClient, command: Command) -> str:
         RocketChatError: Rocket.Chat refused or did not answer; ``retriable`` says whether to try again.
 
     """
+    applier = _APPLIERS.get(command.type)
+    if applier is None:
+        raise DecodeError(f"command type {command.type!r} is unknown; rc-worker apply carries {', '.join(_APPLIERS)}")
     try:
-        if command.type == CREATE_MESSAGE:
-            return await _create(client, command.id, CreateData.model_validate(command.data))
-        if command.type == UPDATE_MESSAGE:
-            return await _update(client, UpdateData.model_validate(command.data))
-        if command.type == REACT_MESSAGE:
-            return await _react(client, ReactData.model_validate(command.data))
+        return await applier(client, command)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise DecodeError(f"{command.type} data.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
-    raise DecodeError(
-        f"command type {command.type!r} is unknown; rc-worker apply carries {CREATE_MESSAGE}, {UPDATE_MESSAGE}, {REACT_MESSAGE}"
-    )
 
 
-async def _create(client: RocketChatClient, command_id: str, data: CreateData) -> str:
-    message_id = message_id_for(command_id)
-    # No "ts": Rocket.Chat stamps the time itself.
-    message: dict[str, Any] = {"_id": message_id, "rid": data.room_id, "msg": data.text}
+async def _create(client: RocketChatClient, command: Command) -> str:
+    data = CreateData.model_validate(command.data)
+    message = _message(data.room_id, data.text, data.attachments)
     if data.thread_id:
         message["tmid"] = data.thread_id
     if data.custom_fields:
         message["customFields"] = data.custom_fields
-    if data.attachments:
-        message["attachments"] = [rest_attachment(a) for a in data.attachments]
+    return "created" if await _send_once(client, command.id, message) else "created_before"
+
+
+def _message(room_id: str, text: str, attachments: list[dict[str, Any]]) -> dict[str, Any]:
+    # No "ts": Rocket.Chat stamps the time itself.
+    message: dict[str, Any] = {"rid": room_id, "msg": text}
+    if attachments:
+        message["attachments"] = [rest_attachment(a) for a in attachments]
+    return message
+
+
+async def _send_once(client: RocketChatClient, command_id: str, message: dict[str, Any]) -> bool:
+    """Send ``message`` under the id derived from ``command_id``; False if an earlier try had sent it."""
+    message_id = message["_id"] = message_id_for(command_id)
     try:
         answer = await client.call("POST", "chat.sendMessage", json={"message": message})
     except RocketChatError as exc:
-        if exc.retriable or not await _exists(client, message_id, data.room_id):
+        if exc.retriable or not await _exists(client, message_id, message["rid"]):
             raise
-        return "created_before"  # a server that refuses a known _id instead of answering it
+        return False  # a server that refuses a known _id instead of answering it
     sent = answer.get("message") or {}
     if sent.get("_id") != message_id:
         raise RocketChatError(200, f"chat.sendMessage answered message {sent.get('_id')!r}, not the {message_id!r} sent")
-    return "created"
+    return True
+
+
+async def _get_message(client: RocketChatClient, message_id: str) -> dict[str, Any] | None:
+    """The message, or None when Rocket.Chat answers that it has none (a bare 400 from its failure())."""
+    try:
+        found = await client.call("GET", "chat.getMessage", params={"msgId": message_id})
+    except RocketChatError as exc:
+        # Throttled, down, or not allowed to read the room (also a 400): no answer about the message.
+        if exc.status != 400 or "error-not-allowed" in exc.error:
+            raise
+        return None
+    return found.get("message") or None
 
 
 async def _exists(client: RocketChatClient, message_id: str, room_id: str) -> bool:
     try:
-        found = await client.call("GET", "chat.getMessage", params={"msgId": message_id})
+        found = await _get_message(client, message_id)
     except RocketChatError as exc:
         if exc.retriable:
             raise
         return False
-    return bool((found.get("message") or {}).get("rid") == room_id)
+    return bool(found and found.get("rid") == room_id)
 
 
-async def _update(client: RocketChatClient, data: UpdateData) -> str:
+async def _update(client: RocketChatClient, command: Command) -> str:
+    data = UpdateData.model_validate(command.data)
     current = (await client.call("GET", "chat.getMessage", params={"msgId": data.message_id})).get("message") or {}
     room_id = current.get("rid")
     if not room_id:
@@ -173,7 +219,56 @@ async def _update(client: RocketChatClient, data: UpdateData) -> str:
     return "updated"
 
 
-async def _react(client: RocketChatClient, data: ReactData) -> str:
+async def _react(client: RocketChatClient, command: Command) -> str:
+    data = ReactData.model_validate(command.data)
     emoji = data.emoji if data.emoji.startswith(":") else f":{data.emoji.strip(':')}:"
     await client.call("POST", "chat.react", json={"messageId": data.message_id, "emoji": emoji, "shouldReact": data.should_react})
     return "reacted" if data.should_react else "unreacted"
+
+
+async def _delete(client: RocketChatClient, command: Command) -> str:
+    data = DeleteData.model_validate(command.data)
+    try:
+        await client.call("POST", "chat.delete", json={"roomId": data.room_id, "msgId": data.message_id})
+    except RocketChatError as exc:
+        # chat.delete answers a missing message with a 400 like its other refusals: ask whether it is gone.
+        if exc.status != 400 or not await _gone(client, data.message_id):
+            raise
+        return "deleted_before"
+    return "deleted"
+
+
+async def _gone(client: RocketChatClient, message_id: str) -> bool:
+    try:
+        return await _get_message(client, message_id) is None
+    except RocketChatError as exc:
+        if exc.retriable:
+            raise
+        return False  # not allowed to read it: no proof it is gone
+
+
+async def _notify_room(client: RocketChatClient, command: Command) -> str:
+    data = NotifyRoomData.model_validate(command.data)
+    sent = await _send_once(client, command.id, _message(data.room_id, data.text, data.attachments))
+    return "notified_room" if sent else "notified_room_before"
+
+
+async def _notify_user(client: RocketChatClient, command: Command) -> str:
+    data = NotifyUserData.model_validate(command.data)
+    # im.create answers the direct room that exists, so a repeat opens nothing new.
+    room = (await client.call("POST", "im.create", json={"username": data.username})).get("room") or {}
+    room_id = room.get("rid") or room.get("_id")
+    if not room_id:
+        raise RocketChatError(200, f"im.create answered no room for user {data.username!r}")
+    sent = await _send_once(client, command.id, _message(room_id, data.text, data.attachments))
+    return "notified_user" if sent else "notified_user_before"
+
+
+_APPLIERS: dict[str, Callable[[RocketChatClient, Command], Awaitable[str]]] = {
+    CREATE_MESSAGE: _create,
+    UPDATE_MESSAGE: _update,
+    REACT_MESSAGE: _react,
+    DELETE_MESSAGE: _delete,
+    NOTIFY_ROOM: _notify_room,
+    NOTIFY_USER: _notify_user,
+}
