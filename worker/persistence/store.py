@@ -128,8 +128,11 @@ class Store(_Loads):
 
     async def upgrade(self) -> tuple[str | None, str]:
         """Create or migrate the schema to the newest revision; returns (before, after)."""
+        # A write transaction from its start (SQLite: BEGIN IMMEDIATE, behind the writer lock):
+        # a deferred one that reads the revision first cannot take the write lock while
+        # another connection holds it, and fails at once with "database is locked".
         with translate("migrating the schema"):
-            async with self.engine.begin() as conn:
+            async with self.transaction() as conn:
                 return await conn.run_sync(migrations.upgrade)
 
     async def check_schema(self) -> None:
