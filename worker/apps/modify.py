@@ -96,10 +96,7 @@ class MessageUpdater(_Stager):
         data: dict[str, Any] = {"messageId": builder.message_id, "editor": builder.editor}
         if builder.text is not None:
             data["text"] = builder.text
-        if builder.attachments:
-            data["attachments"] = builder.attachments
-        if builder.blocks is not None:
-            data["blocks"] = builder.blocks
+        data.update(_extras(builder))
         data["customFields"] = builder.custom_fields
         data["replaceCustomFields"] = builder.replace_custom_fields
         # Keyed by room, like the events, so one room's commands keep their order.
@@ -134,21 +131,23 @@ class MessageCreator(_Stager):
         }
         if builder.thread_id is not None:
             data["threadId"] = builder.thread_id
-        if builder.attachments:
-            data["attachments"] = builder.attachments
-        if builder.blocks is not None:
-            data["blocks"] = builder.blocks
+        data.update(_extras(builder))
         return self._stage(CREATE_MESSAGE, data, builder.room_id)
+
+
+def _extras(builder: MessageBuilder) -> dict[str, Any]:
+    """The builder's attachments and blocks, where it has them: every command that carries a message sends them alike."""
+    extras: dict[str, Any] = {}
+    if builder.attachments:
+        extras["attachments"] = builder.attachments
+    if builder.blocks is not None:
+        extras["blocks"] = builder.blocks
+    return extras
 
 
 def _content(builder: MessageBuilder) -> dict[str, Any]:
     """What a notification shows: text, attachments, blocks (the builder's room and sender do not apply)."""
-    data: dict[str, Any] = {"text": builder.text or ""}
-    if builder.attachments:
-        data["attachments"] = builder.attachments
-    if builder.blocks is not None:
-        data["blocks"] = builder.blocks
-    return data
+    return {"text": builder.text or "", **_extras(builder)}
 
 
 class Notifier(_Stager):

@@ -29,6 +29,8 @@ _FIX = (
 )
 # Rocket.Chat answers an unknown id or name with 400 (users.info, rooms.info, chat.getMessage) or 404.
 _NOT_FOUND = {400, 404}
+# The event's own user or room field that a REST lookup key matches (users.info, rooms.info).
+_EVENT_FIELD = {"userId": "id", "username": "username", "roomId": "id", "roomName": "slugified_name"}
 # The members endpoint of each room type; others (livechat) through the generic one.
 _MEMBERS = {"c": "channels.members", "p": "groups.members", "d": "im.members"}
 
@@ -156,17 +158,17 @@ class UserReader:
 
     async def get_by_id(self, user_id: str) -> User | None:
         """The user with this id, or None."""
-        sender = self._message.sender if self._message else None
-        if sender is not None and sender.id == user_id:
-            return sender
-        return await self._directory.user("userId", user_id, f"read.get_user_reader().get_by_id({user_id!r})")
+        return await self._lookup("userId", user_id, f"get_by_id({user_id!r})")
 
     async def get_by_username(self, username: str) -> User | None:
         """The user with this username, or None."""
+        return await self._lookup("username", username, f"get_by_username({username!r})")
+
+    async def _lookup(self, by: str, value: str, call: str) -> User | None:
         sender = self._message.sender if self._message else None
-        if sender is not None and sender.username == username:
+        if _known(sender, by, value):
             return sender
-        return await self._directory.user("username", username, f"read.get_user_reader().get_by_username({username!r})")
+        return await self._directory.user(by, value, f"read.get_user_reader().{call}")
 
 
 class RoomReader:
@@ -179,17 +181,17 @@ class RoomReader:
 
     async def get_by_id(self, room_id: str) -> Room | None:
         """The room with this id, or None."""
-        room = self._message.room if self._message else None
-        if room is not None and room.id == room_id:
-            return room
-        return await self._directory.room("roomId", room_id, f"read.get_room_reader().get_by_id({room_id!r})")
+        return await self._lookup("roomId", room_id, f"get_by_id({room_id!r})")
 
     async def get_by_name(self, name: str) -> Room | None:
         """The room with this name (slugified), or None."""
+        return await self._lookup("roomName", name, f"get_by_name({name!r})")
+
+    async def _lookup(self, by: str, value: str, call: str) -> Room | None:
         room = self._message.room if self._message else None
-        if room is not None and room.slugified_name == name:
+        if _known(room, by, value):
             return room
-        return await self._directory.room("roomName", name, f"read.get_room_reader().get_by_name({name!r})")
+        return await self._directory.room(by, value, f"read.get_room_reader().{call}")
 
     async def get_members(self, room_id: str) -> list[User]:
         """The room's members; an unknown room has none."""
@@ -247,3 +249,8 @@ def _message(doc: dict[str, Any]) -> Message | None:
         return Message.model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as exc:
         raise RocketChatError(200, f"chat.getMessage answered a message this worker cannot read: {exc.errors()[0]['msg']}") from exc
+
+
+def _known(known: User | Room | None, by: str, value: str) -> bool:
+    """Whether the event's own sender or room is the one looked up ``by`` (a REST key) ``value``: no call needed."""
+    return known is not None and getattr(known, _EVENT_FIELD[by]) == value
