@@ -23,6 +23,9 @@ from worker.rocketchat.client import RocketChatClient
 from worker.rocketchat.stub import RocketChatStub
 
 _T = TypeVar("_T")
+_K = TypeVar("_K", User, Room)
+# A Directory lookup: (REST key, value, what is being read) -> the user or room, or None.
+_Ask = Callable[[str, str, str], Awaitable[_K | None]]
 _FIX = (
     "set rocketchat.url, rocketchat.user_id and rocketchat.auth_token in config.yaml (or RC_WORKER_ROCKETCHAT__URL, "
     "RC_WORKER_ROCKETCHAT__USER_ID, RC_WORKER_ROCKETCHAT__AUTH_TOKEN)"
@@ -142,13 +145,27 @@ class Readers:
         self.messages = MessageReader(directory, message)
 
 
-class UserReader:
-    """``read.get_user_reader()``: the event's sender from the event, other users over REST (``users.info``)."""
+class _EventFirst:
+    """A reader of one handler run: what the event carries (its message, sender, room) it answers itself."""
 
     __slots__ = ("_directory", "_message")
+    _name = ""  # the reader's getter on ``read``, for error messages
 
     def __init__(self, directory: Directory, message: Message | None) -> None:
         self._directory, self._message = directory, message
+
+    async def _lookup(self, own: _K | None, by: str, value: str, call: str, ask: _Ask[_K]) -> _K | None:
+        """``own`` (the event's) when it is the one looked up ``by`` (a REST key) ``value``, else Rocket.Chat's answer."""
+        if own is not None and getattr(own, _EVENT_FIELD[by]) == value:
+            return own
+        return await ask(by, value, f"read.{self._name}().{call}")
+
+
+class UserReader(_EventFirst):
+    """``read.get_user_reader()``: the event's sender from the event, other users over REST (``users.info``)."""
+
+    __slots__ = ()
+    _name = "get_user_reader"
 
     async def get_app_user(self) -> User | None:
         """The worker's own Rocket.Chat user (``rocketchat.user_id``); None when no Rocket.Chat is configured."""
@@ -158,63 +175,53 @@ class UserReader:
 
     async def get_by_id(self, user_id: str) -> User | None:
         """The user with this id, or None."""
-        return await self._lookup("userId", user_id, f"get_by_id({user_id!r})")
+        return await self._lookup(self._sender(), "userId", user_id, f"get_by_id({user_id!r})", self._directory.user)
 
     async def get_by_username(self, username: str) -> User | None:
         """The user with this username, or None."""
-        return await self._lookup("username", username, f"get_by_username({username!r})")
+        return await self._lookup(self._sender(), "username", username, f"get_by_username({username!r})", self._directory.user)
 
-    async def _lookup(self, by: str, value: str, call: str) -> User | None:
-        sender = self._message.sender if self._message else None
-        if _known(sender, by, value):
-            return sender
-        return await self._directory.user(by, value, f"read.get_user_reader().{call}")
+    def _sender(self) -> User | None:
+        return self._message.sender if self._message else None
 
 
-class RoomReader:
+class RoomReader(_EventFirst):
     """``read.get_room_reader()``: the event's room from the event, other rooms and members over REST."""
 
-    __slots__ = ("_directory", "_message")
-
-    def __init__(self, directory: Directory, message: Message | None) -> None:
-        self._directory, self._message = directory, message
+    __slots__ = ()
+    _name = "get_room_reader"
 
     async def get_by_id(self, room_id: str) -> Room | None:
         """The room with this id, or None."""
-        return await self._lookup("roomId", room_id, f"get_by_id({room_id!r})")
+        return await self._lookup(self._room(), "roomId", room_id, f"get_by_id({room_id!r})", self._directory.room)
 
     async def get_by_name(self, name: str) -> Room | None:
         """The room with this name (slugified), or None."""
-        return await self._lookup("roomName", name, f"get_by_name({name!r})")
+        return await self._lookup(self._room(), "roomName", name, f"get_by_name({name!r})", self._directory.room)
 
-    async def _lookup(self, by: str, value: str, call: str) -> Room | None:
-        room = self._message.room if self._message else None
-        if _known(room, by, value):
-            return room
-        return await self._directory.room(by, value, f"read.get_room_reader().{call}")
+    def _room(self) -> Room | None:
+        return self._message.room if self._message else None
 
     async def get_members(self, room_id: str) -> list[User]:
         """The room's members; an unknown room has none."""
-        what = f"read.get_room_reader().get_members({room_id!r})"
+        what = f"read.{self._name}().get_members({room_id!r})"
         room = await self.get_by_id(room_id)
         if room is None:
             return []
         return await self._directory.members(room, what)
 
 
-class MessageReader:
+class MessageReader(_EventFirst):
     """``read.get_message_reader()``: the event's message from the event, others over REST (``chat.getMessage``)."""
 
-    __slots__ = ("_directory", "_message")
-
-    def __init__(self, directory: Directory, message: Message | None) -> None:
-        self._directory, self._message = directory, message
+    __slots__ = ()
+    _name = "get_message_reader"
 
     async def get_by_id(self, message_id: str) -> Message | None:
         """The message with this id, or None."""
         if self._message is not None and self._message.id == message_id:
             return self._message
-        return await self._directory.message(message_id, f"read.get_message_reader().get_by_id({message_id!r})")
+        return await self._directory.message(message_id, f"read.{self._name}().get_by_id({message_id!r})")
 
 
 # -- Rocket.Chat's REST documents to the contract's models ------------------------------------
@@ -249,8 +256,3 @@ def _message(doc: dict[str, Any]) -> Message | None:
         return Message.model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as exc:
         raise RocketChatError(200, f"chat.getMessage answered a message this worker cannot read: {exc.errors()[0]['msg']}") from exc
-
-
-def _known(known: User | Room | None, by: str, value: str) -> bool:
-    """Whether the event's own sender or room is the one looked up ``by`` (a REST key) ``value``: no call needed."""
-    return known is not None and getattr(known, _EVENT_FIELD[by]) == value
