@@ -16,6 +16,7 @@ import orjson
 
 from worker import constants
 from worker.apps.accessors import MessageBuilder
+from worker.apps.getter import Getter
 from worker.errors import CommandTooLargeError
 from worker.events import Event, Message, Room, User
 from worker.persistence.unit import OutboxMessage, UnitOfWork
@@ -211,18 +212,7 @@ class Modify:
         self._notifier = Notifier(unit, app_id, event, topic, counter)
         self._deleter = MessageDeleter(unit, app_id, event, topic, counter)
 
-    def get_notifier(self) -> Notifier:
-        """Notify users and rooms."""
-        return self._notifier
-
-    def get_deleter(self) -> MessageDeleter:
-        """Delete messages."""
-        return self._deleter
-
-    def get_updater(self) -> MessageUpdater:
-        """Change existing messages."""
-        return self._updater
-
-    def get_creator(self) -> MessageCreator:
-        """Create new messages."""
-        return self._creator
+    get_notifier = Getter[Notifier]("_notifier", "Notify users and rooms.")
+    get_deleter = Getter[MessageDeleter]("_deleter", "Delete messages.")
+    get_updater = Getter[MessageUpdater]("_updater", "Change existing messages.")
+    get_creator = Getter[MessageCreator]("_creator", "Create new messages.")
