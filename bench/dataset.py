@@ -93,25 +93,20 @@ class Topic:
     bootstrap: str
     name: str
 
-    @property
-    def dead_letter(self) -> str:
-        """Its dead-letter topic."""
-        return f"{self.name}.dlq"
-
-    @property
-    def commands(self) -> str:
-        """Its commands topic."""
-        return f"{self.name}.cmd"
-
     def settings(self, group_id: str) -> KafkaSettings:
-        """Kafka settings for a member of ``group_id`` on this topic."""
+        """Kafka settings for a member of ``group_id`` on this topic: the one place its other topics are named."""
         return KafkaSettings(
             bootstrap_servers=self.bootstrap,
             topic=self.name,
-            dead_letter_topic=self.dead_letter,
-            commands_topic=self.commands,
+            dead_letter_topic=f"{self.name}.dlq",
+            commands_topic=f"{self.name}.cmd",
             group_id=group_id,
         )
+
+    def names(self) -> tuple[str, str, str]:
+        """The topic, its dead-letter topic and its commands topic."""
+        kafka = self.settings("bench-unused")
+        return kafka.topic, kafka.dead_letter_topic, kafka.commands_topic
 
 
 # Every topic this run created, deleted at its end (a 200,000-event topic is over 100 MB).
@@ -132,7 +127,7 @@ async def delete_created_topics() -> None:
         return
     async with admin(created[0].settings("bench-unused")) as client:
         existing = set(await client.list_topics())
-        names = [name for t in created for name in (t.name, t.dead_letter, t.commands) if name in existing]
+        names = [name for t in created for name in t.names() if name in existing]
         if names:
             with translate("deleting the benchmark's topics"):
                 await client.delete_topics(names)

@@ -110,16 +110,17 @@ async def fresh_database(backend: str, services: Services, workdir: Path) -> Asy
         await drop_postgres_database(services.postgres_admin, url)
 
 
+# The kafka settings a benchmark's worker takes from its topic (bench.dataset.Topic.settings).
+_KAFKA_KEYS = ("bootstrap_servers", "topic", "dead_letter_topic", "commands_topic", "group_id")
+
+
 def worker_env(topic: Topic, group_id: str, database_url: str, **extra: str) -> dict[str, str]:
     """The environment of an `rc-worker run` subprocess on ``topic`` for ``group_id``."""
+    kafka = topic.settings(group_id)
     env = {
         **os.environ,
         "RC_WORKER_CONFIG": str(ROOT / "config.yaml"),
-        "RC_WORKER_KAFKA__BOOTSTRAP_SERVERS": topic.bootstrap,
-        "RC_WORKER_KAFKA__TOPIC": topic.name,
-        "RC_WORKER_KAFKA__DEAD_LETTER_TOPIC": topic.dead_letter,
-        "RC_WORKER_KAFKA__COMMANDS_TOPIC": topic.commands,
-        "RC_WORKER_KAFKA__GROUP_ID": group_id,
+        **{f"RC_WORKER_KAFKA__{key.upper()}": str(getattr(kafka, key)) for key in _KAFKA_KEYS},
         "RC_WORKER_PERSISTENCE__URL": database_url,
         "RC_WORKER_HANDLERS__ENABLED": '["message-count"]',
         "RC_WORKER_LOGGING__FORMAT": "json",

@@ -116,6 +116,10 @@ class PersistenceReader(_Accessor):
     __slots__ = ()
     _prefix = "read.get_persistence_reader()"
 
+    # A repeated shape kept on purpose (issue 13), one kept group with App's check_/execute_ pairs
+    # (contract.py), the readers' get_by_* (readers.py) and the persistence accessors (persistence.py):
+    # the Apps-Engine's API is one typed method per name over a one-line body; generating them
+    # would hide the signatures that handlers are written and type-checked against.
     @_tracked
     async def read(self, record_id: str) -> dict[str, Any] | None:
         """The data of the record with this id, or None."""
