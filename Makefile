@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test test-fast demo bench services services-stop clean
+.PHONY: install lint test test-fast app-test demo bench services services-stop clean
 
 install: $(STAMP)
 
@@ -18,14 +18,19 @@ lint: install
 	$(BIN)/ruff check worker handlers tests bench scripts
 	$(BIN)/ruff format --check worker handlers tests bench scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Starts the broker and PostgreSQL it needs (or uses KAFKA_BOOTSTRAP_SERVERS), then runs all.
-test: lint services
+test: lint services app-test
 	$(BIN)/pytest --cov --cov-report=term $(PYTEST_ARGS)
 
 # Pure units only: no broker, no PostgreSQL.
 test-fast: install
 	$(BIN)/pytest -m "not kafka and not postgres and not slow" $(PYTEST_ARGS)
+
+# The Rocket.Chat App (rocketchat-app/): its tests, then the package Rocket.Chat installs.
+app-test:
+	cd rocketchat-app && npm ci --no-audit --no-fund && npm test && npm run package
 
 services:
 	bash docker/local/kafka.sh start

@@ -27,10 +27,10 @@ import pytest
 
 from tests.services import OwnKafka, OwnPostgres
 from tests.support import TopicSet, WorkerProcess, counts, create_postgres_database, expected_counts, make_events, store_for
-from worker.cli import read_records_file
 from worker.errors import DecodeError
 from worker.events import RawRecord, decode
 from worker.kafka import Outgoing, Producer, create_topics, read_topic
+from worker.tools.dump import read_records_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka, pytest.mark.postgres]
 

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.support import FIXTURES, ROOT, TopicSet, rc_worker, store_for
-from worker.cli import main, read_records_file
+from worker.apps.persistence import PersistenceWriter
+from worker.cli import main
 from worker.errors import ConfigError
 from worker.kafka import admin, read_topic
-from worker.persistence.accessors import PersistenceWriter
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.unit import UnitOfWork
+from worker.tools.dump import read_records_file
 
 
 def local_env(database_url: str, **extra: str) -> dict[str, str]:

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from tests.support import ROOT
-from worker.check_config import problems, reference_rows
 from worker.config import Settings
 from worker.observability import REGISTRY
+from worker.tools.check_config import problems, reference_rows
 
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"

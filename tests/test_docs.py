@@ -127,8 +127,8 @@ class TestGuideSamples:
 @pytest.mark.parametrize("path", sorted((ROOT / "worker" / "templates" / "handler").rglob("README.md.tmpl")))
 def test_scaffold_readme_commands_exist(path: Path) -> None:
     """The generated README only names rc-worker commands that exist."""
-    from worker.cli import _COMMANDS
+    from worker.cli import COMMANDS
 
-    names = {command for command, _ in _COMMANDS}
+    names = {command for command, _ in COMMANDS}
     used = set(re.findall(r"rc-worker ([a-z-]+)", path.read_text()))
     assert used <= names, f"unknown commands in {path.name}: {used - names}"

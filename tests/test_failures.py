@@ -39,14 +39,14 @@ from tests.support import (
     write_distribution,
 )
 from worker import Association, AssociationModel, IHttp, IModify, IPersistence, IRead, constants, testing
-from worker.apps import App
+from worker.apps.contract import App
 from worker.config import HandlerSettings, ObservabilitySettings, PersistenceSettings, ProcessingSettings, Settings
 from worker.errors import DeadLetterNow, DecodeError
 from worker.events import Message, RawRecord, decode
 from worker.kafka import Reader, admin, create_topics, read_topic
 from worker.persistence.schema import partition_offsets
+from worker.pipeline.runner import Worker
 from worker.plugins import instantiate
-from worker.runner import Worker
 
 pytestmark = pytest.mark.kafka
 

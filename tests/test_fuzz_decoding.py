@@ -22,13 +22,13 @@ from hypothesis import strategies as st
 from handlers.message_count import MessageCount
 from tests.support import FIXTURES
 from worker import constants
-from worker.apps import App
+from worker.apps.contract import App
+from worker.apps.http import Http
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
-from worker.dispatch import Dispatcher, Topics
 from worker.errors import DecodeError
 from worker.events import Event, Message, RawRecord, decode
-from worker.http import Http
 from worker.persistence.store import Fence, Store
+from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.plugins import instantiate
 
 VALID = [json.loads(line) for line in (FIXTURES / "valid.jsonl").read_text().splitlines() if line.strip()]

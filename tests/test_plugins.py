@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import rc_worker, write_distribution
-from worker.apps import SettingsReader
+from worker.apps.contract import SettingsReader
 from worker.errors import PluginError
 from worker.plugins import installed, load_apps, validate_settings
 

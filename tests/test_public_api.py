@@ -8,7 +8,7 @@ from pathlib import Path
 
 import worker
 from tests.support import ROOT
-from worker.scaffold import Names, render
+from worker.tools.scaffold import Names, render
 
 REQUIRED = {
     "App",

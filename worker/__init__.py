@@ -5,10 +5,10 @@ A handler subclasses :class:`App`; its methods receive a :class:`Message` and th
 typed by the ``I*`` Protocols. ``worker.testing`` is what its tests use.
 """
 
-from worker.apps import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
+from worker.apps.contract import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
+from worker.apps.http import HttpResponse
 from worker.errors import DeadLetterNow, HttpError, WorkerError
 from worker.events import Message, Room, User
-from worker.http import HttpResponse
 from worker.persistence.associations import Association, AssociationModel
 
 __all__ = [

@@ -8,23 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import signal
+import importlib
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from worker import logs
-from worker.check_config import check_config_command
 from worker.config import Settings, load_settings
-from worker.errors import ConfigError, InvalidDataError, PluginError, WorkerError
-from worker.persistence.associations import Association
-from worker.plugins import handlers_command
-from worker.scaffold import new_handler_command
+from worker.errors import ConfigError, PluginError, WorkerError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         logs.configure(settings.logging, secrets=logs.secrets_of(settings))
-        handler = _COMMANDS[(args.command, getattr(args, "action", None))]
+        module, function = COMMANDS[(args.command, getattr(args, "action", None))]
+        # Each command's module is imported only when it runs: `rc-worker --help` and
+        # check-config start without Kafka, database or HTTP clients.
+        handler: Handler = getattr(importlib.import_module(module), function)
         return asyncio.run(handler(settings, args))
     except (ConfigError, PluginError) as exc:
         print(f"rc-worker: {logs.redact(str(exc))}", file=sys.stderr)
@@ -131,213 +126,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-async def _run(settings: Settings, _args: argparse.Namespace) -> int:
-    from worker.observability import serve
-    from worker.plugins import load_apps
-    from worker.runner import Worker
+Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
-    apps = load_apps(settings.handlers.enabled, settings.handlers.settings)
-    worker = Worker(settings, apps)
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover - asyncio.run always runs us in a task
-        raise RuntimeError("rc-worker run must be called from a task")
-    deadline: list[asyncio.TimerHandle] = []
-
-    def on_signal() -> None:
-        worker.stop()
-        if not deadline:  # a second signal does not extend the deadline
-            deadline.append(loop.call_later(settings.processing.shutdown_timeout_s, task.cancel))
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        async with serve(settings.observability, worker):
-            await worker.run()
-    except asyncio.CancelledError:
-        print(f"rc-worker: shutdown took longer than {settings.processing.shutdown_timeout_s}s; stopped hard", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.kafka import create_topics
-
-    if args.partitions < 1:
-        raise ConfigError("--partitions must be at least 1")
-    created = await create_topics(settings.kafka, args.partitions)
-    for name in created:
-        print(f"created {name}")
-    if not created:
-        print("all topics exist")
-    return 0
-
-
-@dataclass(frozen=True, slots=True)
-class FileRecord:
-    """One line of a contract JSON-lines file."""
-
-    key: bytes | None
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-
-
-def read_records_file(path: Path) -> list[FileRecord]:
-    """Parse a contract JSON-lines file; ConfigError names the line and the problem."""
-    try:
-        lines = path.read_bytes().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_parse_line(line))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{path}:{number}: {exc}; nothing was sent") from None
-    return records
-
-
-def _parse_line(line: bytes) -> FileRecord:
-    try:
-        item = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(f"not JSON ({exc})") from None
-    if not isinstance(item, dict):
-        raise ValueError("each line must be a JSON object with key, headers and value")
-    key = item.get("key")
-    if key is not None and not isinstance(key, str):
-        raise ValueError("key must be a string or null")
-    headers = item.get("headers") or {}
-    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-        raise ValueError("headers must be an object of strings")
-    if ("value" in item) == ("value_b64" in item):
-        raise ValueError("exactly one of value and value_b64 is needed")
-    if "value" in item:
-        if not isinstance(item["value"], str):
-            raise ValueError("value must be a string (the record value's UTF-8 text)")
-        value = item["value"].encode()
-    else:
-        value = base64.b64decode(item["value_b64"], validate=True)
-    return FileRecord(key.encode() if key is not None else None, value, tuple((k, v.encode()) for k, v in headers.items()))
-
-
-async def _load(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.kafka import Outgoing, Producer
-
-    records = read_records_file(args.file)
-    topic = args.topic or settings.kafka.topic
-    async with Producer(settings.kafka) as producer:
-        await producer.send_many([Outgoing(topic, r.key, r.value, r.headers) for r in records])
-    print(f"loaded {len(records)} records into {topic}")
-    return 0
-
-
-async def _db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
-    from worker.persistence.store import Store
-
-    store = Store.from_settings(settings.persistence)
-    try:
-        before, after = await store.upgrade()
-    finally:
-        await store.close()
-    print(f"schema at revision {after}" + (f" (was {before})" if before != after else " (already current)"))
-    return 0
-
-
-async def _state_get(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.persistence.store import Store
-
-    try:
-        association = str(Association.parse(args.association))
-    except InvalidDataError as exc:
-        raise ConfigError(f"--association: {exc}") from None
-    store = Store.from_settings(settings.persistence)
-    try:
-        await store.check_schema()
-        found = await store.app_records(args.app, association)
-    finally:
-        await store.close()
-    sys.stdout.write(orjson.dumps([orjson.loads(r.data) for r in found]).decode() + "\n")
-    return 0
-
-
-async def _state_dump(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.persistence.store import Store
-
-    store = Store.from_settings(settings.persistence)
-    try:
-        await store.check_schema()
-        found = await store.app_records(args.app)
-    finally:
-        await store.close()
-    for record in found:
-        line = {"id": record.id, "version": record.version, "associations": list(record.associations), "data": orjson.loads(record.data)}
-        sys.stdout.write(orjson.dumps(line).decode() + "\n")
-    return 0
-
-
-# The data tools live in modules of their own, imported only by the command that uses them.
-
-
-async def _db_prune(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.persistence.retention import prune_command
-
-    return await prune_command(settings, args)
-
-
-async def _replay(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.replay import command
-
-    return await command(settings, args)
-
-
-async def _dump(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dump import command
-
-    return await command(settings, args)
-
-
-async def _dlq_list(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dlq import list_command
-
-    return await list_command(settings, args)
-
-
-async def _dlq_redrive(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.dlq import redrive_command
-
-    return await redrive_command(settings, args)
-
-
-async def _offsets_show(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.offsets_admin import show_command
-
-    return await show_command(settings, args)
-
-
-async def _offsets_reset(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.offsets_admin import reset_command
-
-    return await reset_command(settings, args)
-
-
-_COMMANDS: dict[tuple[str, str | None], Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
-    ("run", None): _run,
-    ("topics", "create"): _topics_create,
-    ("load", None): _load,
-    ("db", "upgrade"): _db_upgrade,
-    ("db", "prune"): _db_prune,
-    ("state", "get"): _state_get,
-    ("state", "dump"): _state_dump,
-    ("handlers", None): handlers_command,
-    ("new-handler", None): new_handler_command,
-    ("replay", None): _replay,
-    ("dump", None): _dump,
-    ("dlq", "list"): _dlq_list,
-    ("dlq", "redrive"): _dlq_redrive,
-    ("offsets", "show"): _offsets_show,
-    ("offsets", "reset"): _offsets_reset,
-    ("check-config", None): check_config_command,
+# (command, action) -> (module, coroutine function(settings, args) -> exit status)
+COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
+    ("run", None): ("worker.tools.run", "command"),
+    ("topics", "create"): ("worker.tools.topics", "create_command"),
+    ("load", None): ("worker.tools.dump", "load_command"),
+    ("db", "upgrade"): ("worker.tools.state", "upgrade_command"),
+    ("db", "prune"): ("worker.tools.state", "prune_command"),
+    ("state", "get"): ("worker.tools.state", "get_command"),
+    ("state", "dump"): ("worker.tools.state", "dump_command"),
+    ("handlers", None): ("worker.plugins", "handlers_command"),
+    ("new-handler", None): ("worker.tools.scaffold", "new_handler_command"),
+    ("replay", None): ("worker.tools.replay", "command"),
+    ("dump", None): ("worker.tools.dump", "command"),
+    ("dlq", "list"): ("worker.tools.dlq", "list_command"),
+    ("dlq", "redrive"): ("worker.tools.dlq", "redrive_command"),
+    ("offsets", "show"): ("worker.tools.offsets", "show_command"),
+    ("offsets", "reset"): ("worker.tools.offsets", "reset_command"),
+    ("check-config", None): ("worker.tools.check_config", "check_config_command"),
 }

@@ -1,6 +1,6 @@
 """The worker's exceptions: one root, one class per thing that can go wrong.
 
-Third-party exceptions are translated at one boundary each (aiokafka in ``kafka.py``,
+Third-party exceptions are translated at one boundary each (aiokafka in ``worker/kafka/``,
 SQLAlchemy in ``persistence/``) and chained with ``from exc``, so callers only ever catch
 these. The tree::
 

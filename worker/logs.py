@@ -27,7 +27,7 @@ REDACTED = "***"
 # The password part of a URL's user info, in any message (DSNs in driver errors, URLs in reasons).
 _URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*):[^@/\s]+@")
 # App settings whose names say they are secret (handlers.settings.<app>.api_key, ...).
-_SECRET_NAME = re.compile(r"password|passwd|secret|token|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
+SECRET_NAME = re.compile(r"password|passwd|secret|token|api[_-]?key|credential|private[_-]?key", re.IGNORECASE)
 # Shorter secrets would blank out ordinary words everywhere; the URL rule still covers them.
 _MIN_SECRET_LENGTH = 3
 
@@ -95,7 +95,7 @@ def secrets_of(settings: Settings) -> list[str]:
 def _app_secrets(node: Any, secret: bool = False) -> Iterable[str]:
     if isinstance(node, Mapping):
         for key, value in node.items():
-            yield from _app_secrets(value, secret or bool(_SECRET_NAME.search(str(key))))
+            yield from _app_secrets(value, secret or bool(SECRET_NAME.search(str(key))))
     elif isinstance(node, list | tuple):
         for value in node:
             yield from _app_secrets(value, secret)

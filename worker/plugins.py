@@ -21,7 +21,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from worker import constants
-from worker.apps import App
+from worker.apps.contract import App
 from worker.config import HandlerSettings, Settings
 from worker.errors import PluginError
 

@@ -31,7 +31,7 @@ import orjson
 import pytest
 
 if TYPE_CHECKING:  # importing the worker costs seconds: only the fixtures in use pay for it
-    from worker.replay import ReplaySummary
+    from worker.tools.replay import ReplaySummary
 
 _T = TypeVar("_T")
 LOCAL_BROKER = ("127.0.0.1", 9092)
@@ -125,8 +125,8 @@ def rc_topic_from_file(rc_kafka: str) -> Callable[..., str]:
     """A factory: ``rc_topic_from_file(path, partitions=6)`` loads a contract JSON-lines file into a fresh topic; returns its name."""
 
     def load(path: str | os.PathLike[str], partitions: int = 6) -> str:
-        from worker.cli import read_records_file
         from worker.kafka import Outgoing, Producer, create_topics
+        from worker.tools.dump import read_records_file
 
         records = read_records_file(Path(path))
         topic = f"rc-test-{uuid.uuid4().hex[:12]}"
@@ -151,8 +151,8 @@ def rc_replay(rc_kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Callab
         topic: str, handlers: Sequence[str] = ("message-count",), settings: Mapping[str, Mapping[str, Any]] | None = None
     ) -> ReplayResult:
         from worker.plugins import load_apps
-        from worker.replay import Replay
-        from worker.tools import state_store
+        from worker.tools.common import state_store
+        from worker.tools.replay import Replay
 
         url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('rc-replay') / 'state.db'}"
         config = _settings(rc_kafka, topic, url, enabled=tuple(handlers), settings=dict(settings or {}))

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from worker import logs
+from worker.apps.http import Http
 from worker.config import LoggingSettings, PersistenceSettings, ProcessingSettings
-from worker.dispatch import ConflictsExhausted, Dispatcher, Topics
 from worker.events import RawRecord
-from worker.http import Http
 from worker.persistence.store import Store
+from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics
 from worker.plugins import load_apps
 
 ROOT = Path(__file__).resolve().parents[2]

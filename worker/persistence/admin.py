@@ -2,33 +2,27 @@
 
 Used by the data tools (``rc-worker replay``, ``offsets``, ``dlq``), never by the worker's
 loop, so the store keeps only what processing needs. Same rules as ``store.py``: SQLAlchemy
-errors are translated, and every write is one transaction taken with the write lock up front.
+errors are translated, and every write is one ``Store.transaction()``, behind the store's own writer lock.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
 
 from sqlalchemy import select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.errors import PersistenceError
 from worker.persistence import migrations
 from worker.persistence.schema import dlq_redrives, partition_offsets
-from worker.persistence.store import Store, _translate
+from worker.persistence.sql import chunks, dialect_insert, translate
+from worker.persistence.store import Store
 
 DlqPosition = tuple[int, int]  # (partition, offset) in the dead-letter topic
-_T = TypeVar("_T")
 # How often a fresh database is tried for migration while another process migrates it.
 PREPARE_ATTEMPTS = 20
-# Rows per statement, as in store.py: far below SQLite's bound-parameter limit.
-_CHUNK = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +36,7 @@ class Redrive:
 
 async def schema_revision(store: Store) -> str | None:
     """The revision the database is at; None for a database without the worker's schema."""
-    with _translate("reading the schema revision"):
+    with translate("reading the schema revision"):
         async with store.engine.connect() as conn:
             revision: str | None = await conn.run_sync(migrations.current)
     return revision
@@ -68,8 +62,8 @@ async def prepare(store: Store) -> None:
 async def set_stored_offsets(store: Store, group_id: str, topic: str, offsets: Mapping[int, int]) -> list[int]:
     """Overwrite the next offset kept with the state, where the group has one; returns those partitions."""
     changed = []
-    with _translate("setting stored offsets"):
-        async with _write(store) as conn:
+    with translate("setting stored offsets"):
+        async with store.transaction() as conn:
             for partition, offset in sorted(offsets.items()):
                 result = await conn.execute(
                     update(partition_offsets)
@@ -89,7 +83,7 @@ async def set_stored_offsets(store: Store, group_id: str, topic: str, offsets: M
 async def redrives(store: Store, dlq_topic: str) -> dict[DlqPosition, Redrive]:
     """Every dead letter of ``dlq_topic`` that was re-driven (or claimed for it)."""
     query = select(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic)
-    with _translate("reading the redrive ledger"):
+    with translate("reading the redrive ledger"):
         async with store.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
     return {(row.dlq_partition, row.dlq_offset): Redrive(row.target, row.redriven_at, row.sent_at) for row in rows}
@@ -103,17 +97,16 @@ async def claim_redrives(store: Store, dlq_topic: str, claims: Mapping[DlqPositi
     if not claims:
         return set()
     now = datetime.now(UTC)
-    insert: Any = sqlite.insert if store.is_sqlite else postgresql.insert
     rows = [
         {"dlq_topic": dlq_topic, "dlq_partition": partition, "dlq_offset": offset, "target": target, "redriven_at": now}
         for (partition, offset), target in sorted(claims.items())
     ]
     claimed: set[DlqPosition] = set()
-    with _translate("claiming dead letters for a redrive"):
-        async with _write(store) as conn:
-            for chunk in _chunks(rows, _CHUNK):
+    with translate("claiming dead letters for a redrive"):
+        async with store.transaction() as conn:
+            for chunk in chunks(rows):
                 statement = (
-                    insert(dlq_redrives)
+                    dialect_insert(store.is_sqlite, dlq_redrives)
                     .values(chunk)
                     .on_conflict_do_nothing()
                     .returning(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset)
@@ -128,21 +121,7 @@ async def mark_sent(store: Store, dlq_topic: str, positions: Sequence[DlqPositio
         return
     now = datetime.now(UTC)
     pair = tuple_(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset)
-    with _translate("marking dead letters re-driven"):
-        async with _write(store) as conn:
-            for chunk in _chunks(positions, _CHUNK):
+    with translate("marking dead letters re-driven"):
+        async with store.transaction() as conn:
+            for chunk in chunks(positions):
                 await conn.execute(update(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic, pair.in_(chunk)).values(sent_at=now))
-
-
-@contextlib.asynccontextmanager
-async def _write(store: Store) -> AsyncIterator[AsyncConnection]:
-    # rc_write makes SQLite take its write lock at BEGIN (see store._configure_sqlite).
-    async with store.engine.connect() as conn:
-        await conn.execution_options(rc_write=True)
-        async with conn.begin():
-            yield conn
-
-
-def _chunks(items: Sequence[_T], size: int) -> Iterator[list[_T]]:
-    for start in range(0, len(items), size):
-        yield list(items[start : start + size])

@@ -10,19 +10,18 @@ that window. A running worker prunes every ``persistence.prune_interval_s`` besi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import structlog
 
-from worker.config import PersistenceSettings, Settings
-from worker.errors import ConfigError, PersistenceError
-from worker.observability import Observer, observe
+from worker.config import PersistenceSettings
+from worker.errors import PersistenceError
 from worker.persistence.store import Store
 
 log = structlog.get_logger("worker.persistence.retention")
@@ -30,6 +29,18 @@ log = structlog.get_logger("worker.persistence.retention")
 # Markers deleted per transaction: each batch is short (milliseconds), so the commits of the
 # worker's lanes, which queue behind it for SQLite's write lock, barely notice a long prune.
 DEFAULT_BATCH = 5000
+
+
+class PruneReport(Protocol):
+    """Who hears how many markers a round removed (the pipeline's hooks do)."""
+
+    def markers_pruned(self, count: int) -> None:
+        """Retention deleted ``count`` processed-event markers."""
+
+
+class _Unheard:
+    def markers_pruned(self, count: int) -> None:
+        pass
 
 
 async def prune_processed(store: Store, older_than: datetime, batch: int = DEFAULT_BATCH) -> int:
@@ -70,7 +81,7 @@ def cutoff_for(hours: int, now: datetime | None = None) -> datetime:
 
 
 @contextlib.asynccontextmanager
-async def pruning(store: Store, settings: PersistenceSettings, observer: Observer = observe) -> AsyncIterator[None]:
+async def pruning(store: Store, settings: PersistenceSettings, report: PruneReport | None = None) -> AsyncIterator[None]:
     """Prune expired markers every ``prune_interval_s`` while the block runs.
 
     Nothing runs when the retention or the interval is 0. The task is cancelled, and awaited,
@@ -80,7 +91,7 @@ async def pruning(store: Store, settings: PersistenceSettings, observer: Observe
         yield
         return
     task = asyncio.create_task(
-        _prune_every(store, settings.processed_retention_hours, settings.prune_interval_s, observer), name="processed-pruner"
+        _prune_every(store, settings.processed_retention_hours, settings.prune_interval_s, report or _Unheard()), name="processed-pruner"
     )
     try:
         yield
@@ -90,16 +101,16 @@ async def pruning(store: Store, settings: PersistenceSettings, observer: Observe
         await asyncio.wait([task])
 
 
-async def _prune_every(store: Store, retention_hours: int, interval_s: float, observer: Observer) -> None:
+async def _prune_every(store: Store, retention_hours: int, interval_s: float, report: PruneReport) -> None:
     # The first round comes at a random point of the first interval, so workers started
     # together (a rollout) do not all prune at once.
     await asyncio.sleep(interval_s * random.uniform(0.1, 1.0))  # noqa: S311 - spreading, not cryptography
     while True:
-        await prune_once(store, retention_hours, observer)
+        await prune_once(store, retention_hours, report)
         await asyncio.sleep(interval_s)
 
 
-async def prune_once(store: Store, retention_hours: int, observer: Observer = observe) -> int | None:
+async def prune_once(store: Store, retention_hours: int, report: PruneReport | None = None) -> int | None:
     """One round of the worker's pruning: logged and counted; a failure is logged, never raised.
 
     Returns:
@@ -120,7 +131,7 @@ async def prune_once(store: Store, retention_hours: int, observer: Observer = ob
             exc_info=not isinstance(exc, PersistenceError),
         )
         return None
-    observer.markers_pruned(removed)
+    (report or _Unheard()).markers_pruned(removed)
     log.info(
         "processed_markers_pruned",
         count=removed,
@@ -128,25 +139,3 @@ async def prune_once(store: Store, retention_hours: int, observer: Observer = ob
         duration_ms=round((time.perf_counter() - started) * 1000, 1),
     )
     return removed
-
-
-# -- rc-worker db prune -------------------------------------------------------------------
-
-
-async def prune_command(settings: Settings, args: argparse.Namespace) -> int:
-    """``rc-worker db prune [--older-than-hours N]``: delete expired markers once, print how many."""
-    hours: int = settings.persistence.processed_retention_hours if args.older_than_hours is None else args.older_than_hours
-    if hours < 0:
-        raise ConfigError(f"--older-than-hours must be 0 (keep forever) or more, not {hours}")
-    if hours == 0:
-        print("retention is 0 hours (keep forever): no processed-event markers removed")
-        return 0
-    cutoff = cutoff_for(hours)
-    store = Store.from_settings(settings.persistence)
-    try:
-        await store.check_schema()
-        removed = await prune_processed(store, cutoff)
-    finally:
-        await store.close()
-    print(f"removed {removed} processed-event markers older than {hours} hours (processed before {cutoff.isoformat()})")
-    return 0

@@ -1,0 +1,153 @@
+"""The ``modify`` accessor: changes to the chat, staged as commands in the unit of work's outbox.
+
+As in the Apps-Engine, ``modify.get_updater().message(id, editor)`` starts a builder and
+``finish(builder)`` submits it. Nothing is sent then: the command, a CloudEvent, is staged in
+the unit of work and written to the outbox in the same transaction as the app's records and
+the event's processed marker; the worker publishes it to ``kafka.commands_topic`` after the
+commit. A run that is repeated (after a conflict or an error) stages the same commands with
+the same ids, and only the run that commits leaves them in the outbox.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from worker import constants
+from worker.apps.contract import MessageBuilder
+from worker.errors import CommandTooLargeError
+from worker.events import Event, User
+from worker.persistence.unit import OutboxMessage, UnitOfWork
+
+#: CloudEvents types of the commands, in the contract's reverse-DNS style.
+UPDATE_MESSAGE = "chat.rocket.message.update"
+CREATE_MESSAGE = "chat.rocket.message.create"
+COMMAND_SOURCE_PREFIX = "rc-apps-worker/"
+
+
+def command_id(event: Event, app_id: str, number: int) -> str:
+    """The id of the ``number``-th command (from 0) that ``app_id`` stages for ``event``.
+
+    It depends only on the event and the command's position, so a repeated run stages the
+    same ids, and a consumer of the commands topic can drop a repeat by id.
+    """
+    return f"{event.source}/{event.id}/{app_id}/{number}"
+
+
+class _Stager:
+    """Stages commands of one app's run on one event; the updater and creator share a counter."""
+
+    def __init__(self, unit: UnitOfWork, app_id: str, event: Event, topic: str, counter: list[int]) -> None:
+        self._unit, self._app_id, self._event, self._topic = unit, app_id, event, topic
+        self._counter = counter
+
+    def _stage(self, kind: str, data: dict[str, Any], key: str | None) -> str:
+        number = self._counter[0]
+        self._counter[0] += 1
+        identifier = command_id(self._event, self._app_id, number)
+        envelope = {
+            "specversion": constants.CLOUDEVENTS_SPECVERSION,
+            "type": kind,
+            "source": COMMAND_SOURCE_PREFIX + self._app_id,
+            "id": identifier,
+            # No "time": a repeated run must stage byte-for-byte the same command.
+            "subject": self._event.id,
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+        headers = (("content-type", constants.STRUCTURED_CONTENT_TYPE.encode()),)
+        value = orjson.dumps(envelope)
+        encoded_key = key.encode() if key else None
+        size = len(value) + len(encoded_key or b"")
+        if size > constants.MAX_COMMAND_BYTES:
+            # Refused here, as this handler's error, rather than by Kafka once committed, where
+            # it would hold up every command and dead letter of the partition after it.
+            raise CommandTooLargeError(
+                f"{kind} command {identifier} of app {self._app_id} is {size} bytes, over the limit of "
+                f"{constants.MAX_COMMAND_BYTES}; stage less (shorter text, fewer or smaller attachments and custom fields)"
+            )
+        self._unit.publish(OutboxMessage(self._app_id, self._topic, encoded_key, value, headers))
+        return identifier
+
+
+class MessageUpdater(_Stager):
+    """``modify.get_updater()``: stages ``chat.rocket.message.update`` commands."""
+
+    def message(self, message_id: str, editor: User | str | None = None) -> MessageBuilder:
+        """Start changing ``message_id``; ``editor`` (a User or id) is recorded as who changed it."""
+        if not message_id:
+            raise ValueError("message_id must be a non-empty message id, e.g. message.id")
+        return MessageBuilder(message_id=message_id, editor=editor if editor is None or isinstance(editor, str) else editor.id)
+
+    async def finish(self, builder: MessageBuilder) -> str:
+        """Stage the update; returns the command id.
+
+        Raises:
+            ValueError: the builder did not come from :meth:`message`.
+            CommandTooLargeError: the command is over ``constants.MAX_COMMAND_BYTES``.
+
+        """
+        if builder.message_id is None:
+            raise ValueError("an update needs a message id: start it with modify.get_updater().message(id)")
+        data: dict[str, Any] = {"messageId": builder.message_id, "editor": builder.editor}
+        if builder.text is not None:
+            data["text"] = builder.text
+        if builder.attachments:
+            data["attachments"] = builder.attachments
+        data["customFields"] = builder.custom_fields
+        data["replaceCustomFields"] = builder.replace_custom_fields
+        # Keyed by room, like the events, so one room's commands keep their order.
+        room = self._event.message.room.id if self._event.message else None
+        return self._stage(UPDATE_MESSAGE, data, room)
+
+
+class MessageCreator(_Stager):
+    """``modify.get_creator()``: stages ``chat.rocket.message.create`` commands."""
+
+    def start_message(self) -> MessageBuilder:
+        """Start a new message; set at least its room with ``set_room``."""
+        return MessageBuilder()
+
+    async def finish(self, builder: MessageBuilder) -> str:
+        """Stage the new message; returns the command id.
+
+        Raises:
+            ValueError: the builder has no room, or came from the updater.
+            CommandTooLargeError: the command is over ``constants.MAX_COMMAND_BYTES``.
+
+        """
+        if builder.message_id is not None:
+            raise ValueError("this builder changes an existing message: finish it with modify.get_updater().finish(builder)")
+        if builder.room_id is None:
+            raise ValueError("a new message needs a room: call set_room(room) on the builder")
+        data: dict[str, Any] = {
+            "roomId": builder.room_id,
+            "text": builder.text or "",
+            "sender": builder.sender_id,
+            "customFields": builder.custom_fields,
+        }
+        if builder.thread_id is not None:
+            data["threadId"] = builder.thread_id
+        if builder.attachments:
+            data["attachments"] = builder.attachments
+        return self._stage(CREATE_MESSAGE, data, builder.room_id)
+
+
+class Modify:
+    """The ``modify`` accessor of one handler run on one event."""
+
+    __slots__ = ("_creator", "_updater")
+
+    def __init__(self, unit: UnitOfWork, app_id: str, event: Event, topic: str) -> None:
+        counter = [0]
+        self._updater = MessageUpdater(unit, app_id, event, topic, counter)
+        self._creator = MessageCreator(unit, app_id, event, topic, counter)
+
+    def get_updater(self) -> MessageUpdater:
+        """Change existing messages."""
+        return self._updater
+
+    def get_creator(self) -> MessageCreator:
+        """Create new messages."""
+        return self._creator

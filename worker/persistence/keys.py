@@ -1,0 +1,37 @@
+"""Version keys: what a unit of work reads and writes is versioned per record id and per association."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# (app id, key); key is "id:<record id>" or "as:<association>", one version each.
+Key = tuple[str, str]
+RecordRef = tuple[str, str]  # (app id, record id)
+Marker = tuple[str, str, str]  # (app id, CloudEvents source, CloudEvents id)
+
+
+def id_key(app_id: str, record_id: str) -> Key:
+    """The version key of one record."""
+    return (app_id, f"id:{record_id}")
+
+
+def association_key(app_id: str, association: str) -> Key:
+    """The version key of one association, "nothing has it yet" included."""
+    return (app_id, f"as:{association}")
+
+
+# Models by how few writers their records have: events are keyed by room, so what a room
+# (or a message in it) owns is written by one partition's lane; misc is often app-global.
+_GUARD_RANK = {"room": 0, "discussion": 1, "message": 2, "livechat-message": 3, "file": 4, "video-conference": 5, "user": 6}
+
+
+def guard_key(app_id: str, associations: Sequence[str]) -> Key:
+    """The one version key that guards a query for records having all ``associations``.
+
+    Every record in the result carries each of the associations, and any write to a record
+    bumps the keys of all its associations, so a change to the result bumps every one of
+    them: checking one is enough. Checking the one with the fewest writers (a room's rather
+    than a global misc one) spares the query conflicts with unrelated writes elsewhere.
+    """
+    chosen = min(associations, key=lambda a: (_GUARD_RANK.get(a.partition(":")[0], len(_GUARD_RANK)), a))
+    return association_key(app_id, chosen)

@@ -1,0 +1,200 @@
+"""The version-checked commit of a unit of work, statement by statement, inside the store's transaction.
+
+Keys are compare-and-set (or bumped) in one global order, then records, their associations,
+the processed-event markers and the outbox rows are written, and the partition's offset
+advanced under its fence: one transaction, so all of it commits or none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import groupby
+from typing import Any
+
+import orjson
+from sqlalchemy import bindparam, delete, func, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from worker.errors import FencedError, VersionConflict
+from worker.persistence.keys import Key, Marker
+from worker.persistence.schema import (
+    key_versions,
+    outbox,
+    partition_offsets,
+    processed_events,
+    record_associations,
+    records,
+)
+from worker.persistence.sql import CHUNK, chunks, dialect_insert, encode_headers
+from worker.persistence.unit import OutboxMessage, UnitOfWork
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """This worker's claim on a partition: commits carry it, and fail once another claims it."""
+
+    group_id: str
+    topic: str
+    partition: int
+    generation: int
+
+
+class UnitWrites:
+    """The statements of a commit, prepared once per store for its dialect."""
+
+    def __init__(self, is_sqlite: bool) -> None:
+        self.is_sqlite = is_sqlite
+        self._statements = self._version_statements()
+        self._marker_statement = dialect_insert(is_sqlite, processed_events).on_conflict_do_nothing().returning(processed_events.c.event_id)
+
+    async def apply(self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None) -> dict[Key, int]:
+        """Write ``unit`` on ``conn`` if nothing it read has changed; returns the new versions of the keys written."""
+        new_versions = await self._check_and_bump(conn, unit)
+        await self._write_records(conn, unit, new_versions)
+        await self._write_markers(conn, unit.markers)
+        await self._write_outbox(conn, unit.outbox, fence)
+        if fence is not None:
+            await self.advance(conn, fence, next_offset)
+        return new_versions
+
+    async def _check_and_bump(self, conn: AsyncConnection, unit: UnitOfWork) -> dict[Key, int]:
+        """Compare-and-set every key read, bump every key written, in one global order."""
+
+        def kind(key: Key) -> str:
+            if key in unit.written:
+                return "cas" if key in unit.seen else "bump"
+            return "check"
+
+        new_versions: dict[Key, int] = {}
+        for which, run in groupby(sorted(unit.seen.keys() | unit.written), key=kind):
+            keys = list(run)
+            if which == "bump":
+                rows = [{"app_id": app, "key": key, "version": 1} for app, key in keys]
+            else:
+                delta = 1 if which == "cas" else 0
+                rows = [{"app_id": app, "key": key, "version": unit.seen[(app, key)] + delta} for app, key in keys]
+            # executemany: SQLAlchemy sends these as multi-row statements ("insertmanyvalues")
+            # compiled once and cached, instead of compiling a new VALUES list every batch.
+            result = await conn.execute(self._statements[which], rows)
+            returned = {(row.app_id, row.key): row.version for row in result}
+            if len(returned) != len(keys):
+                changed = sorted(set(keys) - returned.keys())
+                raise VersionConflict(
+                    f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}",
+                    keys=frozenset(changed),
+                )
+            new_versions.update(returned)
+        return new_versions
+
+    async def _write_records(self, conn: AsyncConnection, unit: UnitOfWork, new_versions: dict[Key, int]) -> None:
+        inserts: list[dict[str, Any]] = []
+        links: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        unlink: list[tuple[str, str]] = []
+        deletes: list[tuple[str, str]] = []
+        for (app_id, record_id), record in unit.staged.items():
+            before = unit.base.get((app_id, record_id))
+            if record is None:
+                if before is not None:
+                    deletes.append((app_id, record_id))
+                continue
+            row = {
+                "app_id": app_id,
+                "id": record_id,
+                "data": record.data.decode(),
+                "version": new_versions[(app_id, f"id:{record_id}")],
+                "associations": orjson.dumps(record.associations).decode(),
+            }
+            if before is None:
+                inserts.append(row)
+            else:
+                updates.append({f"b_{name}": value for name, value in row.items()})
+                if before.associations == record.associations:
+                    continue
+                unlink.append((app_id, record_id))
+            links.extend({"app_id": app_id, "association": a, "record_id": record_id} for a in record.associations)
+        pair = tuple_(record_associations.c.app_id, record_associations.c.record_id)
+        for chunk in chunks(deletes + unlink, CHUNK):
+            await conn.execute(delete(record_associations).where(pair.in_(chunk)))
+        for chunk in chunks(deletes, CHUNK):
+            await conn.execute(delete(records).where(tuple_(records.c.app_id, records.c.id).in_(chunk)))
+        if updates:
+            await conn.execute(
+                update(records)
+                .where(records.c.app_id == bindparam("b_app_id"), records.c.id == bindparam("b_id"))
+                .values(data=bindparam("b_data"), version=bindparam("b_version"), associations=bindparam("b_associations")),
+                updates,
+            )
+        if inserts:
+            await conn.execute(records.insert(), inserts)
+        if links:
+            await conn.execute(record_associations.insert(), links)
+
+    async def _write_markers(self, conn: AsyncConnection, markers: Sequence[Marker]) -> None:
+        if not markers:
+            return
+        now = datetime.now(UTC)
+        rows = [{"app_id": a, "source": s, "event_id": e, "processed_at": now} for a, s, e in markers]
+        inserted = len((await conn.execute(self._marker_statement, rows)).all())
+        if inserted != len(markers):
+            raise VersionConflict(f"{len(markers) - inserted} event(s) were processed by another worker meanwhile", keys=frozenset())
+
+    async def _write_outbox(self, conn: AsyncConnection, messages: Sequence[OutboxMessage], fence: Fence | None) -> None:
+        now = datetime.now(UTC)
+        rows = [
+            {
+                "app_id": m.app_id,
+                "source_topic": fence.topic if fence else None,
+                "source_partition": fence.partition if fence else None,
+                "topic": m.topic,
+                "key": m.key,
+                "value": m.value,
+                "headers": encode_headers(m.headers),
+                "created_at": now,
+            }
+            for m in messages
+        ]
+        if rows:
+            await conn.execute(outbox.insert(), rows)
+
+    async def advance(self, conn: AsyncConnection, fence: Fence, next_offset: int | None) -> None:
+        """Move the partition's stored offset (None: keep it), or raise FencedError if ``fence`` is stale."""
+        result = await conn.execute(
+            update(partition_offsets)
+            .where(
+                partition_offsets.c.group_id == fence.group_id,
+                partition_offsets.c.topic == fence.topic,
+                partition_offsets.c.partition == fence.partition,
+                partition_offsets.c.generation == fence.generation,
+            )
+            .values(next_offset=func.coalesce(next_offset, partition_offsets.c.next_offset))
+        )
+        if result.rowcount != 1:
+            raise FencedError(
+                f"partition {fence.topic}[{fence.partition}] was claimed by another worker "
+                f"(our generation {fence.generation} is stale); dropping this work"
+            )
+
+    def _version_statements(self) -> dict[str, Any]:
+        """The three upserts of ``key_versions``, by what the unit did with the key."""
+        returning = (key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
+        index = [key_versions.c.app_id, key_versions.c.key]
+        statements: dict[str, Any] = {}
+        for which, delta in (("check", 0), ("cas", 1)):
+            # Insert-or-update in one statement: an absent row is version 0, so "nothing there
+            # yet" is checked like any other version, and a concurrent insert fails the WHERE.
+            insert = dialect_insert(self.is_sqlite, key_versions)
+            statements[which] = insert.on_conflict_do_update(
+                index_elements=index,
+                set_={"version": insert.excluded.version},
+                where=key_versions.c.version == insert.excluded.version - delta,
+            ).returning(*returning)
+        # Keys written without being read (a blind create): nothing to check, only to bump,
+        # so that units which did read them see the change.
+        insert = dialect_insert(self.is_sqlite, key_versions)
+        statements["bump"] = insert.on_conflict_do_update(index_elements=index, set_={"version": key_versions.c.version + 1}).returning(
+            *returning
+        )
+        return statements

@@ -1,0 +1,70 @@
+"""A read-only view of a running worker, for those who watch it: health checks, the monitor, pages.
+
+They ask these questions instead of reading the runner's attributes, so the pipeline can change
+how it keeps its state without breaking what watches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from worker.kafka import Consumer
+from worker.persistence.store import Store
+from worker.pipeline.lane import Lane
+
+
+class Watched(Protocol):
+    """The parts of a running worker (the runner's :class:`~worker.pipeline.runner.Worker`) a status reads."""
+
+    consumer: Consumer
+    store: Store
+    lanes: dict[int, Lane]
+    stopping: asyncio.Event
+    last_poll: float
+
+
+class Status:
+    """What may be asked of one worker; nothing here changes it."""
+
+    def __init__(self, worker: Watched) -> None:
+        self._worker = worker
+
+    @property
+    def group_id(self) -> str:
+        """The consumer group the worker is a member of."""
+        return self._worker.consumer.group_id
+
+    @property
+    def topic(self) -> str:
+        """The event topic it consumes."""
+        return self._worker.consumer.topic
+
+    def stopping(self) -> bool:
+        """Whether the worker has been asked to stop."""
+        return self._worker.stopping.is_set()
+
+    def busy_partitions(self) -> int:
+        """How many partitions have a batch in flight."""
+        return sum(1 for lane in list(self._worker.lanes.values()) if lane.busy)
+
+    def seconds_since_poll(self) -> float:
+        """Seconds since the last successful fetch."""
+        return time.monotonic() - self._worker.last_poll
+
+    def in_group(self) -> bool:
+        """Whether the worker reaches its group coordinator as a member."""
+        return self._worker.consumer.in_group()
+
+    async def check_database(self) -> None:
+        """Ask the database a cheap question; raises PersistenceError when it does not answer."""
+        await self._worker.store.stored_offsets(self.group_id, self.topic)
+
+    async def lag(self) -> dict[int, int]:
+        """Records between the worker's position and the log end, per assigned partition."""
+        return await self._worker.consumer.lag()
+
+    async def outbox_backlog(self) -> int:
+        """Outbox rows committed but not yet published."""
+        return await self._worker.store.outbox_backlog()

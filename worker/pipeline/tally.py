@@ -1,0 +1,61 @@
+"""What one committed batch did: counts of outcomes, the one place they are summed."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one committed batch did; the runner counts and logs it."""
+
+    next_offset: int
+    processed: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    conflicts: int = 0
+    staged_outbox: int = 0
+    locked: bool = False
+    per_app: dict[str, int] = field(default_factory=dict)
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (app, processed|skipped|duplicate|dead_lettered)
+
+    def add(self, other: BatchResult) -> None:
+        """Fold in the result of a part of this batch (when a batch is split)."""
+        self.processed += other.processed
+        self.duplicates += other.duplicates
+        self.skipped += other.skipped
+        self.dead_lettered += other.dead_lettered
+        self.conflicts += other.conflicts
+        self.staged_outbox += other.staged_outbox
+        self.locked = self.locked or other.locked
+        for app_id, count in other.per_app.items():
+            self.per_app[app_id] = self.per_app.get(app_id, 0) + count
+        self.outcomes.update(other.outcomes)
+
+    def outcomes_of(self, outcome: str) -> int:
+        """Events of every app with this outcome (processed, skipped, duplicate, dead_lettered)."""
+        return sum(n for (_, which), n in self.outcomes.items() if which == outcome)
+
+    @classmethod
+    def total(cls, results: Iterable[BatchResult]) -> BatchResult:
+        """Every result of ``results`` summed, as one."""
+        summed = cls(next_offset=0)
+        for result in results:
+            summed.add(result)
+            summed.next_offset = result.next_offset
+        return summed
+
+    def log_fields(self) -> dict[str, int | bool]:
+        """What a batch_committed log line says about this batch."""
+        return {
+            "next_offset": self.next_offset,
+            "processed": self.processed,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "dead_lettered": self.dead_lettered,
+            "conflicts": self.conflicts,
+            "locked": self.locked,
+        }
