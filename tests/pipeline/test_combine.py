@@ -158,3 +158,34 @@ def test_parts_decode_their_records_once(handlers: tuple[str, ...]) -> None:
     part = Part(batch(4, 7, 3), None)
     assert part.next_offset == 10
     assert [item.id for _, item in part.decoded] == ["e-4-7", "e-4-8", "e-4-9"]  # type: ignore[union-attr]
+
+
+class TestHotKeys:
+    async def test_two_workers_counting_on_one_global_counter_stay_exact(self, store: Store) -> None:
+        """Two workers' shared units conflict on the counter, lock it first from then on, and lose or double nothing."""
+        claims = await fences(store, [0, 1, 2, 3])
+        workers = {0: [0, 1], 1: [2, 3]}
+        combiners = {w: Combiner(dispatcher(store, instantiate(MessageCount, "message-count", {}))) for w in workers}
+
+        async def worker(index: int) -> None:
+            for start in range(0, 40, 4):
+                await asyncio.gather(
+                    *(combiners[index].dispatch(batch(p, start, 4), claims[p], snapshot=Snapshot()) for p in workers[index])
+                )
+
+        await asyncio.gather(worker(0), worker(1))
+        assert await counts(store) == {"misc:message-count": 160, **{f"room:room-{p}": 40 for p in range(4)}}
+        assert await store.stored_offsets(GROUP, TOPIC) == dict.fromkeys(range(4), 40)
+
+    async def test_a_unit_with_hot_keys_locks_them_first_and_does_not_conflict_on_them(self, store: Store) -> None:
+        """Another worker's count just before the unit is read under the lock: no conflict, and exact."""
+        claims = await fences(store, [0])
+        count = dispatcher(store, instantiate(MessageCount, "message-count", {}))
+        snapshot = Snapshot()
+        await count.dispatch_together([Part(batch(0, 0, 2), claims[0])], snapshot)
+        await dispatcher(store, instantiate(MessageCount, "message-count", {})).dispatch(batch(5, 0, 3), None)  # the snapshot is stale now
+        total = next(r for r in snapshot.records.values() if r is not None and "misc:message-count" in r.associations)
+        hot = {("message-count", "as:misc:message-count"), ("message-count", f"id:{total.id}")}
+        results = await count.dispatch_together([Part(batch(0, 2, 2), claims[0])], snapshot, hot)
+        assert [(r.locked, r.conflicts) for r in results.values()] == [(True, 0)]
+        assert (await counts(store))["misc:message-count"] == 7
