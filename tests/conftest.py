@@ -124,11 +124,11 @@ __all__ = ["IN_CI", "KafkaSettings"]
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[StartWorker]:
-    """Start `rc-worker run` processes; any still running at the end is killed."""
+    """Start `rc-worker run` (or another command's) processes; any still running at the end is killed."""
     started: list[WorkerProcess] = []
 
-    def start(env: dict[str, str] | Any, name: str) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"{name}.log").start()
+    def start(env: dict[str, str] | Any, name: str, command: str = "run") -> WorkerProcess:
+        worker = WorkerProcess(env, tmp_path / f"{name}.log", command).start()
         started.append(worker)
         return worker
 

@@ -95,21 +95,22 @@ def rc_worker(*args: str, env: Mapping[str, str], timeout: float = 120, check: b
     return result
 
 
-StartWorker = Callable[[Mapping[str, str], str], "WorkerProcess"]
+StartWorker = Callable[..., "WorkerProcess"]  # (env, name[, command]) -> a started process
 
 
 @dataclass
 class WorkerProcess:
-    """An `rc-worker run` subprocess whose JSON log lines are kept in a file."""
+    """An `rc-worker run` (or ``command``) subprocess whose JSON log lines are kept in a file."""
 
     env: Mapping[str, str]
     log_path: Path
+    command: str = "run"
     process: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> WorkerProcess:
         """Start it (again)."""
         handle = self.log_path.open("ab")
-        self.process = subprocess.Popen([*RC_WORKER, "run"], env=dict(self.env), stdout=handle, stderr=handle, cwd=ROOT)
+        self.process = subprocess.Popen([*RC_WORKER, self.command], env=dict(self.env), stdout=handle, stderr=handle, cwd=ROOT)
         handle.close()
         return self
 

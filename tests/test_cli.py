@@ -114,7 +114,7 @@ class TestLoadFile:
 
 @pytest.mark.kafka
 class TestTopicsCreate:
-    """`rc-worker topics create` makes the three topics once."""
+    """`rc-worker topics create` makes the three topics, and apply's dead-letter topic, once."""
 
     async def test_topics_create_is_idempotent(self, kafka_bootstrap: str, sqlite_url: str) -> None:
         """The first run creates the topics with the partitions asked for; the second changes nothing."""
@@ -123,7 +123,8 @@ class TestTopicsCreate:
         env = fresh.env(sqlite_url)
 
         first = rc_worker("topics", "create", "--partitions", "3", env=env)
-        assert sorted(first.stdout.split()) == sorted(["created", name, "created", f"{name}.dlq", "created", f"{name}.cmd"])
+        expected = [name, f"{name}.dlq", f"{name}.cmd", f"{name}.cmd.dlq"]
+        assert sorted(first.stdout.split()) == sorted(["created"] * 4 + expected)
         second = rc_worker("topics", "create", "--partitions", "5", env=env)
         assert second.stdout.strip() == "all topics exist"
         assert await partition_count(fresh, name) == 3

@@ -61,8 +61,8 @@ def seconds(duration: str) -> float:
 
 class TestCompose:
     def test_it_has_kafka_postgres_a_setup_job_the_workers_and_prometheus(self) -> None:
-        """The five services the issue names, and nothing unexplained."""
-        assert set(compose()["services"]) == {"kafka", "postgres", "setup", "worker", "prometheus"}
+        """The five services the issue names, the bridge's two, and nothing unexplained."""
+        assert set(compose()["services"]) == {"kafka", "postgres", "setup", "worker", "prometheus", "ingest", "apply"}
 
     def test_every_image_is_pinned_to_an_exact_release(self) -> None:
         """No floating tags: every image names an exact version (or digest)."""
@@ -125,6 +125,30 @@ class TestCompose:
         sources = [volume.split(":")[0] for volume in service("prometheus")["volumes"]]
         assert sources == ["./prometheus.yml", "./alerts.yml"]
         assert all((DOCKER / source).is_file() for source in sources)
+
+
+class TestComposeBridge:
+    @pytest.mark.parametrize("name", ["ingest", "apply"])
+    def test_the_bridge_runs_its_command_from_the_worker_image_only_with_its_profile(self, name: str) -> None:
+        """ingest and apply use the workers' image, start after the setup job, and only with --profile rocketchat."""
+        spec = service(name)
+        assert spec["command"] == [name]
+        assert spec["image"] == service("worker")["image"]
+        assert spec["profiles"] == ["rocketchat"]
+        assert spec["depends_on"]["setup"]["condition"] == "service_completed_successfully"
+        assert {k for k in spec["environment"] if k.startswith("RC_WORKER_")} <= SETTING_VARIABLES
+
+    def test_ingest_listens_on_all_interfaces_in_the_container_and_on_loopback_on_the_host(self) -> None:
+        """Inside the container 0.0.0.0 on ingest.port, published on 127.0.0.1, health checked on /healthz."""
+        ingest = service("ingest")
+        assert ingest["environment"]["RC_WORKER_INGEST__HOST"] == "0.0.0.0"  # noqa: S104 - inside the container
+        assert ingest["ports"] == [f"127.0.0.1:{DEFAULTS.ingest.port}:{DEFAULTS.ingest.port}"]
+        assert f"127.0.0.1:{DEFAULTS.ingest.port}/healthz" in " ".join(ingest["healthcheck"]["test"])
+        assert seconds(ingest["stop_grace_period"]) > DEFAULTS.ingest.produce_timeout_s
+
+    def test_the_workers_know_the_app_user_for_the_loop_guard(self) -> None:
+        """The workers get rocketchat.app_user_id, so the app's own messages trigger nothing."""
+        assert "RC_WORKER_ROCKETCHAT__APP_USER_ID" in service("worker")["environment"]
 
 
 class TestPrometheus:
@@ -334,3 +358,57 @@ class TestKubernetes:
         partitions = int(re.search(r"--partitions (\d+)", " ".join(containers("Job")[0]["args"])).group(1))  # type: ignore[union-attr]
         assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"] <= partitions
         assert deployment["spec"]["replicas"] <= partitions
+
+
+# -- Kubernetes: the bridge (docker/k8s/bridge/) -------------------------------------------------
+
+
+@cache
+def bridge_manifests() -> list[dict[str, Any]]:
+    """Every document of docker/k8s/bridge."""
+    return [doc for path in sorted((K8S / "bridge").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def bridge(kind: str, name: str) -> dict[str, Any]:
+    [found] = [doc for doc in bridge_manifests() if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    return found
+
+
+BRIDGE = ("rc-worker-ingest", "rc-worker-apply")
+
+
+class TestKubernetesBridge:
+    @pytest.mark.parametrize("index", range(3))
+    def test_each_manifest_matches_the_kubernetes_schema(self, index: int) -> None:
+        """The ingest Deployment and Service and the apply Deployment, against Kubernetes' schema, strict."""
+        assert len(bridge_manifests()) == 3
+        kubernetes_validate.validate(bridge_manifests()[index], kubernetes_validate.latest_version(), strict=True)
+
+    @pytest.mark.parametrize("name", BRIDGE)
+    def test_secrets_variables_and_config_agree_with_the_worker_files(self, name: str) -> None:
+        """Secret keys exist, RC_WORKER_* are Settings keys, and the ConfigMap is mounted where RC_WORKER_CONFIG points."""
+        [container] = bridge("Deployment", name)["spec"]["template"]["spec"]["containers"]
+        secret = manifest("Secret")
+        keys = set(secret.get("stringData", {}))
+        refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+        assert refs
+        assert all(ref["name"] == secret["metadata"]["name"] and ref["key"] in keys for ref in refs)
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert set(env) <= SETTING_VARIABLES
+        [volume] = bridge("Deployment", name)["spec"]["template"]["spec"]["volumes"]
+        assert volume["configMap"]["name"] == manifest("ConfigMap")["metadata"]["name"]
+        assert {m["mountPath"] for m in container["volumeMounts"]} == {str(Path(env["RC_WORKER_CONFIG"]).parent)}
+        assert container["args"] == [name.removeprefix("rc-worker-")]
+
+    def test_ingest_probes_healthz_on_the_configured_port_behind_its_service(self) -> None:
+        """Both probes ask /healthz on ingest.port of the ConfigMap; the Service targets that port."""
+        [container] = bridge("Deployment", "rc-worker-ingest")["spec"]["template"]["spec"]["containers"]
+        ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+        for probe in ("livenessProbe", "readinessProbe"):
+            assert container[probe]["httpGet"]["path"] == "/healthz"
+            assert ports[container[probe]["httpGet"]["port"]] == cluster_settings().ingest.port
+        [port] = bridge("Service", "rc-worker-ingest")["spec"]["ports"]
+        assert port["targetPort"] in ports
+        assert cluster_settings().ingest.host == "0.0.0.0"  # noqa: S104 - reached through the Service
+        grace = bridge("Deployment", "rc-worker-ingest")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > cluster_settings().ingest.produce_timeout_s

@@ -25,9 +25,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("run", help="run one worker of the consumer group until SIGTERM/SIGINT")
+    commands.add_parser("ingest", help="serve the HTTP endpoint that puts Rocket.Chat's messages on the topic (config: ingest)")
+    commands.add_parser("apply", help="apply the commands topic to Rocket.Chat through its REST API (config: rocketchat)")
 
     topics = commands.add_parser("topics", help="manage the worker's topics").add_subparsers(dest="action", required=True)
-    create = topics.add_parser("create", help="create the event, dead-letter and commands topics if missing")
+    create = topics.add_parser("create", help="create the event, dead-letter, commands and apply dead-letter topics if missing")
     create.add_argument("--partitions", type=int, default=6, help="partitions of the event topic (default 6)")
 
     load = commands.add_parser("load", help="produce the records of a contract JSON-lines file, in order")
@@ -131,6 +133,8 @@ Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 # (command, action) -> (module, coroutine function(settings, args) -> exit status)
 COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("run", None): ("worker.tools.run", "command"),
+    ("ingest", None): ("worker.bridge.ingest", "ingest_command"),
+    ("apply", None): ("worker.bridge.apply", "apply_command"),
     ("topics", "create"): ("worker.tools.topics", "create_command"),
     ("load", None): ("worker.tools.dump", "load_command"),
     ("db", "upgrade"): ("worker.tools.state", "upgrade_command"),

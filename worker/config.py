@@ -134,6 +134,40 @@ class ObservabilitySettings(_Section):
     tracing: bool = False
 
 
+class IngestSettings(_Section):
+    """``rc-worker ingest``: the HTTP endpoint the Rocket.Chat App and outgoing webhooks post to."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="0.0.0.0 to take posts from other hosts (containers)")
+    port: int = Field(8088, ge=0, le=65535, description="0 picks a free port and logs it")
+    secret: SecretStr = Field(SecretStr(""), description="HMAC-SHA256 key shared with the app; empty refuses /v1/events")
+    webhook_token: SecretStr = Field(SecretStr(""), description="the outgoing webhook's token; empty refuses /v1/webhooks/rocketchat")
+    max_body_bytes: int = Field(constants.MAX_VALUE_BYTES, ge=1_024, le=constants.MAX_VALUE_BYTES, description="a larger body gets 413")
+    produce_timeout_s: float = Field(10.0, gt=0, le=300, description="wait this long for the broker's acknowledgement, then 503")
+    retry_after_s: int = Field(5, ge=1, le=3_600, description="the Retry-After of a 503")
+
+
+class RocketChatSettings(_Section):
+    """The Rocket.Chat server that ``rc-worker apply`` changes, and the app user the worker ignores."""
+
+    url: str = Field("http://127.0.0.1:3000", min_length=1, description="the server's base URL (its Site URL)")
+    user_id: str = Field("", description="X-User-Id of the account apply acts as")
+    auth_token: SecretStr = Field(SecretStr(""), description="X-Auth-Token (a personal access token) of that account")
+    timeout_s: float = Field(10.0, gt=0, le=300, description="per REST call, connect to last byte")
+    app_user_id: str | None = Field(
+        None, min_length=1, description="messages this user sent skip handlers (the loop guard) unless one sets handles_own_messages"
+    )
+    apply_group_id: str = Field("rc-apps-worker-apply", min_length=1, description="consumer group of rc-worker apply")
+    dead_letter_topic: str | None = Field(None, min_length=1, description="refused commands go here; default <commands_topic>.dlq")
+    backoff_initial_s: float = Field(1.0, gt=0, description="first wait after a 429 or 5xx without Retry-After")
+    backoff_max_s: float = Field(60.0, gt=0, description="longest wait between two tries of one command")
+
+    @field_validator("app_user_id", "dead_letter_topic", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # An empty variable (compose's ${VAR:-}) means "not set", as null does in the file.
+        return None if value == "" else value
+
+
 class Settings(BaseSettings):
     """The whole configuration; build it with :func:`load_settings`."""
 
@@ -151,6 +185,8 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    ingest: IngestSettings = IngestSettings()
+    rocketchat: RocketChatSettings = RocketChatSettings()
 
     @classmethod
     def settings_customise_sources(

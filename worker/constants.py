@@ -15,6 +15,11 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///rc-worker.db"
 POST_MESSAGE_SENT = "chat.rocket.message.sent"
 CLOUDEVENTS_SPECVERSION = "1.0"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+# Any structured format (+json, +avro...) is announced this way; only JSON is decoded.
+STRUCTURED_CONTENT_TYPE_PREFIX = "application/cloudevents"
+# The other message events an app (or an outgoing webhook) reports; ingest takes all three.
+POST_MESSAGE_UPDATED = "chat.rocket.message.updated"
+POST_MESSAGE_DELETED = "chat.rocket.message.deleted"
 
 # Entry-point group through which handler plugins are found, built-in ones included.
 HANDLER_ENTRY_POINT_GROUP = "rc_worker.handlers"
@@ -55,3 +60,7 @@ MAX_JSON_DEPTH = 64
 # more than 64 KiB, are a bug or an attack, refused before anything else is read.
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65_536
+
+# rc-worker apply: tries of one offset commit (with backoff) before the run ends; a restart
+# resumes from the last commit, and the commands after it are applied again, harmlessly.
+APPLY_COMMIT_ATTEMPTS = 10

@@ -14,6 +14,7 @@ these. The tree::
     │   ├── SchemaError           the schema is missing or behind; run `rc-worker db upgrade`
     │   └── VersionConflict       something read changed before commit            (retriable)
     ├── FencedError               this worker no longer owns the partition it commits for
+    ├── RocketChatError           a Rocket.Chat REST call failed              (retriable: 408, 429, 5xx, no answer)
     └── AppError                  raised inside a handler, or by an accessor because of it
         ├── InvalidDataError      data handed to persistence is not a JSON object
         ├── RecordNotFoundError   update without upsert matched no record
@@ -88,6 +89,21 @@ class VersionConflict(PersistenceError):
     def __init__(self, message: str, keys: frozenset[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.keys = keys
+
+
+class RocketChatError(WorkerError):
+    """Raised when a Rocket.Chat REST call fails; ``status`` 0 means no answer (connection refused, timeout).
+
+    ``retry_after`` is the wait in seconds the server asked for (Retry-After or X-RateLimit-Reset), if any.
+    """
+
+    def __init__(self, status: int, error: str, retry_after: float | None = None) -> None:
+        super().__init__(f"Rocket.Chat answered {status}: {error}" if status else f"Rocket.Chat did not answer: {error}")
+        self.status = status
+        self.error = error
+        self.retry_after = retry_after
+        # Throttled, timed out, the server's fault or no answer: the same call may succeed later.
+        self.retriable = status in (0, 408, 429) or status >= 500
 
 
 class FencedError(WorkerError):

@@ -7,6 +7,8 @@ contract raises DecodeError with a reason short enough for a dead-letter header.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,6 +64,7 @@ class Room(_Model):
 
     id: Id
     slugified_name: Text | None = Field(None, alias="slugifiedName")
+    display_name: Text | None = Field(None, alias="displayName")
     type: Literal["c", "p", "d", "l"] | None = None
 
 
@@ -71,6 +74,15 @@ class User(_Model):
     id: Id
     username: Text | None = None
     name: Text | None = None
+    # Apps-Engine's UserType; absent means a person. The loop guard reads the sender's id.
+    type: Literal["user", "bot", "app"] = "user"
+
+
+class Editor(_Model):
+    """Who last edited a message (IMessage.editor)."""
+
+    id: Id
+    username: Text | None = None
 
 
 class Message(_Model):
@@ -82,6 +94,8 @@ class Message(_Model):
     text: Text | None = None
     created_at: Timestamp = Field(alias="createdAt")
     updated_at: Timestamp | None = Field(None, alias="updatedAt")
+    edited_at: Timestamp | None = Field(None, alias="editedAt")
+    editor: Editor | None = None
     thread_id: Text | None = Field(None, alias="threadId")
     custom_fields: dict[str, Any] | None = Field(None, alias="customFields")
     attachments: list[dict[str, Any]] | None = None
@@ -142,18 +156,42 @@ def decode(record: RawRecord) -> Event:
         value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DecodeError(f"value is not valid UTF-8 (byte {exc.start})") from None
-    if record.header("ce_specversion") is not None:
-        return _decode_binary(record, value)
     content_type = _header_text(record, "content-type")
-    if content_type is not None and not content_type.startswith(constants.STRUCTURED_CONTENT_TYPE):
+    # Media types are case-insensitive (RFC 9110); the structured mode's wins over ce_* headers.
+    structured = content_type is not None and content_type.lower().startswith(constants.STRUCTURED_CONTENT_TYPE_PREFIX)
+    if not structured and record.header("ce_specversion") is not None:
+        return _decode_binary(record, value)
+    if not structured and content_type is not None and not _is_json(content_type):
         raise DecodeError(f"content-type {content_type!r} without ce_* headers is neither structured nor binary CloudEvents")
     document = _parse_json(value)
-    if not isinstance(document, dict):
-        raise DecodeError(f"value is not a JSON object but a JSON {type(document).__name__}")
-    if "specversion" not in document:
+    if not isinstance(document, dict) or "specversion" not in document:
+        if not isinstance(document, dict):
+            raise DecodeError(f"value is not a JSON object but a JSON {type(document).__name__}")
         raise DecodeError("value has no specversion: not a CloudEvent")
+    # A JSON value with specversion is structured even under a plain JSON content-type: the
+    # CloudEvents SDK's to_structured moves datacontenttype (application/json) there.
     envelope = _validate_envelope(document)
-    return _event(envelope.specversion, envelope, document.get("data"), "data" in document, record)
+    data, has_data = _structured_data(document)
+    return _event(envelope.specversion, envelope, data, has_data, record)
+
+
+def _is_json(content_type: str) -> bool:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _structured_data(document: dict[str, Any]) -> tuple[Any, bool]:
+    if "data_base64" not in document:
+        return document.get("data"), "data" in document
+    if "data" in document:
+        raise DecodeError("data and data_base64 are both set; a CloudEvent carries one of them")
+    encoded = document["data_base64"]
+    if not isinstance(encoded, str):
+        raise DecodeError("data_base64 is not a base64 string")
+    try:
+        return _parse_json(base64.b64decode(encoded, validate=True)), True
+    except binascii.Error:
+        raise DecodeError("data_base64 is not valid base64") from None
 
 
 def _decode_binary(record: RawRecord, value: bytes) -> Event:

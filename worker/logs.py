@@ -77,7 +77,7 @@ def redact(text: str) -> str:
 
 
 def secrets_of(settings: Settings) -> list[str]:
-    """Every secret in the configuration: the Kafka SASL password, the database password, app secrets."""
+    """Every secret in the configuration: Kafka SASL and database passwords, ingest and Rocket.Chat credentials, app secrets."""
     found: list[str] = []
     password = settings.kafka.security.sasl_password
     if password is not None:
@@ -90,6 +90,9 @@ def secrets_of(settings: Settings) -> list[str]:
     if database_password:
         found.append(str(database_password))
     found.extend(_app_secrets(settings.handlers.settings))
+    for secret in (settings.ingest.secret, settings.ingest.webhook_token, settings.rocketchat.auth_token):
+        if secret.get_secret_value():
+            found.append(secret.get_secret_value())
     return found
 
 

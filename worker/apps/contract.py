@@ -262,6 +262,8 @@ class App:
     conflict, an error, or a crash): keep state in ``persistence``, never in attributes.
 
     Attributes:
+        handles_own_messages: True to see messages sent by ``rocketchat.app_user_id`` too; by
+            default they skip the app, so what the app posts does not trigger it again.
         settings_model: the settings the app accepts, as a pydantic model whose fields give
             types, defaults and which are required; ``handlers.settings.<app id>`` is
             validated against it at start-up. None means the app takes no settings.
@@ -272,6 +274,7 @@ class App:
     """
 
     settings_model: ClassVar[type[BaseModel] | None] = None
+    handles_own_messages: ClassVar[bool] = False
 
     id: str = ""
     settings: Mapping[str, Any] = MappingProxyType({})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import NamedTuple
 
 import structlog
@@ -53,8 +53,10 @@ async def max_message_bytes(client: AIOKafkaAdminClient, topic: str | None) -> i
     return None
 
 
-async def create_topics(settings: KafkaSettings, partitions: int, replication: int = 1) -> list[str]:
-    """Create the event topic (``partitions`` partitions) and the DLQ and commands topics if missing.
+async def create_topics(settings: KafkaSettings, partitions: int, replication: int = 1, extra: Sequence[str] = ()) -> list[str]:
+    """Create the event topic (``partitions`` partitions), the DLQ and commands topics, and ``extra`` ones, if missing.
+
+    ``extra`` topics (apply's dead letters) are made like the commands topic.
 
     The dead-letter topic takes the event topic's max.message.bytes plus
     ``RECORD_HEADROOM_BYTES``, so any record the event topic holds can be dead-lettered whole
@@ -67,7 +69,7 @@ async def create_topics(settings: KafkaSettings, partitions: int, replication: i
         # A new event topic gets the broker's default; an existing one may have its own.
         event_limit = await max_message_bytes(client, settings.topic if settings.topic in existing else None)
         dead_letter_limit = (event_limit or constants.KAFKA_DEFAULT_MAX_MESSAGE_BYTES) + constants.RECORD_HEADROOM_BYTES
-        for name in (settings.topic, settings.dead_letter_topic, settings.commands_topic):
+        for name in (settings.topic, settings.dead_letter_topic, settings.commands_topic, *extra):
             if name in existing:
                 if name == settings.dead_letter_topic:
                     await _warn_if_smaller(client, name, dead_letter_limit)

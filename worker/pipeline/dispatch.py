@@ -126,10 +126,20 @@ class Dispatcher:
     """Turns a batch of records into one committed unit of work."""
 
     def __init__(
-        self, apps: Sequence[App], store: Store, http: Http, topics: Topics, settings: ProcessingSettings, hooks: Hooks | None = None
+        self,
+        apps: Sequence[App],
+        store: Store,
+        http: Http,
+        topics: Topics,
+        settings: ProcessingSettings,
+        hooks: Hooks | None = None,
+        *,
+        own_user_id: str | None = None,
     ) -> None:
         self.apps = list(apps)
         self.hooks = contained(hooks)
+        # The loop guard: messages this user sent (the app's own) skip apps that do not opt in.
+        self.own_user_id = own_user_id
         self.store = store
         self.http = http
         self.topics = topics
@@ -427,6 +437,9 @@ class Dispatcher:
         message = event.message
         if message is None:  # the caller passes PostMessageSent events only
             raise TypeError("only PostMessageSent events reach apps")
+        if message.sender.id == self.own_user_id and not app.handles_own_messages:
+            unit.mark_processed(marker)
+            return "skipped"
         read, persistence = run.accessors[app.id]
         while failures.runs[marker] < self.settings.handler_max_attempts:
             started = time.perf_counter()

@@ -52,7 +52,13 @@ class Worker:
         self.http = Http(settings.http)
         kafka = settings.kafka
         self.dispatcher = Dispatcher(
-            apps, self.store, self.http, Topics(kafka.dead_letter_topic, kafka.commands_topic), settings.processing, self.hooks
+            apps,
+            self.store,
+            self.http,
+            Topics(kafka.dead_letter_topic, kafka.commands_topic),
+            settings.processing,
+            self.hooks,
+            own_user_id=settings.rocketchat.app_user_id,
         )
         self.combiner = Combiner(self.dispatcher)
         self.consumer = Consumer(kafka)

@@ -145,7 +145,12 @@ class Replay:
         self.group = group
         self.http = Http(settings.http)
         self.dispatcher = Dispatcher(
-            apps, store, self.http, Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic), settings.processing
+            apps,
+            store,
+            self.http,
+            Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic),
+            settings.processing,
+            own_user_id=settings.rocketchat.app_user_id,
         )
         # The partitions' batches of one fetch run as one unit, on one snapshot kept from batch
         # to batch: no conflicts among them, and no re-reading what the last batch wrote.

@@ -1,0 +1,1 @@
+"""Rocket.Chat in and out: ingest, webhooks, the REST client, apply, end to end."""

@@ -1,0 +1,1 @@
+"""Stand-ins for servers the project talks to, built from their documented behaviour."""
