@@ -149,7 +149,7 @@ def worker_env(topic: Topic, group_id: str, database_url: str, **extra: str) -> 
         "RC_WORKER_PERSISTENCE__URL": database_url,
         "RC_WORKER_HANDLERS__ENABLED": '["message-count"]',
         "RC_WORKER_LOGGING__FORMAT": "json",
-        "RC_WORKER_LOGGING__LEVEL": "info",
+        "RC_WORKER_LOGGING__LEVEL": "debug",  # the per-batch batch_committed lines, read for latencies
         # Several workers share this host: each serves /metrics on a port of its own.
         "RC_WORKER_OBSERVABILITY__PORT": "0",
     }

@@ -10,6 +10,9 @@ The worked example of docs/writing-a-handler.md. For each message it:
   them those with ``misc:unread-mentions``;
 - removes the sender's own record for the room: posting in a room means having read it.
 
+Messages sent by the app user (the worker's own Rocket.Chat account, when one is configured)
+are skipped: the worker's own notifications must not count as anyone's mentions.
+
 Every write is read-modify-write through the unit of work, so repeated runs and concurrent
 workers leave exactly the state one run in order leaves.
 """
@@ -56,9 +59,12 @@ class Mentions(App):
     settings_model = MentionSettings
 
     async def check_post_message_sent(self, message: Message, read: IRead, http: IHttp) -> bool:
-        """Skip messages without an ``@``, unless posting resets the sender's unread mentions."""
+        """Skip the app user's own messages, and messages without an ``@`` unless posting resets the sender's unread mentions."""
         reset_on_post = read.get_environment_reader().get_settings().get_value_by_id("reset_on_post")
-        return bool(reset_on_post) or "@" in (message.text or "")
+        if not (reset_on_post or "@" in (message.text or "")):
+            return False
+        app_user = await read.get_user_reader().get_app_user()
+        return app_user is None or app_user.id != message.sender.id
 
     async def execute_post_message_sent(
         self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify

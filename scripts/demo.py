@@ -233,6 +233,7 @@ def demo(args: argparse.Namespace, bootstrap: str, work: Path) -> bool:
         "RC_WORKER_KAFKA__GROUP_ID": f"demo-{stamp}",
         "RC_WORKER_PERSISTENCE__URL": url,
         "RC_WORKER_LOGGING__FORMAT": "json",
+        "RC_WORKER_LOGGING__LEVEL": "debug",  # the per-batch batch_committed lines, read for the shares below
     }
     if "observability" in Settings.model_fields:
         env["RC_WORKER_OBSERVABILITY__PORT"] = "0"  # two workers on one host: each its own free port

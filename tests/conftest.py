@@ -8,6 +8,7 @@ cannot be had, its tests skip on a developer's machine and fail in CI (CI=true).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaError
 
 from tests.services import _own_kafka_session, _own_postgres_session, own_kafka, own_postgres  # noqa: F401 - fixtures
 from tests.support import (
@@ -30,7 +32,9 @@ from tests.support import (
     unavailable,
 )
 from worker.config import KafkaSettings
+from worker.errors import BrokerError
 from worker.kafka import create_topics
+from worker.kafka.admin import admin
 from worker.persistence.store import Store
 
 
@@ -80,12 +84,24 @@ def services(kafka_bootstrap: str) -> Services:
 
 
 @pytest.fixture
-async def topics(kafka_bootstrap: str) -> TopicSet:
-    """A fresh event topic (6 partitions) with its dead-letter and commands topics."""
+async def topics(kafka_bootstrap: str) -> AsyncIterator[TopicSet]:
+    """A fresh event topic (6 partitions) with its dead-letter and commands topics, deleted afterwards."""
     name = f"t-{uuid.uuid4().hex[:10]}"
     topic_set = TopicSet(kafka_bootstrap, name, f"{name}.dlq", f"{name}.cmd", f"g-{name}")
     await create_topics(topic_set.kafka_settings(), partitions=6)
-    return topic_set
+    yield topic_set
+    await _delete_topics_named(topic_set.kafka_settings(), name)
+
+
+async def _delete_topics_named(settings: KafkaSettings, prefix: str) -> None:
+    # A suite leaves thousands of partitions behind otherwise, and a broker that loads them
+    # all at start-up runs out of heap: the shared broker outlives every test session.
+    # Hygiene, not a behaviour under test: a broker that is gone by now is no failure.
+    with contextlib.suppress(BrokerError, KafkaError, OSError, TimeoutError):
+        async with admin(settings, timeout_s=10) as client:
+            names = [t for t in await client.list_topics() if t == prefix or t.startswith(f"{prefix}.")]
+            if names:
+                await asyncio.wait_for(client.delete_topics(names), timeout=10)
 
 
 @pytest.fixture

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -76,6 +81,8 @@ class TopicSet:
             "RC_WORKER_KAFKA__GROUP_ID": self.group_id,
             "RC_WORKER_PERSISTENCE__URL": database_url,
             "RC_WORKER_LOGGING__FORMAT": "json",
+            # Tests follow processing by its per-batch lines (batch_committed), logged at debug.
+            "RC_WORKER_LOGGING__LEVEL": "debug",
             "RC_WORKER_CONFIG": str(ROOT / "config.yaml"),
             # Short sessions so a killed worker's partitions move on quickly in tests.
             "RC_WORKER_KAFKA__SESSION_TIMEOUT_MS": "6000",
@@ -93,6 +100,35 @@ def rc_worker(*args: str, env: Mapping[str, str], timeout: float = 120, check: b
     if check and result.returncode != 0:
         raise AssertionError(f"rc-worker {' '.join(args)} exited {result.returncode}:\n{result.stderr[-3000:]}")
     return result
+
+
+def on_terminal(command: Sequence[str], env: Mapping[str, str], timeout: float = 120, columns: int = 160) -> tuple[int, str]:
+    """Run ``command`` with a pseudo-terminal as its stdin, stdout and stderr; its exit status and all it wrote."""
+    master, child = pty.openpty()
+    # A terminal of known width: the progress bar sizes itself to it.
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    process = subprocess.Popen(list(command), env=dict(env), stdin=child, stdout=child, stderr=child, cwd=ROOT)
+    os.close(child)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"{' '.join(command)} still ran after {timeout}s; it wrote:\n{b''.join(chunks)[-2000:]!r}")
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the terminal's other end has closed it
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+    return process.wait(timeout=30), b"".join(chunks).decode("utf-8", "replace")
 
 
 StartWorker = Callable[..., "WorkerProcess"]  # (env, name[, command]) -> a started process

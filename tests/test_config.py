@@ -196,3 +196,22 @@ class TestInvalid:
         """A config path that does not exist says which and how to pass another."""
         with pytest.raises(ConfigError, match=r"cannot read config file .*absent\.yaml.*pass --config PATH"):
             load_settings(tmp_path / "absent.yaml")
+
+
+class TestJsonVariables:
+    def test_invalid_json_in_the_settings_variable_names_the_variable(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """RC_WORKER_HANDLERS__SETTINGS='{bad' names RC_WORKER_HANDLERS__SETTINGS and where its JSON breaks."""
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("RC_WORKER_HANDLERS__SETTINGS", "{bad")
+        with pytest.raises(ConfigError, match=r"RC_WORKER_HANDLERS__SETTINGS \(handlers\.settings\) is not valid JSON \(.*\): '\{bad'"):
+            load_settings(None)
+
+    def test_only_the_broken_variable_is_named(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        """A valid JSON list beside the broken object is not blamed."""
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("RC_WORKER_HANDLERS__ENABLED", '["mentions"]')
+        monkeypatch.setenv("RC_WORKER_HANDLERS__SETTINGS", '{"mentions": }')
+        with pytest.raises(ConfigError) as caught:
+            load_settings(None)
+        assert "RC_WORKER_HANDLERS__SETTINGS (handlers.settings) is not valid JSON" in str(caught.value)
+        assert "RC_WORKER_HANDLERS__ENABLED" not in str(caught.value).split("; lists and mappings")[0]

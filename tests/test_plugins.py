@@ -14,7 +14,7 @@ import pytest
 from tests.support import rc_worker, write_distribution
 from worker.apps.contract import SettingsReader
 from worker.errors import PluginError
-from worker.plugins import installed, load_apps, validate_settings
+from worker.plugins import distribution, installed, load_apps, validate_settings
 
 PLUGIN_SOURCE = """
 from pydantic import BaseModel, Field
@@ -104,9 +104,10 @@ class TestDiscovery:
     def test_built_in_handlers_are_installed_through_entry_points(self) -> None:
         """message-count and mentions are found like any plugin, with their distribution and version."""
         found = installed()
-        assert found["message-count"].entry_point.value == "handlers.message_count:MessageCount"
-        assert found["mentions"].distribution == "rc-apps-worker"
-        assert found["mentions"].version
+        assert found["message-count"].value == "handlers.message_count:MessageCount"
+        name, version = distribution(found["mentions"])
+        assert name == "rc-apps-worker"
+        assert version
 
     def test_apps_are_created_in_the_configured_order_and_bound(self) -> None:
         """load_apps follows handlers.enabled and gives each app its id, settings and logger."""

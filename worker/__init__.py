@@ -3,13 +3,36 @@
 The names below are the whole public API for handler authors; nothing else is promised.
 A handler subclasses :class:`App`; its methods receive a :class:`Message` and the accessors
 typed by the ``I*`` Protocols. ``worker.testing`` is what its tests use.
+
+Each name is imported where it lives on first use (PEP 562), so importing ``worker`` (as
+every ``rc-worker`` command does, ``--help`` too) costs nothing until a handler needs it.
 """
 
-from worker.apps.contract import App, IHttp, IModify, IPersistence, IPersistenceRead, IRead, MessageBuilder, Record
-from worker.apps.http import HttpResponse
-from worker.errors import DeadLetterNow, HttpError, WorkerError
-from worker.events import Message, Room, User
-from worker.persistence.associations import Association, AssociationModel
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from worker.apps.contract import (
+        App,
+        IHttp,
+        IMessageRead,
+        IModify,
+        IModifyDeleter,
+        INotifier,
+        IPersistence,
+        IPersistenceRead,
+        IRead,
+        IRoomRead,
+        IUserRead,
+        MessageBuilder,
+        Record,
+    )
+    from worker.apps.http import HttpResponse
+    from worker.errors import DeadLetterNow, HttpError, WorkerError
+    from worker.events import Message, MessageDeleteContext, Room, User
+    from worker.persistence.associations import Association, AssociationModel
 
 __all__ = [
     "App",
@@ -19,14 +42,56 @@ __all__ = [
     "HttpError",
     "HttpResponse",
     "IHttp",
+    "IMessageRead",
     "IModify",
+    "IModifyDeleter",
+    "INotifier",
     "IPersistence",
     "IPersistenceRead",
     "IRead",
+    "IRoomRead",
+    "IUserRead",
     "Message",
     "MessageBuilder",
+    "MessageDeleteContext",
     "Record",
     "Room",
     "User",
     "WorkerError",
 ]
+
+_MODULES = {
+    "worker.apps.contract": (
+        "App",
+        "IHttp",
+        "IMessageRead",
+        "IModify",
+        "IModifyDeleter",
+        "INotifier",
+        "IPersistence",
+        "IPersistenceRead",
+        "IRead",
+        "IRoomRead",
+        "IUserRead",
+        "MessageBuilder",
+        "Record",
+    ),
+    "worker.apps.http": ("HttpResponse",),
+    "worker.errors": ("DeadLetterNow", "HttpError", "WorkerError"),
+    "worker.events": ("Message", "MessageDeleteContext", "Room", "User"),
+    "worker.persistence.associations": ("Association", "AssociationModel"),
+}
+_WHERE = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'worker' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

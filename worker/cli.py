@@ -7,21 +7,22 @@ Exit status: 0 done, 1 failed at run time, 2 bad usage or configuration.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from worker import logs
-from worker.config import Settings, load_settings
 from worker.errors import ConfigError, PluginError, WorkerError
+
+if TYPE_CHECKING:
+    from worker.config import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rc-worker", description="Run Rocket.Chat app handlers on Kafka events.")
     parser.add_argument("--config", type=Path, help="config file (default: $RC_WORKER_CONFIG or ./config.yaml)")
+    output_flags(parser, default=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser("run", help="run one worker of the consumer group until SIGTERM/SIGINT")
@@ -35,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     load = commands.add_parser("load", help="produce the records of a contract JSON-lines file, in order")
     load.add_argument("file", type=Path)
     load.add_argument("--topic", help="topic to produce to (default: kafka.topic)")
+    load.add_argument("--create-topic", action="store_true", help="create the topic if it does not exist (as `rc-worker topics create`)")
 
     db = commands.add_parser("db", help="manage the database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="create or migrate the schema (idempotent)")
@@ -66,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--state", required=True, metavar="URL", help="database to replay into, migrated if fresh")
     replay.add_argument("--group", metavar="NAME", help="share the replay among processes given the same NAME; run again to resume")
     replay.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    replay.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the partitions among N processes of one replay group (--group, or a new one); for large topics",
+    )
 
     dump_topic = commands.add_parser("dump", help="write a range of the topic as contract JSON lines, which `load` reproduces")
     dump_topic.add_argument("--topic", help="topic to dump (default: kafka.topic)")
@@ -82,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
         dlq_command.add_argument("--reason", metavar="R", help="only dead letters whose reason contains R")
     dlq_list.add_argument("--json", action="store_true", help="one JSON object a line")
     dlq_redrive.add_argument("--dry-run", action="store_true", help="print what would be sent; send and record nothing")
+    dlq_redrive.add_argument(
+        "--force",
+        action="store_true",
+        help="send to the topic events older than persistence.processed_retention_hours too (apps that processed them count them again)",
+    )
 
     offsets = commands.add_parser("offsets", help="the consumer group's offsets").add_subparsers(dest="action", required=True)
     offsets.add_parser("show", help="per partition: earliest, committed, stored with the state, end, lag").add_argument(
@@ -101,18 +115,77 @@ def _parser() -> argparse.ArgumentParser:
     reset_to.add_argument("--to-offset", metavar="P:O[,P:O...]", help="these partitions to these offsets; others stay")
     reset.add_argument("--dry-run", action="store_true", help="print the new offsets; change nothing")
 
+    web = commands.add_parser("web", help="serve the status pages of the whole group (lag, dead letters, state, topic, health)")
+    web.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
+    web.add_argument("--host", help="address to listen on (default: web.host, 127.0.0.1)")
+    web.add_argument("--port", type=int, help="port to listen on (default: web.port, 8080; 0 picks a free one)")
+
     check = commands.add_parser("check-config", help="validate and print the effective configuration, secrets redacted")
     check.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
     check.add_argument("--reference", action="store_true", help="print every key, its variable and default as a Markdown table")
+    for command in _leaves(parser):
+        output_flags(command)
     return parser
+
+
+def _leaves(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command's own parser (``dlq list``, ``replay``, ...), below ``parser``."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found.extend(_leaves(sub) or [sub])
+    return found
+
+
+def output_flags(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    """``--quiet``, ``--verbose`` and ``--log-format``, accepted before the command and after it."""
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-q",
+        "--quiet",
+        dest="verbosity",
+        action="store_const",
+        const="quiet",
+        default=default,
+        help="no progress display, only warnings and errors in the log; results are still printed",
+    )
+    loudness.add_argument(
+        "-v", "--verbose", dest="verbosity", action="store_const", const="verbose", default=default, help="debug log lines too (per batch)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default=default,
+        help="log lines as JSON, or for a person (default: logging.format; auto is JSON unless stderr is a terminal)",
+    )
+
+
+def _configure_output(settings: Settings, args: argparse.Namespace) -> None:
+    from worker import logs
+    from worker.tools import progress
+
+    logging = settings.logging
+    if args.log_format is not None:
+        logging = logging.model_copy(update={"format": args.log_format})
+    level = {"quiet": "warning", "verbose": "debug"}.get(args.verbosity or "")
+    logs.configure(logging, secrets=logs.secrets_of(settings), level=level)
+    log_format = "json" if logs.as_json(logging) else "console"
+    progress.configure(progress.choose(quiet=args.verbosity == "quiet", log_format=log_format))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rc-worker`` console script."""
     args = _parser().parse_args(argv)
+    # Imported once the arguments are read: `--help` and a usage error need no settings, logs or asyncio.
+    import asyncio
+
+    from worker import logs
+    from worker.config import load_settings
+
     try:
         settings = load_settings(args.config)
-        logs.configure(settings.logging, secrets=logs.secrets_of(settings))
+        _configure_output(settings, args)
         module, function = COMMANDS[(args.command, getattr(args, "action", None))]
         # Each command's module is imported only when it runs: `rc-worker --help` and
         # check-config start without Kafka, database or HTTP clients.
@@ -128,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-Handler = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+Handler = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
 
 # (command, action) -> (module, coroutine function(settings, args) -> exit status)
 COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
@@ -150,4 +223,5 @@ COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
     ("offsets", "show"): ("worker.tools.offsets", "show_command"),
     ("offsets", "reset"): ("worker.tools.offsets", "reset_command"),
     ("check-config", None): ("worker.tools.check_config", "check_config_command"),
+    ("web", None): ("worker.web.server", "command"),
 }

@@ -7,7 +7,9 @@ stops start-up with a ConfigError that names the key, what was given and what is
 
 from __future__ import annotations
 
+import json
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -132,6 +134,16 @@ class ObservabilitySettings(_Section):
     liveness_stall_s: float = Field(120.0, gt=0, description="busy without progress this long fails /healthz")
     lag_interval_s: float = Field(15.0, gt=0, description="how often lag is measured and logged")
     tracing: bool = False
+    web: bool = Field(False, description="also serve the status pages (rc-worker web) on this port")
+
+
+class WebSettings(_Section):
+    """The status pages of ``rc-worker web``: where they listen, and the token that allows re-drives."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="0.0.0.0 exposes the pages to other hosts")
+    port: int = Field(8080, ge=0, le=65535, description="0 picks a free port and logs it")
+    token: SecretStr | None = Field(None, description="allows re-drives from the pages; without it they are read-only")
+    sample_interval_s: float = Field(5.0, gt=0, le=300, description="how often the pages sample offsets for the events/s chart")
 
 
 class IngestSettings(_Section):
@@ -161,6 +173,11 @@ class RocketChatSettings(_Section):
     backoff_initial_s: float = Field(1.0, gt=0, description="first wait after a 429 or 5xx without Retry-After")
     backoff_max_s: float = Field(60.0, gt=0, description="longest wait between two tries of one command")
 
+    @property
+    def configured(self) -> bool:
+        """True when the worker may call the REST API: user_id and auth_token are set (the readers' test)."""
+        return bool(self.user_id and self.auth_token.get_secret_value())
+
     @field_validator("app_user_id", "dead_letter_topic", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -185,6 +202,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     logging: LoggingSettings = LoggingSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    web: WebSettings = WebSettings()
     ingest: IngestSettings = IngestSettings()
     rocketchat: RocketChatSettings = RocketChatSettings()
 
@@ -238,11 +256,43 @@ def load_settings(path: Path | None = None) -> Settings:
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from exc
     except SettingsError as exc:
-        # Raised before validation when a list or mapping variable is not JSON.
+        # Raised before validation when a list or mapping variable is not JSON; pydantic-settings
+        # names the section only, so find the variable ourselves.
+        broken = "".join(
+            f"{name} ({_key_of(name)}) is not valid JSON ({problem}): {value!r}; " for name, value, problem in _json_variables_broken()
+        )
         raise ConfigError(
-            f"invalid configuration: {exc}; lists and mappings in {ENV_PREFIX}* variables are JSON, "
+            f"invalid configuration: {broken or f'{exc}; '}lists and mappings in {ENV_PREFIX}* variables are JSON, "
             f"e.g. {ENV_PREFIX}HANDLERS__ENABLED='[\"message-count\"]'"
         ) from exc
+
+
+def _json_variables_broken() -> list[tuple[str, str, str]]:
+    """The RC_WORKER_* variables that must hold JSON (lists, mappings) and do not: name, value, problem."""
+    broken = []
+    for name, value in sorted(os.environ.items()):
+        if not name.startswith(ENV_PREFIX) or not _takes_json(name[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER)):
+            continue
+        try:
+            json.loads(value)
+        except ValueError as exc:
+            broken.append((name, value if len(value) <= 60 else value[:57] + "...", str(exc)))
+    return broken
+
+
+def _key_of(variable: str) -> str:
+    """The config key an RC_WORKER_* variable sets: RC_WORKER_HANDLERS__SETTINGS is handlers.settings."""
+    return ".".join(variable[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER))
+
+
+def _takes_json(path: list[str]) -> bool:
+    model: Any = Settings
+    for depth, part in enumerate(path):
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return depth > 0 and model is dict  # a key inside a mapping (handlers.settings.<app id>) holds JSON
+        model = typing.get_origin(field.annotation) or field.annotation
+    return model in (dict, list, tuple, set) or (isinstance(model, type) and issubclass(model, BaseModel))
 
 
 def describe_validation_error(exc: ValidationError, path: Path | None) -> str:

@@ -61,6 +61,14 @@ MAX_JSON_DEPTH = 64
 MAX_HEADERS = 100
 MAX_HEADER_BYTES = 65_536
 
+# What the user, room and message readers keep of Rocket.Chat's REST answers: a bounded
+# cache, so a busy room does not cost one REST call per event, and an answer a few minutes
+# old at most (a renamed user or a new member shows within that time).
+DIRECTORY_CACHE_ENTRIES = 10_000
+DIRECTORY_CACHE_TTL_S = 300.0
+# get_members pages through a room's members this many at a time, and stops at the limit.
+MEMBERS_PAGE_SIZE = 100
+MEMBERS_LIMIT = 10_000
 # rc-worker apply: tries of one offset commit (with backoff) before the run ends; a restart
 # resumes from the last commit, and the commands after it are applied again, harmlessly.
 APPLY_COMMIT_ATTEMPTS = 10

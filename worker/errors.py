@@ -12,14 +12,17 @@ these. The tree::
     │   └── RecordTooLargeError   a record is larger than the producer or its topic takes
     ├── PersistenceError          the database failed                             (retriable)
     │   ├── SchemaError           the schema is missing or behind; run `rc-worker db upgrade`
+    │   ├── DataError             the database refuses a value for good; its event is isolated
     │   └── VersionConflict       something read changed before commit            (retriable)
     ├── FencedError               this worker no longer owns the partition it commits for
     ├── RocketChatError           a Rocket.Chat REST call failed              (retriable: 408, 429, 5xx, no answer)
     └── AppError                  raised inside a handler, or by an accessor because of it
-        ├── InvalidDataError      data handed to persistence is not a JSON object
+        ├── InvalidDataError      an id or data handed to persistence cannot be stored
         ├── RecordNotFoundError   update without upsert matched no record
         ├── HttpError             an http accessor call failed
         ├── CommandTooLargeError  a command staged through modify is over MAX_COMMAND_BYTES
+        ├── UnawaitedCallError    a handler run ended with an accessor call it never awaited
+        ├── RocketChatUnavailable a reader needs Rocket.Chat's REST API and none is configured
         └── DeadLetterNow         the handler asks to dead-letter this event without retries
 
 ``retriable`` says whether doing the same thing again may succeed, so the dispatcher can
@@ -33,6 +36,12 @@ class WorkerError(Exception):
     """Raised for every failure the worker itself reports; the root of this module's tree."""
 
     retriable: bool = False
+
+    def __init_subclass__(cls, retriable: bool | None = None, **kwargs: object) -> None:
+        # Declared in the class line (``class X(WorkerError, retriable=True)``): the tree reads at a glance.
+        super().__init_subclass__(**kwargs)
+        if retriable is not None:
+            cls.retriable = retriable
 
 
 class ConfigError(WorkerError):
@@ -51,32 +60,33 @@ class DecodeError(WorkerError):
         self.reason = reason
 
 
-class BrokerError(WorkerError):
+class BrokerError(WorkerError, retriable=True):
     """Raised when Kafka cannot be reached or refuses a request."""
 
-    retriable = True
 
-
-class RecordTooLargeError(BrokerError):
+class RecordTooLargeError(BrokerError, retriable=False):
     """Raised when the producer or the broker refuses a record as too large for the producer or its topic.
 
     The limits are ``kafka.producer_max_request_bytes`` and the topic's ``max.message.bytes``.
     Sending the same record again fails the same way, so it is not retriable.
     """
 
-    retriable = False
 
-
-class PersistenceError(WorkerError):
+class PersistenceError(WorkerError, retriable=True):
     """Raised when the database fails; the unit of work is rolled back and may be retried."""
 
-    retriable = True
 
-
-class SchemaError(PersistenceError):
+class SchemaError(PersistenceError, retriable=False):
     """Raised when the database schema is missing or older than this worker needs."""
 
-    retriable = False
+
+class DataError(PersistenceError, retriable=False):
+    """Raised when the database refuses a value for good (too long, NUL, not UTF-8, a constraint).
+
+    The same data fails the same way every time, so it is never waited out as an outage:
+    the dispatcher splits the batch until it finds the event that carries the value and
+    dead-letters it with this message (the database's own), and commits the rest.
+    """
 
 
 class VersionConflict(PersistenceError):
@@ -110,22 +120,16 @@ class FencedError(WorkerError):
     """Raised at commit when another worker has taken over the partition since assignment."""
 
 
-class AppError(WorkerError):
+class AppError(WorkerError, retriable=True):
     """Raised inside a handler run, by the handler itself or by an accessor it called."""
 
-    retriable = True
+
+class InvalidDataError(AppError, retriable=False):
+    """Raised when an id or data given to persistence cannot be stored: not a JSON object of JSON values, or past a limit."""
 
 
-class InvalidDataError(AppError):
-    """Raised when data given to persistence is not a JSON object of JSON values."""
-
-    retriable = False
-
-
-class RecordNotFoundError(AppError):
+class RecordNotFoundError(AppError, retriable=False):
     """Raised when an update without ``upsert=True`` matches no record."""
-
-    retriable = False
 
 
 class HttpError(AppError):
@@ -141,13 +145,20 @@ class HttpError(AppError):
         self.retriable = status_code is None or status_code >= 500 or status_code in (408, 429)
 
 
-class CommandTooLargeError(AppError):
+class CommandTooLargeError(AppError, retriable=False):
     """Raised at ``finish`` when a command is over ``constants.MAX_COMMAND_BYTES``; that app's event is dead-lettered."""
 
-    retriable = False
+
+class UnawaitedCallError(AppError, retriable=False):
+    """Raised when a handler run ends with an accessor call it never awaited (so the call did nothing).
+
+    The same code fails the same way on every run, so it is not retriable.
+    """
 
 
-class DeadLetterNow(AppError):
+class RocketChatUnavailable(AppError, retriable=False):
+    """Raised when a user, room or message reader needs Rocket.Chat's REST API and no ``rocketchat`` section is configured."""
+
+
+class DeadLetterNow(AppError, retriable=False):
     """Raised by a handler that knows it can never process this event; skips the retries."""
-
-    retriable = False

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from worker import constants
+from worker import constants, limits
 from worker.errors import DecodeError
 
 
@@ -112,8 +112,32 @@ class Message(_Model):
 
 
 @dataclass(frozen=True, slots=True)
+class MessageDeleteContext:
+    """The context of a PostMessageDeleted event (the Apps-Engine's ``IMessageDeleteContext``).
+
+    Attributes:
+        message: the message that was deleted.
+        user: who deleted it: the event's ``deletedBy`` user if it carries one, else the
+            message's sender.
+
+    """
+
+    message: Message
+    user: User
+
+
+#: The handler interface of each message event type: ``<interface>`` names the App methods
+#: ``check_<interface>`` and ``execute_<interface>``.
+INTERFACES = {
+    constants.POST_MESSAGE_SENT: "post_message_sent",
+    constants.POST_MESSAGE_UPDATED: "post_message_updated",
+    constants.POST_MESSAGE_DELETED: "post_message_deleted",
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Event:
-    """A decoded CloudEvent; ``message`` is set for PostMessageSent events only."""
+    """A decoded CloudEvent; ``message`` is set for the message events (sent, updated, deleted)."""
 
     source: str
     id: str
@@ -123,9 +147,31 @@ class Event:
     record: RawRecord
 
     @property
+    def interface(self) -> str | None:
+        """The handler interface this event is for (``"post_message_sent"``...), or None.
+
+        None for a type no handler interface takes, and for system messages, which (as in
+        Rocket.Chat) are not PostMessageSent/Updated/Deleted.
+        """
+        if self.message is None or self.message.is_system_message:
+            return None
+        return INTERFACES.get(self.type)
+
+    @property
     def is_post_message_sent(self) -> bool:
         """True when PostMessageSent handlers must see this event."""
-        return self.message is not None and not self.message.is_system_message
+        return self.interface == "post_message_sent"
+
+    def delete_context(self) -> MessageDeleteContext:
+        """The context of a PostMessageDeleted event."""
+        if self.message is None:
+            raise TypeError("only message events have a delete context")
+        deleted_by = (self.message.model_extra or {}).get("deletedBy")
+        try:
+            user = User.model_validate(deleted_by) if isinstance(deleted_by, dict) else self.message.sender
+        except ValidationError:  # an extension field the contract does not define: never fatal
+            user = self.message.sender
+        return MessageDeleteContext(self.message, user)
 
 
 class _Envelope(BaseModel):
@@ -208,14 +254,30 @@ def _event(specversion: str, envelope: _Envelope, data: Any, has_data: bool, rec
     if specversion != constants.CLOUDEVENTS_SPECVERSION:
         raise DecodeError(f"specversion {specversion!r} is not supported; expected '1.0'")
     message = None
-    if envelope.type == constants.POST_MESSAGE_SENT:
+    if envelope.type in INTERFACES:
         if not has_data:
-            raise DecodeError("data is missing: a PostMessageSent event carries the message")
+            raise DecodeError(f"data is missing: a {envelope.type} event carries the message")
         try:
             message = Message.model_validate(data)
         except ValidationError as exc:
             raise DecodeError(_describe(exc, "data")) from None
+    _check_storable(envelope, message)
     return Event(envelope.source, envelope.id, envelope.type, envelope.time, message, record)
+
+
+def _check_storable(envelope: _Envelope, message: Message | None) -> None:
+    """Refuse ids the database could not store, here, as one dead letter, not at commit for the whole batch."""
+    checks = [("source", envelope.source, limits.EVENT_SOURCE_MAX), ("id", envelope.id, limits.EVENT_ID_MAX)]
+    if message is not None:
+        checks += [
+            ("data.id", message.id, limits.MESSAGE_REF_ID_MAX),
+            ("data.room.id", message.room.id, limits.MESSAGE_REF_ID_MAX),
+            ("data.sender.id", message.sender.id, limits.MESSAGE_REF_ID_MAX),
+        ]
+    for name, value, limit in checks:
+        problem = limits.text_problem(value, limit)
+        if problem is not None:
+            raise DecodeError(f"{name} {problem}")
 
 
 def _validate_envelope(attributes: dict[str, Any], prefix: str = "") -> _Envelope:

@@ -13,12 +13,13 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from contextlib import AbstractContextManager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO, cast
+from urllib.parse import unquote, urlsplit
 
 import structlog
-from sqlalchemy.engine import make_url
 
 from worker.config import LoggingSettings, Settings
 
@@ -82,14 +83,18 @@ def secrets_of(settings: Settings) -> list[str]:
     password = settings.kafka.security.sasl_password
     if password is not None:
         found.append(password.get_secret_value())
+    # Parsed as SQLAlchemy's make_url does (user info percent-decoded) without importing SQLAlchemy,
+    # which would cost every command, --help included, a third of a second.
     url = settings.persistence.url.get_secret_value()
     try:
-        database_password = make_url(url).password
-    except Exception:  # noqa: BLE001 - an unparsable URL is reported elsewhere; keep what the regex finds
+        database_password = urlsplit(url).password
+    except ValueError:  # an unparsable URL is reported elsewhere; keep what the regex finds
         database_password = None
     if database_password:
-        found.append(str(database_password))
+        found.append(unquote(database_password))
     found.extend(_app_secrets(settings.handlers.settings))
+    if settings.web.token is not None:
+        found.append(settings.web.token.get_secret_value())
     for secret in (settings.ingest.secret, settings.ingest.webhook_token, settings.rocketchat.auth_token):
         if secret.get_secret_value():
             found.append(secret.get_secret_value())
@@ -155,24 +160,62 @@ def add_current_event(_logger: Any, _method: str, event_dict: dict[str, Any]) ->
     return event_dict
 
 
-def configure(settings: LoggingSettings, secrets: Iterable[str] = ()) -> None:
+def as_json(settings: LoggingSettings) -> bool:
+    """Whether log lines are JSON: asked for, or ``auto`` and stderr is not a terminal."""
+    return settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
+
+
+class Console:
+    """stderr for log lines, which a progress display can keep clear of itself.
+
+    A log line (``--verbose``, a warning) written while a progress bar is drawn would land in
+    the middle of the bar's line: the display sets :attr:`around_write` to what clears the bar
+    before a write and redraws it after (tqdm's ``external_write_mode``), and unsets it when done.
+    """
+
+    def __init__(self) -> None:
+        self.around_write: Callable[[], AbstractContextManager[object]] | None = None
+
+    def write(self, text: str) -> int:
+        """Write ``text`` to stderr, clear of the progress display."""
+        if self.around_write is None:
+            return sys.stderr.write(text)
+        with self.around_write():
+            return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        """Flush stderr."""
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        """Whether stderr is a terminal."""
+        return sys.stderr.isatty()
+
+
+console = Console()
+"""Where log lines go: stderr, kept clear of a progress bar while one is drawn."""
+# What structlog and logging are handed: write, flush and isatty are all they use of a stream.
+_stream = cast(TextIO, console)
+
+
+def configure(settings: LoggingSettings, secrets: Iterable[str] = (), level: str | None = None) -> None:
     """Configure structlog (and stdlib logging, for aiokafka's own lines) once at start-up.
 
     Args:
         settings: level and format.
         secrets: values never to be written (see :func:`secrets_of`).
+        level: overrides ``settings.level`` (``--quiet``, ``--verbose``).
 
     """
     redactor.use(secrets)
-    level = _LEVELS[settings.level]
-    as_json = settings.format == "json" or (settings.format == "auto" and not sys.stderr.isatty())
+    numeric_level = _LEVELS[level or settings.level]
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         add_current_event,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if as_json(settings) else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
         processors=[
             *shared,
@@ -181,12 +224,12 @@ def configure(settings: LoggingSettings, secrets: Iterable[str] = ()) -> None:
             redactor,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
+        logger_factory=structlog.PrintLoggerFactory(file=_stream),
         cache_logger_on_first_use=True,
     )
     # aiokafka and SQLAlchemy log through the standard library; keep their warnings visible.
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=_stream, format="%(name)s %(levelname)s %(message)s")
     for handler in logging.getLogger().handlers:
         if _library_filter not in handler.filters:
             handler.addFilter(_library_filter)

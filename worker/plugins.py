@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from worker import constants
+from worker import constants, limits
 from worker.apps.contract import App
 from worker.config import HandlerSettings, Settings
 from worker.errors import PluginError
@@ -28,36 +28,30 @@ from worker.errors import PluginError
 _SETTINGS_FIX = "set them in config.yaml under handlers.settings.{id} (or in RC_WORKER_HANDLERS__SETTINGS, as JSON)"
 
 
-@dataclass(frozen=True, slots=True)
-class Installed:
-    """One installed plugin: its app id, its entry point, the distribution and its version."""
-
-    id: str
-    entry_point: EntryPoint
-    distribution: str
-    version: str
-
-
-def installed() -> dict[str, Installed]:
-    """Every installed plugin by app id, sorted by id.
+def installed() -> dict[str, EntryPoint]:
+    """Every installed plugin's entry point by app id (the entry point's name), sorted by id.
 
     Raises:
         PluginError: two distributions register the same app id.
 
     """
-    found: dict[str, Installed] = {}
+    found: dict[str, EntryPoint] = {}
     for entry_point in entry_points(group=constants.HANDLER_ENTRY_POINT_GROUP):
-        dist = entry_point.dist
-        plugin = Installed(entry_point.name, entry_point, dist.name if dist else "?", dist.version if dist else "?")
-        other = found.get(plugin.id)
-        if other is not None and other.distribution != plugin.distribution:
+        other = found.get(entry_point.name)
+        if other is not None and distribution(other)[0] != distribution(entry_point)[0]:
             raise PluginError(
-                f"app id {plugin.id!r} is registered twice under {constants.HANDLER_ENTRY_POINT_GROUP}: by "
-                f"{other.distribution} ({other.entry_point.value}) and by {plugin.distribution} ({entry_point.value}); "
+                f"app id {entry_point.name!r} is registered twice under {constants.HANDLER_ENTRY_POINT_GROUP}: by "
+                f"{distribution(other)[0]} ({other.value}) and by {distribution(entry_point)[0]} ({entry_point.value}); "
                 "uninstall one of them or rename its entry point"
             )
-        found[plugin.id] = plugin
+        found[entry_point.name] = entry_point
     return dict(sorted(found.items()))
+
+
+def distribution(entry_point: EntryPoint) -> tuple[str, str]:
+    """The name and version of the distribution that registers ``entry_point`` ("?" when not known)."""
+    dist = entry_point.dist
+    return (dist.name, dist.version) if dist else ("?", "?")
 
 
 def load_apps(enabled: Sequence[str], settings: Mapping[str, Mapping[str, Any]]) -> list[App]:
@@ -92,7 +86,7 @@ def load_apps(enabled: Sequence[str], settings: Mapping[str, Mapping[str, Any]])
     return apps
 
 
-def load_class(plugin: Installed) -> type[App]:
+def load_class(plugin: EntryPoint) -> type[App]:
     """Import a plugin's class and check that it is a usable App subclass.
 
     Raises:
@@ -100,24 +94,39 @@ def load_class(plugin: Installed) -> type[App]:
             ``execute_post_message_sent``, or its constructor requires arguments.
 
     """
-    where = f"{plugin.entry_point.value} (from {plugin.distribution} {plugin.version})"
+    name, version = distribution(plugin)
+    where = f"{plugin.value} (from {name} {version})"
     try:
-        app_class = plugin.entry_point.load()
+        app_class = plugin.load()
     except Exception as exc:  # a plugin's import may raise anything
         raise PluginError(
-            f"cannot import app {plugin.id!r} from {where}: {type(exc).__name__}: {exc}; fix or reinstall the plugin"
+            f"cannot import app {plugin.name!r} from {where}: {type(exc).__name__}: {exc}; fix or reinstall the plugin"
         ) from exc
-    check_class(app_class, plugin.id, where)
+    check_class(app_class, plugin.name, where)
     return app_class  # type: ignore[no-any-return]
 
 
 def check_class(app_class: object, app_id: str, where: str = "") -> None:
     """Raise PluginError unless ``app_class`` is an App subclass the runtime can create and run."""
     where = where or repr(app_class)
+    problem = limits.text_problem(app_id, limits.APP_ID_MAX)
+    if problem is not None:
+        raise PluginError(f"app id {app_id[:60]!r} {problem}: the database stores it with every record; register a shorter name")
     if not (isinstance(app_class, type) and issubclass(app_class, App)):
         raise PluginError(f"app {app_id!r}: {where} is not a subclass of worker.App; point the entry point at your App subclass")
-    if app_class.execute_post_message_sent is App.execute_post_message_sent:
-        raise PluginError(f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent; add it")
+    defined = app_class.defined_event_types()
+    if not defined:
+        raise PluginError(
+            f"app {app_id!r}: {app_class.__name__} does not define execute_post_message_sent (nor "
+            "execute_post_message_updated, execute_post_message_deleted); add the one for the events it takes"
+        )
+    _check_async(app_class, app_id)
+    declared = app_class.event_types
+    if declared is not None and not (isinstance(declared, frozenset | set) and declared <= defined):
+        raise PluginError(
+            f"app {app_id!r}: {app_class.__name__}.event_types must be a set of the types whose execute_ method it defines "
+            f"({', '.join(sorted(defined))}), not {declared!r}"
+        )
     required = _required_parameters(app_class)
     if required:
         raise PluginError(
@@ -180,18 +189,6 @@ def validate_settings(app_class: type[App], app_id: str, given: Mapping[str, Any
     return values
 
 
-@dataclass(frozen=True, slots=True)
-class SettingInfo:
-    """One setting an app declares, and its effective value under the current config."""
-
-    name: str
-    type: str
-    required: bool
-    default: Any
-    description: str | None
-    value: Any
-
-
 @dataclass(slots=True)
 class PluginInfo:
     """What ``rc-worker handlers`` shows about one plugin."""
@@ -202,7 +199,9 @@ class PluginInfo:
     entry_point: str | None
     enabled: bool
     position: int | None
-    settings: list[SettingInfo] = field(default_factory=list)
+    # One setting an app declares, and its effective value under the current config, as
+    # `rc-worker handlers --json` shows it: name, type, required, default, description, value.
+    settings: list[dict[str, Any]] = field(default_factory=list)
     problem: str | None = None
 
 
@@ -215,7 +214,7 @@ def describe(handlers: HandlerSettings) -> list[PluginInfo]:
     order = {app_id: n for n, app_id in enumerate(handlers.enabled, start=1)}
     found = []
     for app_id, plugin in available.items():
-        info = PluginInfo(app_id, plugin.distribution, plugin.version, plugin.entry_point.value, app_id in order, order.get(app_id))
+        info = PluginInfo(app_id, *distribution(plugin), plugin.value, app_id in order, order.get(app_id))
         given = handlers.settings.get(app_id, {})
         try:
             app_class = load_class(plugin)
@@ -245,7 +244,21 @@ async def handlers_command(settings: Settings, args: argparse.Namespace) -> int:
 # -- internals ---------------------------------------------------------------------------
 
 
-def _names(available: Mapping[str, Installed]) -> str:
+def _check_async(app_class: type[App], app_id: str) -> None:
+    # The dispatcher awaits what these return; a plain def would fail on every event with
+    # "object NoneType can't be used in 'await' expression", far from the cause.
+    for name in sorted(vars(App)):
+        if not name.startswith(("execute_", "check_")):
+            continue
+        method = getattr(app_class, name)
+        if method is not getattr(App, name) and not inspect.iscoroutinefunction(method):
+            raise PluginError(
+                f"app {app_id!r}: {app_class.__name__}.{name} is not async; write `async def {name}(...)` "
+                "(the worker awaits it, and a handler awaits its accessors inside it)"
+            )
+
+
+def _names(available: Mapping[str, EntryPoint]) -> str:
     return ", ".join(available) or "none"
 
 
@@ -284,7 +297,7 @@ def _type_name(annotation: Any) -> str:
     return repr(annotation).replace("typing.", "")
 
 
-def _setting_infos(app_class: type[App], given: Mapping[str, Any]) -> list[SettingInfo]:
+def _setting_infos(app_class: type[App], given: Mapping[str, Any]) -> list[dict[str, Any]]:
     model = app_class.settings_model
     if model is None:
         return []
@@ -292,7 +305,16 @@ def _setting_infos(app_class: type[App], given: Mapping[str, Any]) -> list[Setti
     for name, info in model.model_fields.items():
         default = None if info.is_required() else info.get_default(call_default_factory=True)
         value = given.get(name, given.get(info.alias, default) if info.alias else default)
-        infos.append(SettingInfo(name, _type_name(info.annotation), info.is_required(), default, info.description, value))
+        infos.append(
+            {
+                "name": name,
+                "type": _type_name(info.annotation),
+                "required": info.is_required(),
+                "default": default,
+                "description": info.description,
+                "value": value,
+            }
+        )
     return infos
 
 
@@ -304,17 +326,7 @@ def _as_json(info: PluginInfo) -> dict[str, Any]:
         "entry_point": info.entry_point,
         "enabled": info.enabled,
         "position": info.position,
-        "settings": [
-            {
-                "name": s.name,
-                "type": s.type,
-                "required": s.required,
-                "default": s.default,
-                "description": s.description,
-                "value": s.value,
-            }
-            for s in info.settings
-        ],
+        "settings": info.settings,
         "problem": info.problem,
     }
 
@@ -328,10 +340,10 @@ def _as_text(infos: Sequence[PluginInfo]) -> str:
         if not info.settings:
             lines.append("  settings: none")
         for s in info.settings:
-            default = "required" if s.required else f"default {s.default!r}"
-            configured = f", configured {s.value!r}" if s.value != s.default else ""
-            about = f"  # {s.description}" if s.description else ""
-            lines.append(f"  {s.name}: {s.type} ({default}{configured}){about}")
+            default = "required" if s["required"] else f"default {s['default']!r}"
+            configured = f", configured {s['value']!r}" if s["value"] != s["default"] else ""
+            about = f"  # {s['description']}" if s["description"] else ""
+            lines.append(f"  {s['name']}: {s['type']} ({default}{configured}){about}")
         if info.problem:
             lines.extend("  problem: " + line if n == 0 else "    " + line for n, line in enumerate(info.problem.splitlines()))
     if not infos:

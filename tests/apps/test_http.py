@@ -179,3 +179,16 @@ class TestConnectionErrors:
         """A URL httpx cannot send is reported as HttpError too."""
         with pytest.raises(HttpError, match=r"ftp://example\.invalid/x failed: UnsupportedProtocol"):
             await http.get("ftp://example.invalid/x")
+
+
+class TestAppsEngineNames:
+    async def test_data_is_the_apps_engine_name_for_a_json_body(self, http: Http, service: HttpStub) -> None:
+        """data= (IHttpRequest.data) is sent as JSON, exactly as json= is."""
+        response = await http.post(f"{service.url}/echo", data={"n": 1})
+        assert response.data["body"] == '{"n":1}'
+        assert response.data["headers"]["content-type"] == "application/json"
+
+    async def test_data_and_json_together_are_refused(self, http: Http, service: HttpStub) -> None:
+        """One body: data= and json= name the same one."""
+        with pytest.raises(ValueError, match="data= is the Apps-Engine's name for json="):
+            await http.post(f"{service.url}/echo", data={}, json={})

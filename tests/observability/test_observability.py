@@ -35,6 +35,7 @@ from worker.errors import ConfigError, VersionConflict
 from worker.events import RawRecord
 from worker.kafka import create_topics
 from worker.observability import Endpoint, Health, Metrics, Observer, serve
+from worker.observability.throughput import Throughput
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.runner import Worker
 from worker.pipeline.tally import BatchResult
@@ -158,16 +159,30 @@ def sample(observer: Observer, name: str, **labels: str) -> float:
 
 class TestObserver:
     def test_committed_batch_counts_every_outcome_per_app(self, observer: Observer) -> None:
-        """A batch result's per-app outcomes and whole-record dead letters land in their counters."""
+        """A batch result's per-app outcomes land in their counters; its dead letters are the dead_lettered hook's."""
         result = BatchResult(next_offset=10, dead_lettered=2)
         result.outcomes.update({("a", "processed"): 5, ("a", "duplicate"): 1, ("b", "dead_lettered"): 1, ("b", "skipped"): 3})
         observer.batch_committed(result)
         observer.batch_committed(result)
         assert sample(observer, "rc_worker_events_processed_total", app="a") == 10
         assert sample(observer, "rc_worker_events_duplicate_total", app="a") == 2
-        assert sample(observer, "rc_worker_events_dead_lettered_total", app="b") == 2
         assert sample(observer, "rc_worker_events_skipped_total", app="b") == 6
-        assert sample(observer, "rc_worker_records_dead_lettered_total") == 4
+        assert sample(observer, "rc_worker_events_dead_lettered_total", app="b") == 0
+        assert sample(observer, "rc_worker_records_dead_lettered_total") == 0
+
+    def test_dead_letters_count_per_app_or_as_whole_records(self, observer: Observer) -> None:
+        """dead_lettered with an app counts its events; without one, whole records."""
+        observer.dead_lettered("b", 2)
+        observer.dead_lettered(None, 3)
+        observer.dead_lettered("b", 1)
+        assert sample(observer, "rc_worker_events_dead_lettered_total", app="b") == 3
+        assert sample(observer, "rc_worker_records_dead_lettered_total") == 3
+
+    def test_only_a_failure_that_runs_again_counts_as_a_retry(self, observer: Observer) -> None:
+        """handler_failed counts a retry when the handler runs again, not when it gives up."""
+        observer.handler_failed("a", RuntimeError("boom"), 1, True)
+        observer.handler_failed("a", RuntimeError("boom"), 2, False)
+        assert sample(observer, "rc_worker_handler_retries_total", app="a") == 1
 
     def test_a_conflict_counts_once_for_each_app_whose_keys_changed(self, observer: Observer) -> None:
         """Conflicts are labelled by the apps of the changed keys, or unknown when not named."""
@@ -193,6 +208,31 @@ class TestObserver:
             raise VersionConflict("changed")
         assert sample(observer, "rc_worker_commit_duration_seconds_count", outcome="committed") == 1
         assert sample(observer, "rc_worker_commit_duration_seconds_count", outcome="conflict") == 1
+
+    def test_the_throughput_line_counts_since_the_last_one(self, observer: Observer, clock: FakeClock) -> None:
+        """Each throughput line has the events/s, conflicts, dead letters and duplicates of its own interval."""
+        throughput = Throughput(clock)
+        observer.polled({0: [object()] * 30})
+        result = BatchResult(next_offset=30, processed=20, duplicates=4, dead_lettered=1, conflicts=2)
+        result.outcomes.update({("a", "processed"): 20, ("a", "dead_lettered"): 3})
+        observer.batch_committed(result)
+        clock.now += 10
+        first = throughput.line(observer.tally, lag=7, partitions=3)
+        assert first == {
+            "events_per_s": 2.0,
+            "records_per_s": 3.0,
+            "events": 20,
+            "duplicates": 4,
+            "dead_letters": 4,
+            "conflicts": 2,
+            "lag": 7,
+            "partitions": 3,
+            "interval_s": 10.0,
+        }
+        observer.batch_committed(BatchResult(next_offset=40, processed=5))
+        clock.now += 5
+        second = throughput.line(observer.tally, lag=None, partitions=3)
+        assert (second["events"], second["events_per_s"], second["conflicts"], second["lag"]) == (5, 1.0, 0, None)
 
     def test_revoked_partitions_drop_their_lag_and_membership(self, observer: Observer) -> None:
         """A revoke removes the partitions' lag series and the worker is not a member until assigned."""
@@ -235,8 +275,18 @@ class TestEndpoint:
         assert (ready.status_code, ready.json()["status"]) == (503, "fail")
         assert "not a member" in ready.json()["reason"]
 
+    def test_status_serves_the_monitor_s_last_view_of_the_pipeline(self, endpoint: Endpoint, observer: Observer) -> None:
+        """/status is the report the monitor last took of the pipeline's Status, with both verdicts now."""
+        lanes = [{"partition": 1, "paused": True, "busy": True, "attempt": 2, "last_error": None, "seconds_since_progress": 3.5}]
+        observer.health.report = {"member": "w1", "partitions": lanes}
+        response = httpx.get(f"{endpoint.url}/status", timeout=5)
+        assert (response.status_code, response.headers["content-type"]) == (200, "application/json")
+        body = response.json()
+        assert (body["member"], body["partitions"]) == ("w1", lanes)
+        assert set(body["liveness"]) == {"ok", "detail"}
+
     def test_unknown_paths_are_404(self, endpoint: Endpoint) -> None:
-        """Only the three documented paths exist."""
+        """Only the documented paths exist."""
         assert httpx.get(f"{endpoint.url}/admin", timeout=5).status_code == 404
 
     def test_a_port_in_use_is_a_configuration_error_naming_the_key(self, observer: Observer) -> None:
@@ -265,8 +315,10 @@ class TestServe:
                 url = endpoint.url
                 await wait_until(lambda: observer.health.database_ok, 10, interval=0.1, what="database checked")
                 ready = await asyncio.to_thread(probe, url, "/readyz")
+                served = (await asyncio.to_thread(httpx.get, f"{url}/status", timeout=5)).json()
                 page = await asyncio.to_thread(httpx.get, f"{url}/metrics", timeout=5)
             assert ready["database"] is True
+            assert (served["member"], served["group"], served["partitions"]) == (worker.owner, settings.kafka.group_id, [])
             assert ready["status"] == "fail"  # never joined a group: the consumer was not started
             assert f'group="{settings.kafka.group_id}"' in page.text
             assert observer.health.stopping
@@ -417,6 +469,31 @@ class TestTwoWorkers:
         assert all(status(url, "/readyz") == 200 and status(url, "/healthz") == 200 for url in urls)
         assert [w.terminate() for w in workers] == [0, 0]
         assert any(w.events("consumer_lag") for w in workers)
+
+
+@pytest.mark.kafka
+class TestThroughputLine:
+    async def test_a_worker_at_info_logs_throughput_lines_and_no_batch_lines(
+        self, topics: TopicSet, sqlite_url: str, tmp_path: Path, start_worker: StartWorker
+    ) -> None:
+        """At the info level a worker logs a periodic throughput line whose events add up, and no per-batch lines."""
+        env = topics.env(sqlite_url, RC_WORKER_LOGGING__LEVEL="info", RC_WORKER_OBSERVABILITY__LAG_INTERVAL_S="0.5")
+        rc_worker("db", "upgrade", env=env)
+        events = tmp_path / "events.jsonl"
+        totals = make_events(events, count=300, rooms=6, seed=5, duplicate_every=30)
+        worker = start_worker(env, "w")
+        rc_worker("load", str(events), env=env)
+
+        def counted() -> bool:  # events dispatched, the duplicates among them
+            return sum(line["events"] for line in worker.events("throughput")) == totals["events"] + totals["duplicates"]
+
+        await wait_until(counted, 90, what="throughput lines adding up to every event")
+        assert worker.terminate() == 0
+        lines = worker.events("throughput")
+        assert sum(line["duplicates"] for line in lines) == totals["duplicates"]
+        assert all({"events_per_s", "lag", "conflicts"} <= line.keys() for line in lines)
+        assert any(line["events_per_s"] > 0 for line in lines)
+        assert worker.events("batch_committed") == []
 
 
 # -- a broker outage, on a broker of this test's own ---------------------------------------------

@@ -20,6 +20,7 @@ from worker.persistence.store import Fence, Store
 from worker.persistence.unit import Snapshot
 from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import Dispatcher, Part, Topics
+from worker.pipeline.hooks import Hooks
 from worker.plugins import instantiate
 
 TOPIC = "events"
@@ -138,6 +139,30 @@ class TestCombiner:
         assert flaky.runs["m-1-2"] == 3  # two failures, then the run that passes: within handler_max_attempts=3
         assert (await counts(store))["misc:message-count"] == 12
         assert await store.stored_offsets(GROUP, TOPIC) == {0: 4, 1: 4, 2: 4}
+
+    async def test_each_failure_of_a_handler_that_left_the_unit_is_reported_once(self, store: Store) -> None:
+        """The failure in the shared unit and the one in its lone run each reach handler_failed, with their attempt."""
+
+        class Failures(Hooks):
+            def __init__(self) -> None:
+                self.seen: list[tuple[str, str, int, bool]] = []
+
+            def handler_failed(self, app_id: str, exc: Exception, attempt: int, retrying: bool) -> None:
+                self.seen.append((app_id, str(exc), attempt, retrying))
+
+        claims = await fences(store, [0, 1])
+        flaky = Flaky({"m-1-2"}, times=2)
+        flaky.bind("flaky", {})
+        hooks = Failures()
+        dispatching = Dispatcher([flaky], store, Http(HttpSettings()), Topics("dlq", "cmd"), SETTINGS, hooks)
+        combiner = Combiner(dispatching)
+        async with combiner._turn:  # both batches wait for the same turn: one shared unit
+            tasks = [asyncio.create_task(combiner.dispatch(batch(p, 0, 4), claims[p], snapshot=Snapshot())) for p in range(2)]
+            await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks)
+        assert [r.next_offset for r in results] == [4, 4]
+        assert hooks.seen == [("flaky", "not yet: m-1-2", 1, True), ("flaky", "not yet: m-1-2", 2, True)]
+        assert flaky.runs["m-1-2"] == 3
 
     async def test_a_fenced_partition_fails_alone(self, store: Store) -> None:
         """When one partition has a new owner, the shared commit fails; the others then commit alone and the fenced one raises."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -23,12 +25,13 @@ DECODE_FAILURES = 2
 TRUNCATED_FROM = 20_000
 
 
-async def fabricate(topics: TopicSet) -> list[RawRecord]:
-    """Dead letters as the worker makes them: 3 of message-count's handler, 2 undecodable records."""
+async def fabricate(topics: TopicSet, age_hours: float = 1) -> list[RawRecord]:
+    """Dead letters as the worker makes them: 3 of message-count's handler, 2 undecodable records, of events ``age_hours`` old."""
+    sent_ms = int((time.time() - age_hours * 3600) * 1000)
     lines = read_records_file(FIXTURES / "valid.jsonl")[:HANDLER_FAILURES] + read_records_file(FIXTURES / "invalid.jsonl")[:DECODE_FAILURES]
     originals, letters = [], []
     for number, line in enumerate(lines):
-        original = RawRecord(topics.topic, number % 6, 100 + number, 1_764_410_400_000 + number, line.key, line.value, line.headers)
+        original = RawRecord(topics.topic, number % 6, 100 + number, sent_ms + number, line.key, line.value, line.headers)
         if number < HANDLER_FAILURES:
             letter = dead_letter(
                 original, topics.dead_letter_topic, "RuntimeError: boom", stage="handler", app_id="message-count", error_type="RuntimeError"
@@ -121,6 +124,31 @@ class TestRedrive:
         assert second.stdout.splitlines()[-1] == "sent 0 dead letters to their topics; 5 already re-driven, left alone"
         assert sorted(await topic_records(topics), key=repr) == expected
 
+    async def test_redrive_through_an_app_whose_commands_topic_is_missing_fails_before_sending(
+        self, topics: TopicSet, ledger_url: str
+    ) -> None:
+        """redrive --app checks the topics its outbox writes to first: exit 2, the command that creates them, nothing claimed."""
+        await fabricate(topics)
+        missing = f"{topics.commands_topic}-missing"
+        env = topics.env(ledger_url, RC_WORKER_KAFKA__COMMANDS_TOPIC=missing)
+        result = rc_worker("dlq", "redrive", "--app", "message-count", env=env, check=False)
+        assert result.returncode == 2
+        assert f"topic {missing} does not exist" in result.stderr
+        assert "rc-worker topics create" in result.stderr
+        assert "--create-topic" not in result.stderr
+        async with store_for(ledger_url) as store:
+            assert await redrives(store, topics.dead_letter_topic) == {}
+
+    async def test_dlq_commands_log_progress_off_a_terminal(self, topics: TopicSet, ledger_url: str) -> None:
+        """Piped, list and redrive log progress lines that end with every dead letter read and sent."""
+        await fabricate(topics)
+        env = topics.env(ledger_url)
+        for action, tasks in (("list", {"dlq read": 5}), ("redrive", {"dlq read": 5, "dlq redrive": 5})):
+            result = rc_worker("dlq", action, env=env)
+            lines = [orjson.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+            last = {line["task"]: line["done"] for line in lines if line["event"] == "progress"}
+            assert last == tasks
+
     async def test_redrive_skips_a_truncated_dead_letter_and_says_so(self, topics: TopicSet, ledger_url: str) -> None:
         """A value cut short is not sent nor claimed: logged with its position, counted in the summary; the whole ones go."""
         originals = await fabricate(topics)
@@ -137,6 +165,35 @@ class TestRedrive:
         assert sorted(await topic_records(topics), key=repr) == sorted(((r.key, r.headers, r.value) for r in originals), key=repr)
         async with store_for(ledger_url) as store:
             assert sorted(await redrives(store, topics.dead_letter_topic)) == [(0, n) for n in range(5)]
+
+    async def test_redrive_to_the_topic_past_the_marker_retention_needs_force(self, topics: TopicSet, ledger_url: str) -> None:
+        """Events older than processed_retention_hours: refused and nothing sent; with --force sent, each logged."""
+        originals = await fabricate(topics, age_hours=24 * 8)  # the default retention is 7 days
+        env = topics.env(ledger_url)
+        refused = rc_worker("dlq", "redrive", env=env, check=False)
+        assert refused.returncode == 1
+        assert "3 dead letter(s) (0/0, 0/1, 0/2) hold events older than persistence.processed_retention_hours (168 h)" in refused.stderr
+        assert "pass --force" in refused.stderr
+        assert await topic_records(topics) == []
+        async with store_for(ledger_url) as store:
+            assert await redrives(store, topics.dead_letter_topic) == {}
+        forced = rc_worker("dlq", "redrive", "--force", env=env)
+        assert forced.stdout.splitlines()[-1] == "sent 5 dead letters to their topics; 0 already re-driven, left alone"
+        assert "sent with --force: 3 dead letters" in forced.stdout
+        logged = [orjson.loads(line) for line in forced.stderr.splitlines() if line.startswith("{")]
+        warned = [(e["partition"], e["offset"]) for e in logged if e["event"] == "dlq_redrive_past_retention"]
+        assert warned == [(0, 0), (0, 1), (0, 2)]  # the undecodable ones never reached an app
+        assert len(await topic_records(topics)) == len(originals)
+
+    async def test_redrive_through_an_app_is_not_held_to_the_retention(self, topics: TopicSet, ledger_url: str) -> None:
+        """--app sends to the one app that failed them, which has no marker to lose: no --force needed."""
+        await fabricate(topics, age_hours=24 * 30)
+        settings = settings_for(topics, ledger_url)
+        app = load_apps(["message-count"], {})[0]
+        letters = select(await read_dead_letters(settings.kafka), "message-count", None)
+        async with store_for(ledger_url) as store:
+            result = await redrive(settings, store, letters, app)
+        assert (len(result.sent), result.past_retention) == (HANDLER_FAILURES, [])
 
     async def test_redrive_through_an_app_changes_state_once(self, topics: TopicSet, any_ledger_url: str) -> None:
         """--app runs its dead letters through that app into the database, once; the topic gets nothing."""

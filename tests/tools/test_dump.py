@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import time
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ from tests.support import FIXTURES, TopicSet, make_events, rc_worker
 from worker.config import PersistenceSettings, Settings
 from worker.errors import ConfigError
 from worker.events import RawRecord
-from worker.kafka import Outgoing, PartitionReader, Producer, create_topics
+from worker.kafka import Outgoing, PartitionReader, Producer, create_topics, topic_partitions
 from worker.tools.common import parse_time
 from worker.tools.dump import DumpError, FileRecord, command, dump, encode_record, read_records_file
 
@@ -96,6 +97,52 @@ class TestRanges:
         written = tmp_path / "window.jsonl"
         written.write_bytes(out.getvalue())
         assert sorted(as_keys(read_records_file(written)), key=repr) == sorted(as_keys(inside), key=repr)
+
+
+@pytest.mark.kafka
+class TestMissingTopic:
+    def test_load_into_a_missing_topic_fails_at_once_with_the_command_that_creates_it(self, topics: TopicSet, tmp_path: Path) -> None:
+        """load to a topic that does not exist exits 2, names the topic and the command, and creates nothing."""
+        missing = f"{topics.topic}-missing"
+        result = rc_worker("load", str(FIXTURES / "valid.jsonl"), "--topic", missing, env=topics.env(unused_db(tmp_path)), check=False)
+        assert result.returncode == 2
+        assert f"topic {missing} does not exist" in result.stderr
+        assert f"RC_WORKER_KAFKA__TOPIC={missing} rc-worker topics create" in result.stderr
+        assert "--create-topic" in result.stderr
+        assert asyncio.run(topic_partitions(topics.kafka_settings(), missing)) == []
+
+    def test_create_topic_creates_it_and_loads_every_record(self, topics: TopicSet, tmp_path: Path) -> None:
+        """load --create-topic makes the topic (six partitions, as topics create) and loads the file into it."""
+        missing = f"{topics.topic}-new"
+        env = topics.env(unused_db(tmp_path))
+        result = rc_worker("load", str(FIXTURES / "valid.jsonl"), "--topic", missing, "--create-topic", env=env)
+        assert f"created {missing}" in result.stderr
+        assert asyncio.run(topic_partitions(topics.kafka_settings(), missing)) == list(range(6))
+        out = tmp_path / "back.jsonl"
+        rc_worker("dump", "--topic", missing, "--output", str(out), env=env)
+        source = read_records_file(FIXTURES / "valid.jsonl")
+        assert sorted(as_keys(read_records_file(out)), key=repr) == sorted(as_keys(source), key=repr)
+
+
+@pytest.mark.kafka
+class TestProgress:
+    def test_load_and_dump_log_progress_off_a_terminal_without_control_characters(self, topics: TopicSet, tmp_path: Path) -> None:
+        """Piped, load and dump each end with a progress line of every record, and write no control character."""
+        events = tmp_path / "events.jsonl"
+        make_events(events, count=120, rooms=4, seed=3)
+        env = topics.env(unused_db(tmp_path))
+        for args in (["load", str(events)], ["dump", "--output", str(tmp_path / "out.jsonl")]):
+            result = rc_worker(*args, env=env)
+            assert not re.search(r"[\r\x1b]", result.stdout + result.stderr)
+            lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+            last = [line for line in lines if line["event"] == "progress"][-1]
+            assert (last["task"], last["done"], last["total"], last["finished"]) == (args[0], 120, 120, True)
+
+    def test_quiet_load_prints_only_its_result(self, topics: TopicSet, tmp_path: Path) -> None:
+        """load --quiet: no progress and no info lines, the one-line result on stdout."""
+        result = rc_worker("load", str(FIXTURES / "valid.jsonl"), "--quiet", env=topics.env(unused_db(tmp_path)))
+        assert result.stderr == ""
+        assert result.stdout.startswith("loaded ")
 
 
 @pytest.mark.kafka

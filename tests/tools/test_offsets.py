@@ -7,6 +7,7 @@ import asyncio
 import json
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.support import FIXTURES, TopicSet, rc_worker, store_for
 from worker.config import PersistenceSettings, Settings
@@ -14,6 +15,7 @@ from worker.errors import ConfigError
 from worker.kafka import Consumer, Outgoing, PartitionReader, Producer, commit_group_offsets, group_offsets
 from worker.persistence.store import Store
 from worker.persistence.unit import UnitOfWork
+from worker.tools import progress
 from worker.tools.dump import read_records_file
 from worker.tools.offsets import reset_command, targets
 
@@ -107,6 +109,22 @@ class TestReset:
         assert {p: o for p, (o, _) in (await group_offsets(kafka, topics.group_id, topics.topic)).items()} == dict.fromkeys(ends, 0)
         async with store_for(sqlite_url) as store:
             assert await store.stored_offsets(topics.group_id, topics.topic) == {busy: 0}
+
+    async def test_reset_reports_progress_over_kafka_and_the_database(self, topics: TopicSet, sqlite_url: str) -> None:
+        """The reset's progress counts the six partitions' Kafka offsets, then each database offset."""
+        ends = await load_valid(topics)
+        await commit_group_offsets(topics.kafka_settings(), topics.group_id, topics.topic, dict(ends))
+        async with store_for(sqlite_url):
+            pass
+        before = progress.display()
+        progress.configure("log")
+        try:
+            with capture_logs() as logs:
+                assert await reset_command(settings_for(topics, sqlite_url), args(to_earliest=True)) == 0
+        finally:
+            progress.configure(before)
+        lines = [line for line in logs if line["event"] == "progress"]
+        assert (lines[0]["done"], lines[-1]["done"], lines[-1]["total"], lines[-1]["finished"]) == (0, 12, 12, True)
 
     async def test_dry_run_changes_nothing(self, topics: TopicSet, sqlite_url: str, capsys: pytest.CaptureFixture[str]) -> None:
         """--dry-run prints the new offsets and leaves Kafka's as they were."""

@@ -17,7 +17,19 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from tests.support import FIXTURES, RC_WORKER, ROOT, TopicSet, WorkerProcess, counts, expected_counts, make_events, rc_worker, store_for
+from tests.support import (
+    FIXTURES,
+    RC_WORKER,
+    ROOT,
+    TopicSet,
+    WorkerProcess,
+    counts,
+    expected_counts,
+    make_events,
+    on_terminal,
+    rc_worker,
+    store_for,
+)
 from worker.config import HandlerSettings, PersistenceSettings, Settings
 from worker.errors import BrokerError, ConfigError
 from worker.kafka import Outgoing, Producer, create_topics, group_offsets
@@ -147,6 +159,19 @@ class TestReplayEqualsLive:
         # The range is pinned in the group: the same replay again finds nothing left to do.
         assert asyncio.run(replay(live.topics, url, start=Start(), group=group)).records == 0
 
+    def test_workers_two_split_the_partitions_among_processes_and_match_live(self, live: Live, tmp_path: Path) -> None:
+        """--workers 2 runs two processes of one replay group; the summary adds them up and the state equals live's."""
+        url = f"sqlite+aiosqlite:///{tmp_path / 'two.db'}"
+        result = rc_worker("replay", "--from-beginning", "--workers", "2", "--state", url, "--json", env=live.topics.env(live.url))
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert asyncio.run(state(url)) == asyncio.run(state(live.url))
+        assert (summary["records"], summary["dead_letters"]) == (live.records, live.totals["invalid"])
+        assert summary["per_app"] == {"message-count": live.totals["events"]}
+        assert summary["partitions"] == 6
+        lines = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        progress = [line for line in lines if line["event"] == "progress"]
+        assert (progress[-1]["done"], progress[-1]["total"]) == (live.records, live.records)
+
 
 class TestRanges:
     async def test_from_offset_replays_only_the_named_partitions_from_their_offsets(
@@ -172,6 +197,41 @@ class TestRanges:
         args = argparse.Namespace(from_offset=None, from_time=since, to_time=until, handlers=None, group=None, topic=None)
         summary = await replay(topics, f"sqlite+aiosqlite:///{tmp_path / 'w.db'}", start=_start(args), to_time_ms=_ms(until))
         assert (summary.records, summary.per_app) == (inside, {"message-count": 30})
+
+
+class TestProgress:
+    async def test_on_a_terminal_replay_shows_a_count_a_rate_an_eta_and_its_summary(self, topics: TopicSet, tmp_path: Path) -> None:
+        """On a pseudo-terminal: done of total, events/s, ETA, dead letters and duplicates, then the summary."""
+        totals = make_events(tmp_path / "e.jsonl", count=150, rooms=5, seed=8, duplicate_every=25, invalid_every=50)
+        records = await produce(topics, tmp_path / "e.jsonl")
+        url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
+        env = topics.env(url, RC_WORKER_LOGGING__FORMAT="auto", RC_WORKER_LOGGING__LEVEL="info", TERM="xterm")
+        status, output = on_terminal([*RC_WORKER, "replay", "--from-beginning", "--state", url], env)
+        assert status == 0, output
+        assert f"{records}/{records}" in output
+        assert re.search(r"\d+(\.\d+)? events/s", output), output
+        assert re.search(r"ETA \d\d:\d\d", output), output
+        assert f"dead letters {totals['invalid']}, duplicates {totals['duplicates']}" in output
+        assert f"replayed {records} records of {topics.topic}" in output
+        assert "replay_batch_committed" not in output
+
+    async def test_off_a_terminal_replay_logs_progress_and_batches_only_when_verbose(self, topics: TopicSet, tmp_path: Path) -> None:
+        """Piped: progress lines ending with every record and no control character; batch lines only with --verbose."""
+        make_events(tmp_path / "e.jsonl", count=100, rooms=4, seed=9)
+        records = await produce(topics, tmp_path / "e.jsonl")
+        env = topics.env(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}", RC_WORKER_LOGGING__LEVEL="info")
+        outputs = {}
+        for flag in ("--quiet", "--json", "--verbose"):
+            url = f"sqlite+aiosqlite:///{tmp_path / flag.strip('-')}.db"
+            result = rc_worker("replay", "--from-beginning", "--state", url, flag, env=env)
+            assert not re.search(r"[\r\x1b]", result.stdout + result.stderr)
+            outputs[flag] = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+        assert outputs["--quiet"] == []
+        progress = [line for line in outputs["--json"] if line["event"] == "progress"]
+        assert (progress[-1]["done"], progress[-1]["total"], progress[-1]["finished"]) == (records, records, True)
+        assert not any(line["event"] == "replay_batch_committed" for line in outputs["--json"])
+        batches = [line for line in outputs["--verbose"] if line["event"] == "replay_batch_committed"]
+        assert sum(line["processed"] for line in batches) == records
 
 
 class TestBadInput:

@@ -1,7 +1,7 @@
 """The ``modify`` accessor: changes to the chat, staged as commands in the unit of work's outbox.
 
 As in the Apps-Engine, ``modify.get_updater().message(id, editor)`` starts a builder and
-``finish(builder)`` submits it. Nothing is sent then: the command, a CloudEvent, is staged in
+``finish(builder)`` submits it; the creator, notifier and deleter work alike. Nothing is sent then: the command, a CloudEvent, is staged in
 the unit of work and written to the outbox in the same transaction as the app's records and
 the event's processed marker; the worker publishes it to ``kafka.commands_topic`` after the
 commit. A run that is repeated (after a conflict or an error) stages the same commands with
@@ -17,12 +17,15 @@ import orjson
 from worker import constants
 from worker.apps.contract import MessageBuilder
 from worker.errors import CommandTooLargeError
-from worker.events import Event, User
+from worker.events import Event, Message, Room, User
 from worker.persistence.unit import OutboxMessage, UnitOfWork
 
 #: CloudEvents types of the commands, in the contract's reverse-DNS style.
 UPDATE_MESSAGE = "chat.rocket.message.update"
 CREATE_MESSAGE = "chat.rocket.message.create"
+DELETE_MESSAGE = "chat.rocket.message.delete"
+NOTIFY_USER = "chat.rocket.user.notify"
+NOTIFY_ROOM = "chat.rocket.room.notify"
 COMMAND_SOURCE_PREFIX = "rc-apps-worker/"
 
 
@@ -95,6 +98,8 @@ class MessageUpdater(_Stager):
             data["text"] = builder.text
         if builder.attachments:
             data["attachments"] = builder.attachments
+        if builder.blocks is not None:
+            data["blocks"] = builder.blocks
         data["customFields"] = builder.custom_fields
         data["replaceCustomFields"] = builder.replace_custom_fields
         # Keyed by room, like the events, so one room's commands keep their order.
@@ -131,18 +136,89 @@ class MessageCreator(_Stager):
             data["threadId"] = builder.thread_id
         if builder.attachments:
             data["attachments"] = builder.attachments
+        if builder.blocks is not None:
+            data["blocks"] = builder.blocks
         return self._stage(CREATE_MESSAGE, data, builder.room_id)
+
+
+def _content(builder: MessageBuilder) -> dict[str, Any]:
+    """What a notification shows: text, attachments, blocks (the builder's room and sender do not apply)."""
+    data: dict[str, Any] = {"text": builder.text or ""}
+    if builder.attachments:
+        data["attachments"] = builder.attachments
+    if builder.blocks is not None:
+        data["blocks"] = builder.blocks
+    return data
+
+
+class Notifier(_Stager):
+    """``modify.get_notifier()``: stages ``chat.rocket.user.notify`` and ``chat.rocket.room.notify`` commands."""
+
+    def get_message_builder(self) -> MessageBuilder:
+        """A builder for the notification's text, attachments and blocks."""
+        return MessageBuilder()
+
+    async def notify_user(self, user: User | str, message: MessageBuilder) -> str:
+        """Stage a notification of one user (a User or its id); returns the command id."""
+        data: dict[str, Any] = {"userId": user if isinstance(user, str) else user.id, **_content(message)}
+        if isinstance(user, User) and user.username:
+            data["username"] = user.username
+        if message.room_id is not None:
+            data["roomId"] = message.room_id
+        return self._stage(NOTIFY_USER, data, self._event_room())
+
+    async def notify_room(self, room: Room | str, message: MessageBuilder) -> str:
+        """Stage a notification of every member of a room (a Room or its id); returns the command id."""
+        room_id = room if isinstance(room, str) else room.id
+        return self._stage(NOTIFY_ROOM, {"roomId": room_id, **_content(message)}, room_id)
+
+    def _event_room(self) -> str | None:
+        return self._event.message.room.id if self._event.message else None
+
+
+class MessageDeleter(_Stager):
+    """``modify.get_deleter()``: stages ``chat.rocket.message.delete`` commands."""
+
+    async def delete_message(self, message: Message | str, user: User | str | None = None) -> str:
+        """Stage the deletion of a message as ``user`` (who deletes it; None: the worker's user); returns the command id.
+
+        Raises:
+            ValueError: ``message`` is an id other than the event's own message: pass the
+                Message (``await read.get_message_reader().get_by_id(id)``), whose room the
+                deletion needs.
+
+        """
+        if isinstance(message, str):
+            own = self._event.message
+            if own is None or own.id != message:
+                raise ValueError(
+                    f"delete_message({message!r}): pass the Message (await read.get_message_reader().get_by_id(id)); "
+                    "deleting needs its room, known without a read only for the event's own message"
+                )
+            message = own
+        data = {"messageId": message.id, "roomId": message.room.id, "user": user if user is None or isinstance(user, str) else user.id}
+        return self._stage(DELETE_MESSAGE, data, message.room.id)
 
 
 class Modify:
     """The ``modify`` accessor of one handler run on one event."""
 
-    __slots__ = ("_creator", "_updater")
+    __slots__ = ("_creator", "_deleter", "_notifier", "_updater")
 
     def __init__(self, unit: UnitOfWork, app_id: str, event: Event, topic: str) -> None:
-        counter = [0]
+        counter = [0]  # one numbering for every command of the run: ids follow staging order
         self._updater = MessageUpdater(unit, app_id, event, topic, counter)
         self._creator = MessageCreator(unit, app_id, event, topic, counter)
+        self._notifier = Notifier(unit, app_id, event, topic, counter)
+        self._deleter = MessageDeleter(unit, app_id, event, topic, counter)
+
+    def get_notifier(self) -> Notifier:
+        """Notify users and rooms."""
+        return self._notifier
+
+    def get_deleter(self) -> MessageDeleter:
+        """Delete messages."""
+        return self._deleter
 
     def get_updater(self) -> MessageUpdater:
         """Change existing messages."""

@@ -1,16 +1,98 @@
 """The persistence accessors a handler is handed, bound to one app and one unit of work.
 
 They hold the app id themselves, so no call of one app can name another app's records.
+Each call returns a tracked coroutine that runs only when awaited: the unit of work knows
+which calls were handed out and never awaited, and the dispatcher fails such a run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from worker.apps.contract import Record
 from worker.persistence.associations import Association
 from worker.persistence.unit import StoredRecord, UnitOfWork, decode_data
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_A = TypeVar("_A", bound="_Accessor")
+
+
+class TrackedCall(Coroutine[Any, Any, _T]):
+    """One accessor call: it starts when first awaited, and tells the unit of work whether it was.
+
+    A real coroutine to asyncio (``gather``, ``create_task`` and ``wait_for`` take it), but
+    the work is only created on the first await, so a call never awaited has done nothing
+    and leaves no "never awaited" warning behind: the dispatcher's error says it instead.
+    """
+
+    __slots__ = ("_coroutine", "_start", "awaited", "name")
+
+    def __init__(self, unit: UnitOfWork, name: str, start: Callable[[], Coroutine[Any, Any, _T]]) -> None:
+        self.name = name
+        self.awaited = False
+        self._start: Callable[[], Coroutine[Any, Any, _T]] | None = start
+        self._coroutine: Coroutine[Any, Any, _T] | None = None
+        unit.hand_out(self)
+
+    def _started(self) -> Coroutine[Any, Any, _T]:
+        if self._coroutine is None:
+            if self._start is None:
+                raise RuntimeError(f"{self.name} was closed before it was awaited")
+            self.awaited = True
+            self._coroutine, self._start = self._start(), None
+        return self._coroutine
+
+    def __await__(self) -> Generator[Any, None, _T]:
+        return self._started().__await__()
+
+    def send(self, value: Any) -> Any:
+        """Part of the coroutine protocol, for event loops that drive it directly."""
+        return self._started().send(value)
+
+    def throw(self, *args: Any) -> Any:
+        """Part of the coroutine protocol."""
+        return self._started().throw(*args)
+
+    def close(self) -> None:
+        """Part of the coroutine protocol; closing an unstarted call leaves it unawaited."""
+        if self._coroutine is not None:
+            self._coroutine.close()
+        self._start = None
+
+
+class _Accessor:
+    __slots__ = ("_app_id", "_unit")
+    _prefix = ""
+
+    def __init__(self, unit: UnitOfWork, app_id: str) -> None:
+        self._unit = unit
+        self._app_id = app_id
+
+
+def _tracked(method: Callable[Concatenate[_A, _P], Coroutine[Any, Any, _T]]) -> Callable[Concatenate[_A, _P], Coroutine[Any, Any, _T]]:
+    def call(self: _A, /, *args: _P.args, **kwargs: _P.kwargs) -> Coroutine[Any, Any, _T]:
+        return TrackedCall(
+            self._unit, f"{self._prefix}.{method.__name__}({_describe(args, kwargs)})", lambda: method(self, *args, **kwargs)
+        )
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+def _describe(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    shown = ", ".join([*(_short(a) for a in args), *(f"{k}={_short(v)}" for k, v in kwargs.items())])
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, Association):
+        return f"<{value}>"
+    if isinstance(value, list | tuple) and all(isinstance(a, Association) for a in value):
+        return "[" + ", ".join(f"<{a}>" for a in value) + "]"
+    return repr(value)
 
 
 def _record(stored: StoredRecord) -> Record:
@@ -24,84 +106,96 @@ def _associations(associations: Sequence[Association]) -> list[Association]:
     return list(associations)
 
 
-class PersistenceReader:
-    """``read.get_persistence_reader()``: reads of one app's records through the unit of work."""
+class PersistenceReader(_Accessor):
+    """``read.get_persistence_reader()``: reads of one app's records through the unit of work.
 
-    __slots__ = ("_app_id", "_unit")
+    Results of association reads are ordered by record id.
+    """
 
-    def __init__(self, unit: UnitOfWork, app_id: str) -> None:
-        self._unit = unit
-        self._app_id = app_id
+    __slots__ = ()
+    _prefix = "read.get_persistence_reader()"
 
+    @_tracked
     async def read(self, record_id: str) -> dict[str, Any] | None:
         """The data of the record with this id, or None."""
         stored = await self._unit.read(self._app_id, record_id)
         return decode_data(stored.data) if stored is not None else None
 
+    @_tracked
     async def read_by_association(self, association: Association) -> list[dict[str, Any]]:
         """The data of every record having ``association``."""
         return await self.read_by_associations([association])
 
+    @_tracked
     async def read_by_associations(self, associations: Sequence[Association]) -> list[dict[str, Any]]:
         """The data of every record having all of ``associations``."""
         found = await self._unit.read_by_associations(self._app_id, _associations(associations))
         return [decode_data(stored.data) for stored in found]
 
+    @_tracked
     async def read_record(self, record_id: str) -> Record | None:
         """The record with this id, versioned, or None."""
         stored = await self._unit.read(self._app_id, record_id)
         return _record(stored) if stored is not None else None
 
+    @_tracked
     async def read_records_by_association(self, association: Association) -> list[Record]:
         """Every record having ``association``, versioned."""
         return await self.read_records_by_associations([association])
 
+    @_tracked
     async def read_records_by_associations(self, associations: Sequence[Association]) -> list[Record]:
         """Every record having all of ``associations``, versioned."""
         return [_record(s) for s in await self._unit.read_by_associations(self._app_id, _associations(associations))]
 
 
-class PersistenceWriter:
+class PersistenceWriter(_Accessor):
     """``persistence``: staged writes to one app's records, committed with the unit of work."""
 
-    __slots__ = ("_app_id", "_unit")
+    __slots__ = ()
+    _prefix = "persistence"
 
-    def __init__(self, unit: UnitOfWork, app_id: str) -> None:
-        self._unit = unit
-        self._app_id = app_id
-
+    @_tracked
     async def create(self, data: Mapping[str, Any]) -> str:
         """Create a record; returns its id."""
         return self._unit.create(self._app_id, data, ())
 
+    @_tracked
     async def create_with_association(self, data: Mapping[str, Any], association: Association) -> str:
         """Create a record with one association; returns its id."""
         return self._unit.create(self._app_id, data, [association])
 
+    @_tracked
     async def create_with_associations(self, data: Mapping[str, Any], associations: Sequence[Association]) -> str:
         """Create a record with several associations; returns its id."""
         return self._unit.create(self._app_id, data, _associations(associations))
 
+    @_tracked
     async def update(self, record_id: str, data: Mapping[str, Any], upsert: bool = False) -> str:
         """Replace the data of a record (or create it with this id, with upsert)."""
         return await self._unit.update(self._app_id, record_id, data, upsert)
 
+    @_tracked
     async def update_by_association(self, association: Association, data: Mapping[str, Any], upsert: bool = False) -> list[str]:
         """Replace the data of every record having ``association``; returns their ids."""
         return await self._unit.update_by_associations(self._app_id, [association], data, upsert)
 
+    @_tracked
     async def update_by_associations(self, associations: Sequence[Association], data: Mapping[str, Any], upsert: bool = False) -> list[str]:
         """Replace the data of every record having all ``associations``; returns their ids."""
         return await self._unit.update_by_associations(self._app_id, _associations(associations), data, upsert)
 
+    @_tracked
     async def remove(self, record_id: str) -> list[dict[str, Any]]:
         """Remove a record; returns the data removed."""
         return [decode_data(s.data) for s in await self._unit.remove(self._app_id, record_id)]
 
+    @_tracked
     async def remove_by_association(self, association: Association) -> list[dict[str, Any]]:
         """Remove every record having ``association``; returns the data removed."""
         return await self.remove_by_associations([association])
 
+    @_tracked
     async def remove_by_associations(self, associations: Sequence[Association]) -> list[dict[str, Any]]:
         """Remove every record having all ``associations``; returns the data removed."""
         removed = await self._unit.remove_by_associations(self._app_id, _associations(associations))

@@ -2,10 +2,12 @@
 
 from worker.kafka.admin import (
     GroupInfo,
+    GroupMember,
     admin,
     commit_group_offsets,
     create_topics,
     describe_group,
+    describe_group_members,
     group_offsets,
     max_message_bytes,
     topic_partitions,
@@ -18,6 +20,7 @@ from worker.kafka.readers import PartitionReader, Reader, read_topic
 __all__ = [
     "Consumer",
     "GroupInfo",
+    "GroupMember",
     "Outgoing",
     "PartitionReader",
     "PartitionsCallback",
@@ -28,6 +31,7 @@ __all__ = [
     "commit_group_offsets",
     "create_topics",
     "describe_group",
+    "describe_group_members",
     "group_offsets",
     "max_message_bytes",
     "read_topic",

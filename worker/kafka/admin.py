@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import (
     TopicAlreadyExistsError,
 )
@@ -124,15 +125,40 @@ class GroupInfo(NamedTuple):
 
 async def describe_group(settings: KafkaSettings, group_id: str, timeout_s: float = 10.0) -> GroupInfo:
     """The state and the active members of ``group_id``."""
+    state, members = await describe_group_members(settings, group_id, None, timeout_s)
+    return GroupInfo(state, [f"{m.client_id}@{m.host}" for m in members])
+
+
+class GroupMember(NamedTuple):
+    """One active member of a consumer group as the coordinator describes it."""
+
+    member_id: str
+    client_id: str
+    host: str
+    partitions: tuple[int, ...]  # of the topic asked about
+
+
+async def describe_group_members(
+    settings: KafkaSettings, group_id: str, topic: str | None, timeout_s: float = 10.0
+) -> tuple[str, list[GroupMember]]:
+    """The state of ``group_id`` and each active member with the partitions of ``topic`` (if given) assigned to it."""
     async with admin(settings, timeout_s) as client:
         with translate(f"describing consumer group {group_id}"):
             responses = await client.describe_consumer_groups([group_id])
     for response in responses:
         for group in response.to_object()["groups"]:
             if group["group"] == group_id:
-                members = [f"{m['client_id']}@{m['client_host'].lstrip('/')}" for m in group["members"]]
-                return GroupInfo(group["state"], members)
-    return GroupInfo("Dead", [])
+                members = [_member(m, topic) for m in group["members"]]
+                return group["state"], sorted(members, key=lambda m: (m.partitions[:1], m.member_id))
+    return "Dead", []
+
+
+def _member(described: dict[str, Any], topic: str | None) -> GroupMember:
+    partitions: list[int] = []
+    if topic is not None and described["member_assignment"]:
+        assignment = ConsumerProtocolMemberAssignment.decode(described["member_assignment"])
+        partitions = sorted(p for t, ps in assignment.assignment if t == topic for p in ps)
+    return GroupMember(described["member_id"], described["client_id"], described["client_host"].lstrip("/"), tuple(partitions))
 
 
 async def group_offsets(settings: KafkaSettings, group_id: str, topic: str, timeout_s: float = 10.0) -> dict[int, tuple[int, str]]:

@@ -121,16 +121,9 @@ def translate(action: str) -> Iterator[None]:
 
 def raw_record(record: Any) -> RawRecord:
     """Aiokafka's ConsumerRecord as the worker's own RawRecord."""
-    return RawRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        timestamp_ms=record.timestamp,
-        key=record.key,
-        value=record.value,
-        # Kafka allows a header without a value (null); to us it is an empty one.
-        headers=tuple((name, value if value is not None else b"") for name, value in record.headers or ()),
-    )
+    # Kafka allows a header without a value (null); to us it is an empty one.
+    headers = tuple((name, value if value is not None else b"") for name, value in record.headers or ())
+    return RawRecord(record.topic, record.partition, record.offset, record.timestamp, record.key, record.value, headers)
 
 
 def record_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:
@@ -160,3 +153,23 @@ async def close_quietly(client: Any) -> None:
     stop = getattr(client, "stop", None) or client.close
     with contextlib.suppress(KafkaError, OSError):
         await stop()
+
+
+# aiokafka (0.14.0, its source read) offers no public call for either of these, so this is the one
+# place that reaches into its private attributes; check both when aiokafka is upgraded:
+# - whether a consumer knows its group coordinator and holds a generation: only its group
+#   coordinator (``_coordinator``) knows; before it joins a group it has none.
+# - closing the network client after ``stop()`` was interrupted: ``stop()`` marks the consumer
+#   closed before it awaits anything, so calling it again does nothing, and its ``_client``
+#   stays open.
+def group_state(consumer: Any) -> tuple[bool, int] | None:
+    """(whether the group coordinator is known, this member's generation); None before joining a group."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None:
+        return None
+    return coordinator.coordinator_id is not None, int(coordinator.generation)
+
+
+async def close_client(consumer: Any) -> None:
+    """Close a consumer's network client after a ``stop()`` that was cancelled half-way."""
+    await consumer._client.close()

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from worker.config import KafkaSettings
 from worker.errors import BrokerError
 from worker.events import RawRecord
-from worker.kafka.client import client_options, close_quietly, raw_record, translate
+from worker.kafka.client import client_options, close_client, close_quietly, group_state, raw_record, translate
 
 log = structlog.get_logger("worker.kafka")
 
@@ -79,7 +79,7 @@ class Consumer:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise
-                await self._consumer._client.close()
+                await close_client(self._consumer)
 
     async def fetch(self, timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
         """Records by partition, each list in offset order; empty after ``timeout_ms`` idle.
@@ -99,8 +99,8 @@ class Consumer:
     def _check_coordinator(self) -> None:
         # A coordinator is briefly unknown at start-up and when it moves: only an absence
         # longer than a heartbeat session is reported.
-        coordinator = getattr(self._consumer, "_coordinator", None)
-        if coordinator is None or coordinator.coordinator_id is not None:
+        state = group_state(self._consumer)
+        if state is None or state[0]:
             self._coordinator_lost = None
             return
         now = time.monotonic()
@@ -116,8 +116,8 @@ class Consumer:
         """Commit ``offsets`` (the next offset to read, per partition) for the group, with optional metadata."""
         if offsets:
             notes = metadata or {}
-            coordinator = getattr(self._consumer, "_coordinator", None)
-            if coordinator is not None and coordinator.coordinator_id is None:
+            state = group_state(self._consumer)
+            if state is not None and not state[0]:
                 # aiokafka would wait for the coordinator forever, and the loop with it.
                 raise BrokerError("committing offsets failed: the group coordinator is unreachable; they are committed once it is back")
             # Bounded like a heartbeat session: a commit that waits longer holds up the loop, and
@@ -144,6 +144,10 @@ class Consumer:
         """Fetch nothing more from ``partition`` until :meth:`resume`."""
         self._consumer.pause(TopicPartition(self.topic, partition))
 
+    def paused(self) -> set[int]:
+        """The partitions fetching is paused on."""
+        return {tp.partition for tp in self._consumer.paused() if tp.topic == self.topic}
+
     def resume(self, partition: int) -> None:
         """Fetch from ``partition`` again."""
         self._consumer.resume(TopicPartition(self.topic, partition))
@@ -167,8 +171,13 @@ class Consumer:
             ends = await self._consumer.end_offsets(assigned)
             return {tp.partition: max(0, ends[tp] - await self._consumer.position(tp)) for tp in assigned}
 
+    def member_id(self) -> str | None:
+        """The id the group coordinator gave this member (what ``describe_group_members`` lists), once joined."""
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        member_id = getattr(coordinator, "member_id", None)
+        return member_id if isinstance(member_id, str) and member_id else None
+
     def in_group(self) -> bool:
         """Whether this member holds a generation of the group and can reach its coordinator."""
-        # aiokafka has no public call for this; its group coordinator is the only source.
-        coordinator = getattr(self._consumer, "_coordinator", None)
-        return coordinator is not None and coordinator.coordinator_id is not None and coordinator.generation > 0
+        state = group_state(self._consumer)
+        return state is not None and state[0] and state[1] > 0

@@ -9,6 +9,8 @@ from typing import Any
 
 import structlog
 
+from worker.pipeline.stall import Stall
+
 log = structlog.get_logger("worker.observability")
 
 
@@ -42,18 +44,27 @@ class Health:
     """
 
     def __init__(self, stall_s: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self.stall_s = stall_s
         self._clock = clock
-        now = clock()
-        self.last_tick = now  # the monitor's last round: the event loop runs
-        self.last_poll = now  # the fetch loop's last successful fetch
-        self.last_progress = now  # records handed over, a handler run, a commit or a retry
+        self.loop = Stall(stall_s, clock)  # the monitor's rounds: the event loop runs
+        self.fetching = Stall(stall_s, clock)  # the fetch loop's successful fetches
+        self.processing = Stall(stall_s, clock)  # records handed over, a handler run, a commit or a retry
         self.busy = 0  # partitions with a batch in flight
         self.member = False  # holds an assignment (possibly empty) since the last rebalance
         self.coordinator_ok = False
         self.database_ok: bool | None = None  # None until first asked
         self.database_error = ""
         self.stopping = False
+        self.report: dict[str, Any] = {}  # what /status answers besides the verdicts; replaced whole by the monitor
+
+    @property
+    def stall_s(self) -> float:
+        """Seconds without movement that fail liveness."""
+        return self.loop.limit_s
+
+    @stall_s.setter
+    def stall_s(self, seconds: float) -> None:
+        for stall in (self.loop, self.fetching, self.processing):
+            stall.limit_s = seconds
 
     def now(self) -> float:
         """The clock this health is judged by."""
@@ -61,18 +72,17 @@ class Health:
 
     def progress(self) -> None:
         """Processing moved: records handed over, a handler ran, a commit finished, a retry began."""
-        self.last_progress = self._clock()
+        self.processing.moved()
 
     def tick(self, busy: int, last_poll: float) -> None:
         """The monitor's round: the loop runs, ``busy`` partitions have a batch, the last fetch was at ``last_poll``."""
-        self.last_tick = self._clock()
+        self.loop.moved()
         self.busy = busy
-        self.last_poll = last_poll
+        self.fetching.moved(at=last_poll)
 
     def liveness(self) -> Verdict:
         """Passes unless the loop, the fetching or the processing has stalled for ``stall_s``."""
-        now = self._clock()
-        loop_s, poll_s, progress_s = (round(now - t, 3) for t in (self.last_tick, self.last_poll, self.last_progress))
+        loop_s, poll_s, progress_s = (round(stall.idle_s(), 3) for stall in (self.loop, self.fetching, self.processing))
         detail: dict[str, Any] = {
             "seconds_since_loop_ran": loop_s,
             "seconds_since_fetch": poll_s,
@@ -81,11 +91,11 @@ class Health:
             "stall_s": self.stall_s,
         }
         reasons = []
-        if loop_s > self.stall_s:
+        if self.loop.stalled():
             reasons.append(f"the event loop has not run for {loop_s:.0f}s (blocked by synchronous code?)")
-        if poll_s > self.stall_s and self.coordinator_ok:
+        if self.fetching.stalled() and self.coordinator_ok:
             reasons.append(f"no fetch for {poll_s:.0f}s although the broker answers")
-        if self.busy and progress_s > self.stall_s and self.database_ok is not False:
+        if self.busy and self.processing.stalled() and self.database_ok is not False:
             reasons.append(f"{self.busy} partition(s) have a batch in flight and nothing progressed for {progress_s:.0f}s")
         if reasons:
             detail["reason"] = "; ".join(reasons)

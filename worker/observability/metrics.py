@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import structlog
@@ -26,6 +27,7 @@ from worker.pipeline.hooks import Hooks
 if TYPE_CHECKING:
     from worker.pipeline.tally import BatchResult
 from worker.observability.health import Health
+from worker.observability.throughput import Tally
 
 log = structlog.get_logger("worker.observability")
 
@@ -63,7 +65,7 @@ class Metrics:
         )
         self.dead_lettered = Counter(
             "rc_worker_events_dead_lettered",
-            "Events an app failed on every attempt, sent to the dead-letter topic.",
+            "Events an app failed on every attempt, or whose writes the database refused, sent to the dead-letter topic.",
             app,
             registry=registry,
         )
@@ -115,12 +117,15 @@ def _registry() -> CollectorRegistry:
 
 
 class Observer(Hooks):
-    """Where the runner and the dispatcher report; updates :class:`Metrics` and :class:`Health`."""
+    """Where the runner and the dispatcher report; updates :class:`Metrics`, :class:`Health` and the :class:`Tally`."""
 
     def __init__(self, metrics: Metrics, health: Health) -> None:
         self.metrics = metrics
         self.health = health
+        self.tally = Tally()
         self.partitions: set[int] = set()
+        self.started_at = datetime.now(UTC)
+        self.assigned_at: datetime | None = None  # the last rebalance that gave this worker its partitions
         self._lag_series: set[tuple[str, str]] = set()
         metrics.live.set_function(lambda: float(health.liveness().ok))
         metrics.ready.set_function(lambda: float(health.readiness().ok))
@@ -130,20 +135,22 @@ class Observer(Hooks):
     def polled(self, batches: Mapping[int, Sequence[object]]) -> None:
         """A fetch returned ``batches`` (records by partition), about to be handed over."""
         if batches:
-            self.metrics.consumed.inc(sum(len(records) for records in batches.values()))
+            count = sum(len(records) for records in batches.values())
+            self.metrics.consumed.inc(count)
+            self.tally.records += count
             self.health.progress()
 
     def batch_committed(self, result: BatchResult) -> None:
         """One partition's batch committed: count what it did, per app."""
-        counters = {
-            "processed": self.metrics.processed,
-            "skipped": self.metrics.skipped,
-            "duplicate": self.metrics.duplicates,
-            "dead_lettered": self.metrics.dead_lettered,
-        }
+        counters = {"processed": self.metrics.processed, "skipped": self.metrics.skipped, "duplicate": self.metrics.duplicates}
         for (app_id, outcome), count in result.outcomes.items():
-            counters[outcome].labels(app_id).inc(count)
-        self.metrics.records_dead_lettered.inc(result.dead_lettered)
+            if outcome in counters:  # dead letters are counted by dead_lettered, as their commit succeeds
+                counters[outcome].labels(app_id).inc(count)
+        tally = self.tally
+        tally.events += result.processed
+        tally.duplicates += result.duplicates
+        tally.dead_letters += result.dead_letters
+        tally.conflicts += result.conflicts
         self.health.progress()
 
     def assigned(self, partitions: set[int]) -> None:
@@ -152,6 +159,7 @@ class Observer(Hooks):
         self.metrics.assigned.set(len(self.partitions))
         self.metrics.rebalances.inc()
         self.health.member = True
+        self.assigned_at = datetime.now(UTC)
 
     def revoked(self, partitions: set[int]) -> None:
         """A rebalance began and took ``partitions`` away."""
@@ -194,10 +202,18 @@ class Observer(Hooks):
             durations.observe(value)
         self.health.progress()
 
-    def handler_retried(self, app_id: str) -> None:
-        """An app raised and runs again after a backoff."""
-        self.metrics.retries.labels(app_id).inc()
-        self.health.progress()
+    def handler_failed(self, app_id: str, exc: Exception, attempt: int, retrying: bool) -> None:
+        """An app raised: a retry is counted when it runs again."""
+        if retrying:
+            self.metrics.retries.labels(app_id).inc()
+            self.health.progress()
+
+    def dead_lettered(self, app_id: str | None, count: int) -> None:
+        """Dead letters committed: events an app failed for good, or (no app) whole records."""
+        if app_id is None:
+            self.metrics.records_dead_lettered.inc(count)
+        else:
+            self.metrics.dead_lettered.labels(app_id).inc(count)
 
     def markers_pruned(self, count: int) -> None:
         """Retention deleted ``count`` processed-event markers."""
@@ -208,6 +224,22 @@ class Observer(Hooks):
         self.metrics.round_trips.inc(count)
 
     # -- the monitor ------------------------------------------------------------------------
+
+    def per_app(self) -> dict[str, dict[str, int]]:
+        """The per-app counters since this process started: processed, conflicts, retries, dead-lettered."""
+        counters = {
+            "processed": self.metrics.processed,
+            "conflicts": self.metrics.conflicts,
+            "retries": self.metrics.retries,
+            "dead_lettered": self.metrics.dead_lettered,
+        }
+        totals: dict[str, dict[str, int]] = {}
+        for name, counter in counters.items():
+            for family in counter.collect():
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        totals.setdefault(sample.labels["app"], dict.fromkeys(counters, 0))[name] = int(sample.value)
+        return totals
 
     def measured_lag(self, topic: str, lag: Mapping[int, int]) -> None:
         """Export the lag just measured, per partition."""

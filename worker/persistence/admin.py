@@ -8,7 +8,7 @@ errors are translated, and every write is one ``Store.transaction()``, behind th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -59,8 +59,13 @@ async def prepare(store: Store) -> None:
             await asyncio.sleep(0.5)
 
 
-async def set_stored_offsets(store: Store, group_id: str, topic: str, offsets: Mapping[int, int]) -> list[int]:
-    """Overwrite the next offset kept with the state, where the group has one; returns those partitions."""
+async def set_stored_offsets(
+    store: Store, group_id: str, topic: str, offsets: Mapping[int, int], on_each: Callable[[], None] | None = None
+) -> list[int]:
+    """Overwrite the next offset kept with the state, where the group has one; returns those partitions.
+
+    ``on_each`` is called after each partition's update (a progress display), in the one transaction.
+    """
     changed = []
     with translate("setting stored offsets"):
         async with store.transaction() as conn:
@@ -77,6 +82,8 @@ async def set_stored_offsets(store: Store, group_id: str, topic: str, offsets: M
                 )
                 if result.rowcount:
                     changed.append(partition)
+                if on_each is not None:
+                    on_each()
     return changed
 
 

@@ -10,10 +10,11 @@ from typing import Any, TypeVar
 import orjson
 from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError as DBAPIDataError
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.errors import PersistenceError, VersionConflict
+from worker.errors import DataError, PersistenceError, VersionConflict
 from worker.persistence.schema import (
     record_associations,
     records,
@@ -23,6 +24,11 @@ from worker.persistence.unit import StoredRecord
 # PostgreSQL's codes for "try again": serialization failure, deadlock, and lock_timeout
 # expired (what an optimistic commit gets instead of waiting behind a locked one).
 _RETRY_SQLSTATES = {"40001", "40P01", "55P03"}
+# unique_violation: another unit inserted the same row first, a conflict like any other. Every
+# other integrity error (not null, check, foreign key), and every data exception (class 22:
+# too long, NUL, bad encoding), is the data's fault and fails again however often it is tried.
+_UNIQUE_VIOLATION = "23505"
+_DATA_SQLSTATE_CLASSES = ("22", "23")
 # How long an optimistic commit waits for a row lock before it counts as a conflict. Locked
 # units take their keys in key order too, but may lock a key they had not foreseen later;
 # giving way quickly breaks any such cycle long before deadlock detection (1 s) would.
@@ -100,12 +106,27 @@ def translate(action: str) -> Iterator[None]:
         code = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         if code in _RETRY_SQLSTATES:
             raise VersionConflict(f"{action}: concurrent change (SQLSTATE {code})", keys=frozenset()) from exc
+        if _refuses_data(exc, code):
+            raise DataError(f"{action}: the database refused a value: {exc.orig}") from exc
         if isinstance(exc, IntegrityError):
             raise VersionConflict(f"{action}: concurrent change ({type(exc.orig).__name__})") from exc
         raise PersistenceError(f"{action} failed: {exc.orig}") from exc
+    except UnicodeError as exc:  # sqlite3 binds str itself, and refuses a lone surrogate so
+        raise DataError(f"{action}: the database refused a value: {exc}") from exc
     except (OSError, TimeoutError) as exc:  # the driver could not reach the server at all
         raise PersistenceError(f"{action} failed: {type(exc).__name__}: {exc}") from exc
     # Other SQLAlchemyErrors are bugs in the statements above: they propagate unchanged.
+
+
+def _refuses_data(exc: DBAPIError, code: str | None) -> bool:
+    """Whether the database refused the data itself: the same statement would fail again."""
+    if code is not None:
+        return code.startswith(_DATA_SQLSTATE_CLASSES) and code != _UNIQUE_VIOLATION
+    # sqlite3 has no SQLSTATE: its DataError ("string or blob too big") and any integrity
+    # error but a uniqueness one (a concurrent insert) are the data's.
+    if isinstance(exc, DBAPIDataError):
+        return True
+    return isinstance(exc, IntegrityError) and "UNIQUE constraint failed" not in str(exc.orig)
 
 
 def stored(row: Any) -> StoredRecord:

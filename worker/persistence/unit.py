@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import orjson
 
+from worker import limits
 from worker.errors import InvalidDataError, RecordNotFoundError
 from worker.persistence.associations import Association
 from worker.persistence.keys import Key, Marker, RecordRef, association_key, guard_association, guard_key, id_key, scoped
@@ -52,6 +53,13 @@ class OutboxMessage:
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
     source_partition: int | None = None
+
+
+class HandedOut(Protocol):
+    """An accessor call handed to a handler as an awaitable: its name, and whether it was awaited."""
+
+    name: str
+    awaited: bool
 
 
 class Loader(Protocol):
@@ -184,11 +192,15 @@ class UnitOfWork:
     #: The first database failure seen by a read: the dispatcher re-raises it after the
     #: handler returns, so a handler that swallows errors cannot commit on a failed read.
     failure: Exception | None = None
+    #: Accessor calls handed out since the last :meth:`take_unawaited`: a call a handler
+    #: never awaited never ran, and the dispatcher must fail the run rather than lose it.
+    handed_out: list[HandedOut] = field(default_factory=list)
 
     # -- reads ---------------------------------------------------------------------------
 
     async def read(self, app_id: str, record_id: str) -> StoredRecord | None:
         """The record as this unit sees it: staged if written here, else as read from the database."""
+        check_record_id(app_id, record_id)
         ref = (app_id, record_id)
         if ref in self.staged:
             return self.staged[ref]
@@ -202,9 +214,10 @@ class UnitOfWork:
 
     async def read_by_associations(self, app_id: str, associations: Sequence[Association]) -> list[StoredRecord]:
         """Records of ``app_id`` having every one of ``associations``, this unit's writes applied."""
+        if not associations:
+            raise InvalidDataError(f"app {app_id!r}: a query by associations needs at least one association")
         wanted = (str(associations[0]),) if len(associations) == 1 else tuple(sorted({str(a) for a in associations}))
-        if not wanted:
-            raise InvalidDataError("at least one association is needed")
+        check_associations(app_id, wanted)
         query = (app_id, wanted)
         if query not in self.queries and not self._adopt_query(query):
             guard = guard_association(wanted)
@@ -250,6 +263,8 @@ class UnitOfWork:
         app_id, wanted = query
         found: list[StoredRecord] = []
         wanted_set = set(wanted)
+        # Ordered by record id, the database's order, with this unit's new records in place:
+        # a repeated run, or another worker, sees the same order.
         for record_id in self.queries[query]:
             ref = (app_id, record_id)
             record = self.staged[ref] if ref in self.staged else self.base.get(ref)
@@ -267,6 +282,7 @@ class UnitOfWork:
             record = self.staged.get((app_id, record_id))
             if record is not None and wanted_set.issubset(record.associations) and record_id not in from_database:
                 found.append(record)
+        found.sort(key=lambda record: record.id)
         return found
 
     async def already_processed(self, markers: Sequence[Marker]) -> set[Marker]:
@@ -281,8 +297,10 @@ class UnitOfWork:
     def create(self, app_id: str, data: Mapping[str, Any], associations: Iterable[Association], record_id: str | None = None) -> str:
         """Stage a new record; returns its id."""
         record_id = record_id or uuid.uuid4().hex
+        check_record_id(app_id, record_id)
         ref = (app_id, record_id)
-        record = StoredRecord(record_id, encode_data(data), 0, tuple(sorted({str(a) for a in associations})))
+        record = StoredRecord(record_id, encode_data(data, app_id), 0, tuple(sorted({str(a) for a in associations})))
+        check_associations(app_id, record.associations)
         self._set(self.staged, ref, record)
         if self.base.get(ref) is None:
             self._add(self.created, ref)
@@ -296,19 +314,20 @@ class UnitOfWork:
 
     async def update(self, app_id: str, record_id: str, data: Mapping[str, Any], upsert: bool) -> str:
         """Stage new data for one record (or create it, with upsert)."""
+        encoded = encode_data(data, app_id)
         current = await self.read(app_id, record_id)
         if current is None:
             if not upsert:
                 raise RecordNotFoundError(f"no record {record_id!r} of app {app_id!r}; pass upsert=True to create it")
             return self.create(app_id, data, (), record_id=record_id)
-        self._stage(app_id, StoredRecord(current.id, encode_data(data), current.version, current.associations))
+        self._stage(app_id, StoredRecord(current.id, encoded, current.version, current.associations))
         return record_id
 
     async def update_by_associations(
         self, app_id: str, associations: Sequence[Association], data: Mapping[str, Any], upsert: bool
     ) -> list[str]:
         """Stage new data for every record having all ``associations`` (or create one, with upsert)."""
-        encoded = encode_data(data)
+        encoded = encode_data(data, app_id)
         matches = await self.read_by_associations(app_id, associations)
         if not matches:
             if not upsert:
@@ -344,6 +363,16 @@ class UnitOfWork:
 
     # -- handler runs --------------------------------------------------------------------
 
+    def hand_out(self, call: HandedOut) -> None:
+        """Track an accessor call given to a handler, so that one never awaited is found."""
+        self.handed_out.append(call)
+
+    def take_unawaited(self) -> list[str]:
+        """The names of the calls handed out and never awaited since the last take; forgets them all."""
+        names = [call.name for call in self.handed_out if not call.awaited]
+        self.handed_out.clear()
+        return names
+
     def checkpoint(self) -> Checkpoint:
         """Remember where the staged state is, so that a failed handler run can be undone."""
         return Checkpoint(len(self.journal), len(self.outbox), len(self.markers))
@@ -362,6 +391,7 @@ class UnitOfWork:
                 target[key] = value
         del self.outbox[checkpoint.outbox :]
         del self.markers[checkpoint.markers :]
+        self.handed_out.clear()
 
     @property
     def is_empty(self) -> bool:
@@ -453,15 +483,47 @@ class UnitOfWork:
             self._add(self.written, key)
 
 
-def encode_data(data: Mapping[str, Any]) -> bytes:
-    """Serialise record data, refusing anything that is not a JSON object of JSON values."""
+def check_record_id(app_id: str, record_id: str) -> None:
+    """Refuse a record id the database cannot store, naming the app and the problem."""
+    if not isinstance(record_id, str) or not record_id:
+        raise InvalidDataError(f"app {app_id!r}: a record id must be a non-empty string, not {record_id!r}")
+    problem = limits.text_problem(record_id, limits.RECORD_ID_MAX)
+    if problem is not None:
+        raise InvalidDataError(f"app {app_id!r}: record id {_shown(record_id)} {problem}")
+
+
+def check_associations(app_id: str, associations: Iterable[str]) -> None:
+    """Refuse associations ("model:id") the database cannot store, naming the app and the problem."""
+    for association in associations:
+        problem = limits.text_problem(association, limits.ASSOCIATION_MAX)
+        if problem is not None:
+            raise InvalidDataError(f"app {app_id!r}: association {_shown(association)} {problem}")
+
+
+def _shown(value: str) -> str:
+    """A value for an error message: escaped, and cut short if long."""
+    return repr(value) if len(value) <= 60 else f"{value[:60]!r}..."
+
+
+def encode_data(data: Mapping[str, Any], app_id: str = "?") -> bytes:
+    """Serialise record data, refusing anything that is not a JSON object of JSON values.
+
+    Strings must be UTF-8 (no lone surrogates, in keys either), and numbers finite: orjson
+    would write NaN and Infinity as null, changing the data without a word.
+    """
     if not isinstance(data, Mapping):
-        raise InvalidDataError(f"record data must be a JSON object (a dict), not {type(data).__name__}")
+        raise InvalidDataError(f"app {app_id!r}: record data must be a JSON object (a dict), not {type(data).__name__}")
     try:
         # orjson serialises dicts only; any other Mapping the signature allows is copied into one.
-        return orjson.dumps(data if isinstance(data, dict) else dict(data))
+        encoded = orjson.dumps(data if isinstance(data, dict) else dict(data))
     except TypeError as exc:
-        raise InvalidDataError(f"record data is not JSON-serialisable: {exc}") from None
+        raise InvalidDataError(f"app {app_id!r}: record data is not JSON-serialisable: {exc}") from None
+    # Only data with a null in it can have had a NaN or Infinity turned into one.
+    if b"null" in encoded:
+        problem = limits.non_finite(data)
+        if problem is not None:
+            raise InvalidDataError(f"app {app_id!r}: record data is not JSON-serialisable: {problem} (JSON has no NaN or Infinity)")
+    return encoded
 
 
 def decode_data(data: bytes) -> dict[str, Any]:

@@ -24,7 +24,8 @@ from worker.events import RawRecord
 from worker.persistence.keys import Key
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
-from worker.pipeline.dispatch import Dispatcher, HandlerFailures, Part
+from worker.pipeline.apprun import HandlerFailures
+from worker.pipeline.dispatch import Dispatcher, Part
 from worker.pipeline.retry import backoff
 from worker.pipeline.tally import BatchResult
 

@@ -71,7 +71,8 @@ def dead_letter(
     """The dead-letter record for ``record``: its key, value and headers kept, the reason added."""
     headers = [
         *record.headers,
-        (constants.DLQ_REASON, reason.encode()[:2000]),
+        # A reason may quote the refused value (a lone surrogate): escaped, never an error here.
+        (constants.DLQ_REASON, reason.encode("utf-8", "backslashreplace")[:2000]),
         (constants.DLQ_STAGE, stage.encode()),
         (constants.DLQ_TOPIC, record.topic.encode()),
         (constants.DLQ_PARTITION, str(record.partition).encode()),

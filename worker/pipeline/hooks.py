@@ -1,7 +1,7 @@
 """What the pipeline reports as it runs, to whoever listens: a base class of no-op methods.
 
 The stages (runner, lane, dispatcher) are handed a :class:`Hooks` and call it at each step,
-as dramatiq calls its middleware: ``polled``, ``assigned``, ``batch_committed``... The
+as dramatiq calls its middleware: ``polled``, ``assigned``, ``batch_committed``, ``handler_failed``, ``dead_lettered``... The
 observability package implements them (metrics, health); the pipeline never imports it.
 :func:`contained` wraps a hooks object so that a failing hook is logged, never raised into
 the stage that called it: observing must not stop processing.
@@ -41,8 +41,15 @@ class Hooks:
     def conflict(self, exc: VersionConflict) -> None:
         """A batch's commit was refused: something it read had changed."""
 
-    def handler_retried(self, app_id: str) -> None:
-        """An app raised and runs again after a backoff."""
+    def handler_failed(self, app_id: str, exc: Exception, attempt: int, retrying: bool) -> None:
+        """An app raised on its ``attempt``-th run of an event; ``retrying``: it runs again after a backoff."""
+
+    def dead_lettered(self, app_id: str | None, count: int) -> None:
+        """A commit made ``count`` dead letters durable.
+
+        They are events ``app_id`` failed on every attempt, or (``app_id`` None) whole records,
+        undecodable or conflicting on every attempt.
+        """
 
     def markers_pruned(self, count: int) -> None:
         """Retention deleted ``count`` processed-event markers."""
@@ -85,8 +92,11 @@ class _Contained(Hooks):
     def conflict(self, exc: VersionConflict) -> None:
         self._call("conflict", exc)
 
-    def handler_retried(self, app_id: str) -> None:
-        self._call("handler_retried", app_id)
+    def handler_failed(self, app_id: str, exc: Exception, attempt: int, retrying: bool) -> None:
+        self._call("handler_failed", app_id, exc, attempt, retrying)
+
+    def dead_lettered(self, app_id: str | None, count: int) -> None:
+        self._call("dead_lettered", app_id, count)
 
     def markers_pruned(self, count: int) -> None:
         self._call("markers_pruned", count)

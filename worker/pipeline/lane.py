@@ -10,6 +10,7 @@ and after that commits nothing (its fence is stale anyway).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import structlog
@@ -17,8 +18,9 @@ from structlog.contextvars import bound_contextvars
 
 from worker import tracing
 from worker.config import ProcessingSettings
-from worker.errors import BrokerError, FencedError, PersistenceError
+from worker.errors import BrokerError, DataError, FencedError, PersistenceError
 from worker.events import RawRecord
+from worker.logs import redact
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
 from worker.pipeline.combine import Combiner
@@ -35,6 +37,8 @@ OUTBOX_RETRY_S = 1.0
 # After a conflict, this many batches start locked: contention on a hot key comes in runs,
 # and a locked batch waits its turn instead of being run again and again.
 LOCKED_BATCHES_AFTER_CONFLICT = 20
+# The status shows this much of a failure's message: enough to recognise it, not a dump.
+MAX_ERROR_CHARS = 500
 
 
 class Lane:
@@ -63,8 +67,15 @@ class Lane:
         self._closed = asyncio.Event()
         self._outbox_dirty = True  # a new owner first publishes what the last one left
         self.busy = False
+        # What the status reports of this lane (read-only outside it).
+        self.last_progress = time.monotonic()  # when the lane began or last committed a batch
         self._locked_batches = 0
         self._snapshot = Snapshot()  # what this partition's last commit left in the database
+        # What a status shows of this lane: the failed tries of the batch in flight (0: none),
+        # and the last failure as "Type: message" without secrets.
+        self.attempt = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None  # epoch seconds
         self.task = asyncio.create_task(self._run(), name=f"lane-{fence.topic}-{fence.partition}")
         # A lane that dies would hold its partition paused forever, silently: surface it.
         self.task.add_done_callback(lambda task: None if task.cancelled() or task.exception() is None else on_failure(task.exception()))  # type: ignore[arg-type]
@@ -94,7 +105,7 @@ class Lane:
                     # lane goes on without a round trip to the broker in between.
                     self._on_ready(self.partition)
                     await self._process(records)
-                    self.busy = not self._inbox.empty()
+                    self.busy, self.attempt = not self._inbox.empty(), 0
                 if self._outbox_dirty and not self._closed.is_set():
                     await self._publish()
             if self._outbox_dirty:  # last chance while still the owner; else the next owner sends
@@ -142,8 +153,12 @@ class Lane:
         self._committed(result, records[0].offset)
 
     def _failed(self, exc: Exception, attempt: int, first_offset: int) -> None:
+        self.attempt, self.last_error_at = attempt, time.time()
+        self.last_error = f"{type(exc).__name__}: {redact(str(exc))}"[:MAX_ERROR_CHARS]
         self._snapshot.clear()  # the database may come back changed (a restore, a reset)
-        if isinstance(exc, PersistenceError | ConflictsExhausted):
+        # A DataError here refused even a bare dead letter (the dispatcher isolates the rest):
+        # a bug to surface, not an outage to wait out quietly.
+        if isinstance(exc, PersistenceError | ConflictsExhausted) and not isinstance(exc, DataError):
             log.warning("database_unavailable", reason=str(exc), attempt=attempt, first_offset=first_offset)
         else:
             log.error(
@@ -151,11 +166,14 @@ class Lane:
             )
 
     def _committed(self, result: BatchResult, first_offset: int) -> None:
+        self.attempt = 0
         self._locked_batches = LOCKED_BATCHES_AFTER_CONFLICT if result.conflicts else max(0, self._locked_batches - 1)
         self._offsets.mark(self.partition, result.next_offset)
+        self.last_progress = time.monotonic()
         self._dispatcher.hooks.batch_committed(result)
         self._outbox_dirty = self._outbox_dirty or result.staged_outbox > 0
-        log.info("batch_committed", first_offset=first_offset, **result.log_fields())
+        # Per batch, so at debug: the periodic `throughput` line (observability) is what a person reads.
+        log.debug("batch_committed", first_offset=first_offset, **result.log_fields())
 
     async def _publish(self) -> None:
         try:

@@ -22,6 +22,7 @@ import structlog
 
 from worker.apps.contract import App
 from worker.apps.http import Http
+from worker.apps.readers import Directory
 from worker.config import Settings
 from worker.errors import BrokerError, PersistenceError, WorkerError
 from worker.events import RawRecord
@@ -51,6 +52,7 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.http = Http(settings.http)
         kafka = settings.kafka
+        self.directory = Directory.from_settings(settings.rocketchat)
         self.dispatcher = Dispatcher(
             apps,
             self.store,
@@ -59,6 +61,7 @@ class Worker:
             settings.processing,
             self.hooks,
             own_user_id=settings.rocketchat.app_user_id,
+            directory=self.directory,
         )
         self.combiner = Combiner(self.dispatcher)
         self.consumer = Consumer(kafka)
@@ -209,5 +212,6 @@ class Worker:
         await self._commit_offsets()
         await self.consumer.stop()
         await self.http.aclose()
+        await self.directory.aclose()
         await self.store.close()
         log.info("worker_stopped", owner=self.owner)

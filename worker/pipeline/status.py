@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Protocol
 
 from worker.kafka import Consumer
@@ -15,9 +16,24 @@ from worker.persistence.store import Store
 from worker.pipeline.lane import Lane
 
 
+@dataclass(frozen=True, slots=True)
+class LaneStatus:
+    """One assigned partition's lane as a status shows it."""
+
+    partition: int
+    generation: int
+    paused: bool  # held in Kafka: the runner pauses a partition while its lane has a batch
+    busy: bool  # a batch in flight
+    attempt: int  # failed attempts of the batch in flight (0: none, or it committed)
+    last_error: str | None  # "Type: message" of the last failed attempt, secrets redacted
+    last_error_at: float | None  # epoch seconds
+    seconds_since_progress: float  # since the lane began or last committed a batch
+
+
 class Watched(Protocol):
     """The parts of a running worker (the runner's :class:`~worker.pipeline.runner.Worker`) a status reads."""
 
+    owner: str
     consumer: Consumer
     store: Store
     lanes: dict[int, Lane]
@@ -40,6 +56,37 @@ class Status:
     def topic(self) -> str:
         """The event topic it consumes."""
         return self._worker.consumer.topic
+
+    @property
+    def owner(self) -> str:
+        """The worker's name, as its partition claims in the database record it."""
+        return self._worker.owner
+
+    @property
+    def store(self) -> Store:
+        """The worker's store, for observers that record something about the worker (its member row)."""
+        return self._worker.store
+
+    def member_id(self) -> str | None:
+        """The id the group coordinator gave the worker, once joined."""
+        return self._worker.consumer.member_id()
+
+    def lanes(self) -> list[LaneStatus]:
+        """Each assigned partition's lane, by partition."""
+        now, paused = time.monotonic(), self._worker.consumer.paused()
+        return [
+            LaneStatus(
+                lane.partition,
+                lane.fence.generation,
+                lane.partition in paused,
+                lane.busy,
+                lane.attempt,
+                lane.last_error,
+                lane.last_error_at,
+                round(now - lane.last_progress, 3),
+            )
+            for lane in sorted(self._worker.lanes.values(), key=lambda lane: lane.partition)
+        ]
 
     def stopping(self) -> bool:
         """Whether the worker has been asked to stop."""

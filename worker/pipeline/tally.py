@@ -35,6 +35,11 @@ class BatchResult:
             self.per_app[app_id] = self.per_app.get(app_id, 0) + count
         self.outcomes.update(other.outcomes)
 
+    @property
+    def dead_letters(self) -> int:
+        """Records dead-lettered whole, and events an app failed for good (one per app)."""
+        return self.dead_lettered + self.outcomes_of("dead_lettered")
+
     def outcomes_of(self, outcome: str) -> int:
         """Events of every app with this outcome (processed, skipped, duplicate, dead_lettered)."""
         return sum(n for (_, which), n in self.outcomes.items() if which == outcome)

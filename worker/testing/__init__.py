@@ -3,8 +3,9 @@
 This import path is public; the kit lives in builders, state, http_stub, harness and checks.
 """
 
+from worker.rocketchat.stub import RocketChatStub
 from worker.testing.builders import COMMANDS_TOPIC, SOURCE, TEST_PROCESSING, Events, cloud_event, message
-from worker.testing.checks import assert_concurrency_safe, assert_idempotent
+from worker.testing.checks import IdempotencyReport, assert_concurrency_safe, assert_idempotent
 from worker.testing.harness import Harness, run
 from worker.testing.http_stub import HttpStub, StubRequest
 from worker.testing.state import Command, DeadLetter, Delivery, State
@@ -19,6 +20,8 @@ __all__ = [
     "Events",
     "Harness",
     "HttpStub",
+    "IdempotencyReport",
+    "RocketChatStub",
     "State",
     "StubRequest",
     "assert_concurrency_safe",

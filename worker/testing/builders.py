@@ -74,8 +74,10 @@ def message(
         message_id: the message id; by default a new one (``msg-1``, ``msg-2``, ...). The
             event id is derived from it, so two messages with one id are one event.
         created_at: an aware datetime; by default one second after the previous message's.
-        **fields: more IMessage fields, under their JSON names (``threadId``,
-            ``customFields``, ``attachments``, or any field the contract does not list).
+        **fields: more IMessage fields, under the contract's JSON names (``threadId``,
+            ``customFields``, ``attachments``, or any field the contract does not list) or
+            the Python names of :class:`~worker.Message` (``thread_id``, ``custom_fields``,
+            ``updated_at``), which are written under the JSON names.
 
     """
     number = next(_numbers)
@@ -87,15 +89,26 @@ def message(
     }
     if text is not None:
         data["text"] = text
-    data.update(fields)
+    data.update({_JSON_NAMES.get(name, name): value for name, value in fields.items()})
     return data
 
 
-def cloud_event(data: Mapping[str, Any], *, event_id: str | None = None, source: str = SOURCE) -> dict[str, Any]:
-    """Wrap IMessage JSON in a PostMessageSent CloudEvent; its id is ``evt-<message id>`` by default."""
+# Message's Python names and the contract's JSON names they stand for (thread_id: threadId).
+_JSON_NAMES = {name: info.alias for name, info in Message.model_fields.items() if info.alias}
+
+
+def cloud_event(
+    data: Mapping[str, Any], *, event_id: str | None = None, source: str = SOURCE, event_type: str = constants.POST_MESSAGE_SENT
+) -> dict[str, Any]:
+    """Wrap IMessage JSON in a CloudEvent; its id is ``evt-<message id>`` by default.
+
+    ``event_type`` is ``chat.rocket.message.sent`` by default; ``chat.rocket.message.updated``
+    and ``chat.rocket.message.deleted`` make an edit or a deletion of the message (give their
+    ids as Rocket.Chat's bridge does: ``<message id>:updated:<ms>``, ``<message id>:deleted``).
+    """
     return {
         "specversion": constants.CLOUDEVENTS_SPECVERSION,
-        "type": constants.POST_MESSAGE_SENT,
+        "type": event_type,
         "source": source,
         "id": event_id or f"evt-{data.get('id', uuid.uuid4().hex)}",
         "datacontenttype": "application/json",
@@ -103,7 +116,8 @@ def cloud_event(data: Mapping[str, Any], *, event_id: str | None = None, source:
     }
 
 
-def _items(events: Events) -> list[FileRecord]:
+def file_records(events: Events) -> list[FileRecord]:
+    """The events as file records, from a list of messages or a JSON-lines file."""
     if isinstance(events, (str, bytes)):
         raise TypeError("events must be a list of messages or a pathlib.Path of a JSON-lines file, not a string")
     if isinstance(events, os.PathLike):

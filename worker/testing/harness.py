@@ -10,15 +10,19 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import httpx
+
 from worker import plugins
 from worker.apps.contract import App, Record
 from worker.apps.http import Http
+from worker.apps.readers import Directory
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
 from worker.errors import PluginError, VersionConflict
 from worker.events import RawRecord
@@ -27,6 +31,7 @@ from worker.persistence.store import Fence, Store
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.hooks import Hooks
 from worker.pipeline.tally import BatchResult
+from worker.rocketchat.stub import RocketChatStub
 from worker.testing.builders import (
     COMMANDS_TOPIC,
     DEAD_LETTER_TOPIC,
@@ -34,9 +39,9 @@ from worker.testing.builders import (
     TEST_PROCESSING,
     TOPIC,
     Events,
-    _items,
+    file_records,
 )
-from worker.testing.state import Command, DeadLetter, Delivery, State, _dead_letter, _event_id, _snapshot
+from worker.testing.state import Command, DeadLetter, Delivery, State, dead_letter_of, event_id_of, snapshot
 from worker.tools.dump import FileRecord
 
 _SCHEMA: dict[str, Path] = {}  # the migrated database that new ones are copied from
@@ -62,6 +67,9 @@ class Harness:
         directory: keep the database (``state.db``) in this directory instead.
         processing: retry and timeout settings; by default quick retries (``TEST_PROCESSING``).
         http: limits of the ``http`` accessor.
+        rocketchat: a :class:`~worker.testing.RocketChatStub` that answers the user, room
+            and message readers' REST calls (and names the app user); without it, they
+            answer what the event carries and raise ``RocketChatUnavailable`` otherwise.
 
     Raises:
         PluginError: the app is not installed, not a usable App, or its settings are invalid.
@@ -77,8 +85,9 @@ class Harness:
         directory: str | os.PathLike[str] | None = None,
         processing: ProcessingSettings | None = None,
         http: HttpSettings | None = None,
+        rocketchat: RocketChatStub | None = None,
     ) -> None:
-        self._spec = _AppSpec.resolve(app, app_id, settings or {})
+        self._spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat)
         self._spec.new_app()  # fail here, not at the first event, if the app cannot be set up
         self._directory = Path(directory) if directory is not None else None
         self._processing = processing or TEST_PROCESSING
@@ -133,12 +142,14 @@ class Harness:
         """
         store = self._running().store
         seen = {row_id for row_id, _ in await store.outbox_messages()}
-        delivery = await self._running().run(_items(events), batch_size)
+        delivery = await self._running().run(file_records(events), batch_size)
         if check:
-            failed = [_dead_letter(m) for row_id, m in await store.outbox_messages() if row_id not in seen and m.topic == DEAD_LETTER_TOPIC]
+            failed = [
+                dead_letter_of(m) for row_id, m in await store.outbox_messages() if row_id not in seen and m.topic == DEAD_LETTER_TOPIC
+            ]
             failed = [d for d in failed if d.stage != "decode"]  # the handler, or conflicts that never ended
             if failed:
-                reasons = "\n  ".join(f"{_event_id(d.value)}: {d.reason}" for d in failed)
+                reasons = "\n  ".join(f"{event_id_of(d.value)}: {d.reason}" for d in failed)
                 raise AssertionError(
                     f"app {self.app_id!r} failed on {len(failed)} event(s), which were dead-lettered after "
                     f"{self._processing.handler_max_attempts} attempts:\n  {reasons}\n"
@@ -148,7 +159,7 @@ class Harness:
 
     async def state(self) -> State:
         """A snapshot of the app's records, the commands it staged and the dead letters."""
-        return await _snapshot(self._running().store, self.app_id)
+        return await snapshot(self._running().store, self.app_id)
 
     async def records(self, *associations: Association) -> list[Record]:
         """The app's records having every one of ``associations`` (all of them, given none)."""
@@ -213,27 +224,35 @@ async def _run(app: type[App] | str, events: Events, settings: Mapping[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
-class _AppSpec:
+class AppSpec:
+    """The app a check runs: its class, id and settings; each scenario makes fresh instances."""
+
     app_class: type[App]
     app_id: str
     settings: Mapping[str, Any]
+    rocketchat: RocketChatStub | None = None
 
     @classmethod
-    def resolve(cls, app: type[App] | str, app_id: str | None, settings: Mapping[str, Any]) -> _AppSpec:
+    def resolve(
+        cls, app: type[App] | str, app_id: str | None, settings: Mapping[str, Any], rocketchat: RocketChatStub | None = None
+    ) -> AppSpec:
+        """The app given as a class or as an installed plugin's id."""
         if isinstance(app, str):
             available = plugins.installed()
             if app not in available:
                 raise PluginError(
                     f"no installed app has the id {app!r} (installed: {', '.join(available) or 'none'}); pass the App class instead"
                 )
-            return cls(plugins.load_class(available[app]), app_id or app, dict(settings))
+            return cls(plugins.load_class(available[app]), app_id or app, dict(settings), rocketchat)
         plugins.check_class(app, app_id or app.__name__)
-        return cls(app, app_id or _default_id(app), dict(settings))
+        return cls(app, app_id or _default_id(app), dict(settings), rocketchat)
 
     def new_app(self) -> App:
+        """A fresh instance with the settings."""
         return plugins.instantiate(self.app_class, self.app_id, self.settings)
 
     def describe(self) -> str:
+        """The app as a message names it."""
         return f"{self.app_class.__name__} (app {self.app_id!r})"
 
 
@@ -243,23 +262,28 @@ class _Share:
     def __init__(self, store: Store, app: App, dispatcher: Dispatcher, fence: Fence, http: Http, url: str) -> None:
         self.store, self.app, self.dispatcher, self.fence, self.http, self.url = store, app, dispatcher, fence, http, url
         self.next_offset = 0
+        self.http_calls: Counter[str] = Counter()
 
     @classmethod
     async def open(
         cls,
-        spec: _AppSpec,
+        spec: AppSpec,
         url: str,
         partition: int,
         processing: ProcessingSettings,
         http_settings: HttpSettings,
         hooks: Hooks | None = None,
     ) -> _Share:
+        app = spec.new_app()  # first: an app that cannot be set up leaves no store open behind it
         store = Store.from_settings(PersistenceSettings(url=url))
         claims = await store.claim(GROUP, TOPIC, [partition], owner=f"worker.testing:{partition}:{uuid.uuid4().hex[:8]}")
-        app = spec.new_app()
-        http = Http(http_settings)
-        dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks)
-        return cls(store, app, dispatcher, claims[partition].fence, http, url)
+        recording = _Recording()
+        http = Http(http_settings, transport=recording)
+        directory = Directory.over(spec.rocketchat) if spec.rocketchat is not None else Directory()
+        dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks, directory=directory)
+        share = cls(store, app, dispatcher, claims[partition].fence, http, url)
+        share.http_calls = recording.calls
+        return share
 
     async def run(self, items: Sequence[FileRecord], batch_size: int) -> Delivery:
         if batch_size < 1:
@@ -272,18 +296,37 @@ class _Share:
                 self.next_offset += 1
             results.append(await self.dispatcher.dispatch(batch, self.fence))
         total = BatchResult.total(results)
+        # A batch counts an event its app dead-lettered as processed (it went through the
+        # app); to a handler's author it is a dead letter, as an undecodable record is.
         return Delivery(
             records=len(items),
-            processed=total.processed,
+            processed=total.outcomes[self.app.id, "processed"],
             duplicates=total.duplicates,
             skipped=total.skipped,
-            dead_lettered=total.dead_lettered,
+            # Undecodable records, and the events the handler failed on (counted per app).
+            dead_lettered=total.dead_lettered + sum(n for (_, outcome), n in total.outcomes.items() if outcome == "dead_lettered"),
             conflicts=total.conflicts,
         )
 
     async def close(self) -> None:
         await self.http.aclose()
+        await self.dispatcher.directory.aclose()
         await self.store.close()
+
+
+class _Recording(httpx.AsyncBaseTransport):
+    """Sends the http accessor's requests, counting them by method and URL (without the query)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self._network = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls[f"{request.method} {request.url.copy_with(query=None)}"] += 1
+        return await self._network.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._network.aclose()
 
 
 class _RepeatingCommits(Hooks):
@@ -319,20 +362,28 @@ async def _new_database(path: Path) -> str:
     return _sqlite_url(path)
 
 
-async def _scenario(spec: _AppSpec, deliveries: Sequence[Sequence[FileRecord]], *, repeat_runs: bool = False) -> State:
-    """A fresh database, one lane, the deliveries in order; the state at the end."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a scenario left, and the http calls its app made (by ``"METHOD url"``)."""
+
+    state: State
+    http_calls: Counter[str]
+
+
+async def run_scenario(spec: AppSpec, deliveries: Sequence[Sequence[FileRecord]], *, repeat_runs: bool = False) -> Outcome:
+    """A fresh database, one lane, the deliveries in order; what it left at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
         lane = await _Share.open(spec, url, 0, TEST_PROCESSING, HttpSettings(), _RepeatingCommits() if repeat_runs else None)
         try:
             for items in deliveries:
                 await lane.run(items, batch_size=1)
-            return await _snapshot(lane.store, spec.app_id)
+            return Outcome(await snapshot(lane.store, spec.app_id), lane.http_calls)
         finally:
             await lane.close()
 
 
-async def _concurrent_scenario(spec: _AppSpec, shares: Sequence[Sequence[FileRecord]]) -> State:
+async def run_concurrently(spec: AppSpec, shares: Sequence[Sequence[FileRecord]]) -> State:
     """A fresh database and one lane per share, all running at once; the state at the end."""
     with tempfile.TemporaryDirectory(prefix="rc-worker-testing-") as directory:
         url = await _new_database(Path(directory) / "state.db")
@@ -341,7 +392,7 @@ async def _concurrent_scenario(spec: _AppSpec, shares: Sequence[Sequence[FileRec
             async with asyncio.TaskGroup() as group:
                 for lane, items in zip(lanes, shares, strict=True):
                     group.create_task(lane.run(items, batch_size=1))
-            return await _snapshot(lanes[0].store, spec.app_id)
+            return await snapshot(lanes[0].store, spec.app_id)
         finally:
             for lane in lanes:
                 await lane.close()
@@ -351,7 +402,7 @@ def _default_id(app_class: type[App]) -> str:
     target = f"{app_class.__module__}:{app_class.__qualname__}"
     with contextlib.suppress(PluginError):
         for app_id, plugin in plugins.installed().items():
-            if plugin.entry_point.value == target:
+            if plugin.value == target:
                 return app_id
     return re.sub(r"(?<!^)(?=[A-Z])", "-", app_class.__name__).lower()
 

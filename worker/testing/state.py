@@ -24,7 +24,8 @@ class Command:
 
     Attributes:
         id: the command id, ``<event source>/<event id>/<app id>/<n>``: the same on every run.
-        type: ``chat.rocket.message.update`` or ``chat.rocket.message.create``.
+        type: ``chat.rocket.message.update``, ``.create``, ``.delete``, ``chat.rocket.user.notify`` or
+            ``chat.rocket.room.notify``.
         subject: the id of the event whose handling staged it.
         key: the Kafka key (the room id).
         data: the command's data, e.g. ``{"messageId": ..., "customFields": {...}, ...}``.
@@ -42,7 +43,7 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record the worker gave up on: not a contract event (stage ``decode``) or the handler kept failing (``handler``)."""
+    """A record the worker gave up on: not a contract event (stage ``decode``), the handler kept failing (``handler``), or the database refused a value (``commit``)."""
 
     stage: str
     reason: str
@@ -54,7 +55,12 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """What one :meth:`Harness.deliver` call did, summed over its batches."""
+    """What one :meth:`Harness.deliver` call did, summed over its batches.
+
+    Each record counts once: ``processed`` (the app's run committed), ``duplicates``,
+    ``skipped`` (not a PostMessageSent event) or ``dead_lettered`` (not a contract event,
+    the handler kept failing, or the database refused what it staged).
+    """
 
     records: int
     processed: int
@@ -90,6 +96,10 @@ class State:
         """The data of the records having every one of ``associations``."""
         return [r.data for r in self.records_with(*associations)]
 
+    def failures(self) -> list[DeadLetter]:
+        """The events the handler failed on: dead-lettered by its errors or endless conflicts, not by ``DeadLetterNow``."""
+        return [d for d in self.dead_letters if d.stage != "decode" and d.error_type != "DeadLetterNow"]
+
     def differences(self, got: State, *, ignore_fields: Iterable[str] = ()) -> list[str]:
         """How ``got`` differs from this (expected) state; empty when they are equal.
 
@@ -109,10 +119,11 @@ class State:
             want, have = sorted(expected.get(associations, [])), sorted(actual.get(associations, []))
             if want != have:
                 where = "records with " + ", ".join(associations) if associations else "records without associations"
-                lines.append(f"{where}: expected {_show(want, 'record')}; got {_show(have, 'record')}")
-        lines += _multiset_difference(
-            "commands", [_canonical(_command_json(c)) for c in self.commands], [_canonical(_command_json(c)) for c in got.commands]
-        )
+                line = f"{where}: expected {_show(want, 'record')}; got {_show(have, 'record')}"
+                if len(want) == len(have) == 1:  # one record each: say where they differ
+                    line += "; differs at " + "; ".join(_focus(orjson.loads(want[0]), orjson.loads(have[0])))
+                lines.append(line)
+        lines += _command_differences(self.commands, got.commands)
         lines += _multiset_difference(
             "dead letters",
             [_canonical(_dead_letter_json(d)) for d in self.dead_letters],
@@ -121,14 +132,15 @@ class State:
         return lines
 
 
-async def _snapshot(store: Store, app_id: str) -> State:
+async def snapshot(store: Store, app_id: str) -> State:
+    """What ``store`` holds of ``app_id``: records, staged commands and dead letters."""
     records = tuple(
         Record(r.id, decode_data(r.data), r.version, tuple(Association.parse(a) for a in r.associations))
         for r in await store.app_records(app_id)
     )
     outbox = [m for _, m in await store.outbox_messages()]
     commands = tuple(_command(m) for m in outbox if m.topic == COMMANDS_TOPIC and m.app_id == app_id)
-    dead_letters = tuple(_dead_letter(m) for m in outbox if m.topic == DEAD_LETTER_TOPIC)
+    dead_letters = tuple(dead_letter_of(m) for m in outbox if m.topic == DEAD_LETTER_TOPIC)
     return State(app_id, records, commands, dead_letters)
 
 
@@ -139,7 +151,8 @@ def _command(message: OutboxMessage) -> Command:
     )
 
 
-def _dead_letter(message: OutboxMessage) -> DeadLetter:
+def dead_letter_of(message: OutboxMessage) -> DeadLetter:
+    """A staged dead letter as the kit shows it."""
     headers = {name: value.decode(errors="replace") for name, value in message.headers}
     return DeadLetter(
         headers.get(constants.DLQ_STAGE, "?"),
@@ -151,7 +164,8 @@ def _dead_letter(message: OutboxMessage) -> DeadLetter:
     )
 
 
-def _event_id(value: bytes) -> str:
+def event_id_of(value: bytes) -> str:
+    """The CloudEvent id in a record value, or "?"."""
     with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
         return str(orjson.loads(value).get("id", "?"))
     return "?"
@@ -178,28 +192,72 @@ def _command_json(command: Command) -> dict[str, Any]:
 
 
 def _dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
-    return {"stage": letter.stage, "app": letter.app_id, "reason": letter.reason, "event": _event_id(letter.value)}
+    return {"stage": letter.stage, "app": letter.app_id, "reason": letter.reason, "event": event_id_of(letter.value)}
 
 
-def _show(items: Sequence[str], noun: str, limit: int = 3) -> str:
+def _show(items: Sequence[str], noun: str, limit: int = 3, width: int = 160) -> str:
     if not items:
         return f"no {noun}s"
-    shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    shown = ", ".join(item if len(item) <= width else item[: width - 3] + "..." for item in items[:limit]) + (
+        f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    )
     return f"{len(items)} {noun}{'s' if len(items) != 1 else ''}: {shown}"
 
 
 def _multiset_difference(what: str, expected: Sequence[str], got: Sequence[str]) -> list[str]:
+    parts = _missing_and_extra(expected, got)
+    return ["; ".join([f"{what}: expected {len(expected)}, got {len(got)}", *parts])] if parts else []
+
+
+def _missing_and_extra(expected: Sequence[str], got: Sequence[str]) -> list[str]:
     missing = list((Counter(expected) - Counter(got)).elements())
     extra = list((Counter(got) - Counter(expected)).elements())
-    if not missing and not extra:
-        return []
-    parts = [f"{what}: expected {len(expected)}, got {len(got)}"]
+    parts = []
     if missing:
         parts.append(f"missing {_show(missing, 'item')}")
     if extra:
         parts.append(f"unexpected {_show(extra, 'item')}")
-    return ["; ".join(parts)]
+    return parts
 
 
-def _section(title: str, lines: Sequence[str]) -> str:
+def _command_differences(expected: Sequence[Command], got: Sequence[Command]) -> list[str]:
+    """How the commands differ: those staged on one side only in full, those staged on both (by id) where they differ."""
+    mine, theirs = [_command_json(c) for c in expected], [_command_json(c) for c in got]
+    if Counter(map(_canonical, mine)) == Counter(map(_canonical, theirs)):
+        return []
+    by_id = {c["id"]: c for c in theirs}
+    changed = [(c, by_id[c["id"]]) for c in mine if c["id"] in by_id and by_id[c["id"]] != c]
+    paired = {c["id"] for c, _ in changed}
+    parts = [f"commands: expected {len(mine)}, got {len(theirs)}"]
+    parts += _missing_and_extra(
+        [_canonical(c) for c in mine if c["id"] not in paired], [_canonical(c) for c in theirs if c["id"] not in paired]
+    )
+    return ["; ".join(parts)] + [f"command {a['id']}: " + "; ".join(_focus(a, b)) for a, b in changed]
+
+
+def _focus(expected: Any, got: Any, where: str = "") -> list[str]:
+    """Where two JSON values differ: one ``path: expected ...; got ...`` per differing leaf."""
+    if isinstance(expected, dict) and isinstance(got, dict):
+        lines: list[str] = []
+        for key in sorted(expected.keys() | got.keys()):
+            path = f"{where}.{key}" if where else str(key)
+            if key not in got:
+                lines.append(f"{path}: expected {_brief(expected[key])}; got nothing")
+            elif key not in expected:
+                lines.append(f"{path}: expected nothing; got {_brief(got[key])}")
+            else:
+                lines += _focus(expected[key], got[key], path)
+        return lines
+    if isinstance(expected, list) and isinstance(got, list) and len(expected) == len(got):
+        return [line for n, (a, b) in enumerate(zip(expected, got, strict=True)) for line in _focus(a, b, f"{where}[{n}]")]
+    return [] if expected == got else [f"{where or 'value'}: expected {_brief(expected)}; got {_brief(got)}"]
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    text = repr(value) if isinstance(value, str) else _canonical(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_section(title: str, lines: Sequence[str]) -> str:
+    """A titled list for an assertion message."""
     return f"{title}:\n" + "\n".join(f"  - {line}" for line in lines)

@@ -11,7 +11,7 @@ pays nothing for them.
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from worker.config import KafkaSettings, Settings
 from worker.errors import ConfigError
+from worker.pipeline.stall import Stall
 
 if TYPE_CHECKING:
     from worker.events import RawRecord
@@ -159,6 +160,35 @@ def require_records(spans: dict[int, Span], topic: str, start: Start, to_time_ms
     raise ConfigError(f"topic {topic} has no records {where} in partitions {sorted(spans)}; nothing was written")
 
 
+async def require_topic(settings: KafkaSettings, topic: str, *, create: bool | None = False, partitions: int = 6) -> None:
+    """Make sure ``topic`` exists before anything is written to it, creating it if asked.
+
+    Without the check a producer waits its whole request timeout for a topic that is not
+    there; this fails at once, with the command that creates it.
+
+    ``create`` None: the command has no ``--create-topic`` to offer.
+
+    Raises:
+        ConfigError: the topic does not exist and ``create`` is not true.
+        BrokerError: Kafka cannot be reached.
+
+    """
+    from worker.kafka import create_topics, topic_partitions
+
+    if await topic_partitions(settings, topic, CONNECT_TIMEOUT_S):
+        return
+    # `topics create` makes the configured event topic with its dead-letter and commands topics.
+    command = "rc-worker topics create" if topic == settings.topic else f"RC_WORKER_KAFKA__TOPIC={topic} rc-worker topics create"
+    if not create:
+        offer = "" if create is None else ", or run again with --create-topic"
+        raise ConfigError(
+            f"topic {topic} does not exist on {settings.bootstrap_servers}; nothing was sent. "
+            f"Create it with `{command}` (add --partitions N for other than 6){offer}"
+        )
+    for name in await create_topics(settings.model_copy(update={"topic": topic}), partitions):
+        print(f"created {name}", file=sys.stderr)
+
+
 def start_from_args(args: argparse.Namespace) -> Start:
     """The start of the range a command's ``--from-*`` arguments name."""
     if getattr(args, "from_offset", None):
@@ -181,7 +211,7 @@ async def read_spans(reader: PartitionReader, spans: dict[int, Span], fetch_time
         if not span.size:
             continue
         reader.assign({partition: span.start})
-        position, idle_since = span.start, time.monotonic()
+        position, stall = span.start, Stall(STALL_TIMEOUT_S)
         while position < span.end:
             fetched = await reader.fetch([partition], fetch_timeout_ms, max_records)
             for record in fetched.get(partition, []):
@@ -189,8 +219,8 @@ async def read_spans(reader: PartitionReader, spans: dict[int, Span], fetch_time
                     yield record
             moved = await reader.position(partition)
             if moved > position:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > STALL_TIMEOUT_S:
+                stall.moved()
+            elif stall.stalled():
                 raise BrokerError(
                     f"{reader.topic}[{partition}] stayed at offset {position} for {STALL_TIMEOUT_S:g}s before its end {span.end}; "
                     "is the broker healthy, or were records deleted meanwhile?"

@@ -28,10 +28,13 @@ from worker.config import KafkaSettings, Settings
 from worker.errors import ConfigError, WorkerError
 from worker.events import RawRecord
 from worker.kafka import PartitionReader
-from worker.tools.common import CONNECT_TIMEOUT_S, Start, parse_time, plan, read_spans, require_records
+from worker.tools.common import CONNECT_TIMEOUT_S, Start, parse_time, plan, read_spans, require_records, require_topic
+from worker.tools.progress import Progress
 
 # Keep this much of a dump in memory before spilling to a temporary file.
 SPOOL_BYTES = 32 * 1024 * 1024
+# `load` sends this many records at a time, each chunk acknowledged before the progress moves on.
+LOAD_CHUNK = 1000
 
 
 class DumpError(WorkerError):
@@ -97,9 +100,12 @@ async def dump(
     async with PartitionReader(settings, settings.topic, timeout_s=CONNECT_TIMEOUT_S) as reader:
         spans = await plan(settings, reader, start, to_time_ms, None if partition is None else [partition])
         require_records(spans, settings.topic, start, to_time_ms)
-        async for record in read_spans(reader, spans, settings.fetch_timeout_ms, settings.max_batch_records):
-            out.write(encode_record(record))
-            written += 1
+        sizes = {p: span.size for p, span in spans.items() if span.size}
+        with Progress("dump", sum(sizes.values()), partitions=sizes) as progress:
+            async for record in read_spans(reader, spans, settings.fetch_timeout_ms, settings.max_batch_records):
+                out.write(encode_record(record))
+                written += 1
+                progress.advance(1, partition=record.partition)
     return DumpSummary(settings.topic, written, [p for p, s in spans.items() if s.size])
 
 
@@ -188,12 +194,17 @@ def _parse_line(line: bytes) -> FileRecord:
 
 
 async def load_command(settings: Settings, args: argparse.Namespace) -> int:
-    """``rc-worker load FILE [--topic T]``: produce the file's records, in order."""
+    """``rc-worker load FILE [--topic T] [--create-topic]``: produce the file's records, in order, to a topic that exists."""
     from worker.kafka import Outgoing, Producer
 
     records = read_records_file(args.file)
     topic = args.topic or settings.kafka.topic
+    await require_topic(settings.kafka, topic, create=args.create_topic)
     async with Producer(settings.kafka) as producer:
-        await producer.send_many([Outgoing(topic, r.key, r.value, r.headers) for r in records])
+        with Progress("load", len(records)) as progress:
+            for first in range(0, len(records), LOAD_CHUNK):
+                chunk = records[first : first + LOAD_CHUNK]
+                await producer.send_many([Outgoing(topic, r.key, r.value, r.headers) for r in chunk])
+                progress.advance(len(chunk))
     print(f"loaded {len(records)} records into {topic}")
     return 0

@@ -13,6 +13,7 @@ rebuilding state is ``rc-worker replay`` into a fresh database.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -23,6 +24,7 @@ from worker.kafka import PartitionReader, commit_group_offsets, describe_group, 
 from worker.persistence.admin import schema_revision, set_stored_offsets
 from worker.persistence.store import Store
 from worker.tools.common import CONNECT_TIMEOUT_S, Start, configured_store, parse_offsets, parse_time, plan
+from worker.tools.progress import Progress
 
 
 class GroupActiveError(WorkerError):
@@ -141,19 +143,22 @@ async def reset_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.dry_run:
         print("dry run: nothing changed")
         return 0
-    await commit_group_offsets(kafka, kafka.group_id, kafka.topic, new, CONNECT_TIMEOUT_S)
     store = configured_store(settings)
-    changed = await _set_stored(store, kafka, new) if store is not None else []
+    # Kafka's offsets in one commit, then the database's one partition after another.
+    with Progress("offsets reset", len(new) * (2 if store is not None else 1), unit="offsets") as progress:
+        await commit_group_offsets(kafka, kafka.group_id, kafka.topic, new, CONNECT_TIMEOUT_S)
+        progress.advance(len(new))
+        changed = await _set_stored(store, kafka, new, lambda: progress.advance(1)) if store is not None else []
     print(f"reset {len(new)} partitions of group {kafka.group_id}" + (f"; database offsets of partitions {changed} too" if changed else ""))
     return 0
 
 
-async def _set_stored(store: Store, kafka: KafkaSettings, new: dict[int, int]) -> list[int]:
+async def _set_stored(store: Store, kafka: KafkaSettings, new: dict[int, int], on_each: Callable[[], None]) -> list[int]:
     try:
         if await schema_revision(store) is None:
             return []
         try:
-            return await set_stored_offsets(store, kafka.group_id, kafka.topic, new)
+            return await set_stored_offsets(store, kafka.group_id, kafka.topic, new, on_each)
         except WorkerError as exc:
             raise WorkerError(
                 f"Kafka's offsets were reset, but the database's were not ({exc}); a worker would start at the later "

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,7 @@ from structlog.contextvars import bound_contextvars
 
 from worker.apps.contract import App
 from worker.apps.http import Http
+from worker.apps.readers import Directory
 from worker.config import KafkaSettings, Settings
 from worker.errors import BrokerError, ConfigError, PersistenceError, WorkerError
 from worker.events import RawRecord
@@ -35,8 +38,10 @@ from worker.persistence.unit import Snapshot
 from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics
 from worker.pipeline.retry import until_committed
+from worker.pipeline.stall import Stall
 from worker.pipeline.tally import BatchResult
 from worker.tools.common import CONNECT_TIMEOUT_S, Span, Start, parse_names, parse_time, plan, require_records, start_from_args, state_store
+from worker.tools.progress import Progress
 
 log = structlog.get_logger("worker.replay")
 
@@ -44,6 +49,8 @@ log = structlog.get_logger("worker.replay")
 BATCH_MAX_ATTEMPTS = 10
 # A replay whose partitions stop advancing this long has lost its broker: fail, do not hang.
 STALL_TIMEOUT_S = 60.0
+# How often `replay --workers N` reads its group's committed offsets for the progress display.
+WORKERS_POLL_S = 1.0
 # Commit metadata pinning a replay group's end offset of a partition ("rc-replay end=1234").
 END_MARK = "rc-replay end="
 
@@ -81,7 +88,7 @@ class ReplaySummary:
     @property
     def dead_letters(self) -> int:
         """Undecodable records, and events an app failed for good (counted per app)."""
-        return self.total.dead_lettered + self.total.outcomes_of("dead_lettered")
+        return self.total.dead_letters
 
     @property
     def conflicts(self) -> int:
@@ -144,6 +151,7 @@ class Replay:
         self.to_time_ms = to_time_ms
         self.group = group
         self.http = Http(settings.http)
+        self.directory = Directory.from_settings(settings.rocketchat)
         self.dispatcher = Dispatcher(
             apps,
             store,
@@ -151,11 +159,13 @@ class Replay:
             Topics(self.kafka.dead_letter_topic, self.kafka.commands_topic),
             settings.processing,
             own_user_id=settings.rocketchat.app_user_id,
+            directory=self.directory,
         )
         # The partitions' batches of one fetch run as one unit, on one snapshot kept from batch
         # to batch: no conflicts among them, and no re-reading what the last batch wrote.
         self.combiner = Combiner(self.dispatcher)
         self.summary = ReplaySummary(self.kafka.topic)
+        self.progress: Progress | None = None
 
     async def run(self) -> ReplaySummary:
         """Replay the range and return what was done.
@@ -174,14 +184,22 @@ class Replay:
                 await prepare(self.store)
                 log.info("replay_started", topic=self.kafka.topic, group=self.group, spans={p: (s.start, s.end) for p, s in spans.items()})
                 if self.group is None:
-                    await self._run_assigned(reader, spans)
+                    with self._progress({p: s.size for p, s in spans.items() if s.size}):
+                        await self._run_assigned(reader, spans)
             if self.group is not None:
-                await self._run_group(self.group, spans)
+                with self._progress({}):  # sized as Kafka assigns partitions
+                    await self._run_group(self.group, spans)
         finally:
+            self.progress = None
             await self.http.aclose()
+            await self.directory.aclose()
         self.summary.duration_s = time.monotonic() - started
         log.info("replay_finished", **self.summary.as_dict())
         return self.summary
+
+    def _progress(self, sizes: dict[int, int]) -> Progress:
+        self.progress = Progress("replay", sum(sizes.values()), unit="events", partitions=sizes)
+        return self.progress
 
     async def _run_assigned(self, reader: PartitionReader, spans: dict[int, Span]) -> None:
         """Alone: every partition of the range, assigned to this process."""
@@ -223,6 +241,8 @@ class Replay:
                 if positions[partition] >= ends[partition]:
                     consumer.pause(partition)
             await commit(fresh)
+            if self.progress is not None:
+                self.progress.resize({p: ends[p] - positions[p] for p in partitions})
             log.info("replay_partitions_assigned", partitions=sorted(partitions), ranges={p: (positions[p], ends[p]) for p in partitions})
             assigned.set()
 
@@ -294,7 +314,15 @@ class Replay:
             if result is None:  # pragma: no cover - a bounded loop returns or raises
                 return
             self.summary.add(result, len(records))
-            log.info("replay_batch_committed", first_offset=records[0].offset, **result.log_fields())
+            if self.progress is not None:
+                self.progress.advance(
+                    result.next_offset - records[0].offset,
+                    partition=partition,
+                    dead_letters=result.dead_letters,
+                    duplicates=result.duplicates,
+                )
+            # Per batch, so at debug (--verbose): the progress display says how far the replay is.
+            log.debug("replay_batch_committed", first_offset=records[0].offset, **result.log_fields())
 
 
 class _Stall:
@@ -302,13 +330,12 @@ class _Stall:
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.since = time.monotonic()
+        self.stall = Stall(STALL_TIMEOUT_S)
 
     def check(self, progressed: bool, remaining: dict[int, int]) -> None:
-        now = time.monotonic()
         if progressed or not remaining:
-            self.since = now
-        elif now - self.since > STALL_TIMEOUT_S:
+            self.stall.moved()
+        elif self.stall.stalled():
             raise BrokerError(
                 f"no records of {self.topic} arrived for {STALL_TIMEOUT_S:g}s though partitions {sorted(remaining)} "
                 "have not reached their end; is the broker healthy, or were records deleted meanwhile?"
@@ -341,10 +368,130 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     if args.group is not None and args.group == settings.kafka.group_id:
         raise ConfigError(f"--group {args.group} is the live consumer group (kafka.group_id); name the replay group differently")
     apps = load_apps(handlers, settings.handlers.settings)
-    store = state_store(args.state)
-    try:
-        summary = await Replay(settings, apps, store, topic=args.topic, start=start, to_time_ms=to_time_ms, group=args.group).run()
-    finally:
-        await store.close()
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give at least 1")
+    if args.workers > 1:
+        summary = await Workers(settings, args, start, to_time_ms).run(args.workers)
+    else:
+        store = state_store(args.state)
+        try:
+            summary = await Replay(settings, apps, store, topic=args.topic, start=start, to_time_ms=to_time_ms, group=args.group).run()
+        finally:
+            await store.close()
     print(orjson.dumps(summary.as_dict()).decode() if args.json else summary.render())
     return 0
+
+
+# -- replay --workers N ------------------------------------------------------------------------
+
+
+class Workers:
+    """``replay --workers N``: N processes of one replay group, among which Kafka splits the partitions.
+
+    Each process is ``rc-worker replay --group G`` (quiet, JSON summary): the group pins every
+    partition's range when a process first takes it, so the processes together replay the
+    range as it was at start, and running the same command with ``--group G`` again resumes.
+    This process migrates the database once before they start, shows their progress from the
+    group's committed offsets, and adds up their summaries.
+    """
+
+    def __init__(self, settings: Settings, args: argparse.Namespace, start: Start, to_time_ms: int | None) -> None:
+        self.settings = settings
+        self.args = args
+        self.kafka = settings.kafka.model_copy(update={"topic": args.topic or settings.kafka.topic})
+        self.start = start
+        self.to_time_ms = to_time_ms
+        self.group: str = args.group or f"rc-replay-{uuid.uuid4().hex[:12]}"
+
+    def _command(self) -> list[str]:
+        args = self.args
+        options = ["--from-beginning"] if args.from_beginning else []
+        for flag, value in (
+            ("--from-offset", args.from_offset),
+            ("--from-time", args.from_time),
+            ("--to-time", args.to_time),
+            ("--topic", args.topic),
+            ("--handlers", args.handlers),
+        ):
+            if value is not None:
+                options += [flag, value]
+        config = ["--config", str(args.config)] if getattr(args, "config", None) else []
+        return [
+            sys.executable,
+            "-m",
+            "worker",
+            *config,
+            "replay",
+            *options,
+            "--state",
+            args.state,
+            "--group",
+            self.group,
+            "--json",
+            "--quiet",
+        ]
+
+    async def run(self, count: int) -> ReplaySummary:
+        """Run ``count`` processes to the end of the range; their summaries added up."""
+        started = time.monotonic()
+        async with PartitionReader(self.kafka, self.kafka.topic, timeout_s=CONNECT_TIMEOUT_S) as reader:
+            spans = await plan(self.kafka, reader, self.start, self.to_time_ms)
+        require_records(spans, self.kafka.topic, self.start, self.to_time_ms)
+        store = state_store(self.args.state)
+        try:
+            await prepare(store)  # once: processes migrating a fresh database together would race
+        finally:
+            await store.close()
+        log.info("replay_workers_started", topic=self.kafka.topic, group=self.group, workers=count)
+        processes = [
+            await asyncio.create_subprocess_exec(*self._command(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            for _ in range(count)
+        ]
+        try:
+            outputs = await self._follow(processes, spans)
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        summary = self._add_up(processes, outputs)
+        summary.partitions = sum(1 for span in spans.values() if span.size)  # a process counts those it held, rebalances twice
+        summary.duration_s = time.monotonic() - started
+        log.info("replay_finished", **summary.as_dict())
+        return summary
+
+    async def _follow(self, processes: list[asyncio.subprocess.Process], spans: dict[int, Span]) -> list[tuple[bytes, bytes]]:
+        """Wait for the processes, moving the progress as the group's committed offsets move."""
+        sizes = {p: span.size for p, span in spans.items() if span.size}
+        waiting = asyncio.ensure_future(asyncio.gather(*(process.communicate() for process in processes)))
+        with Progress("replay", sum(sizes.values()), unit="events", partitions=sizes) as progress:
+            while not waiting.done():
+                await asyncio.wait([waiting], timeout=WORKERS_POLL_S)
+                try:
+                    committed = await group_offsets(self.kafka, self.group, self.kafka.topic, CONNECT_TIMEOUT_S)
+                except BrokerError:
+                    continue  # the processes fail on their own if the broker is gone
+                for partition, size in sizes.items():
+                    pinned = _pinned(committed.get(partition))
+                    done = min(size, max(0, pinned[0] - spans[partition].start)) if pinned else 0
+                    if done > progress.partition_done[partition]:
+                        progress.advance(done - progress.partition_done[partition], partition=partition)
+        return waiting.result()
+
+    def _add_up(self, processes: list[asyncio.subprocess.Process], outputs: list[tuple[bytes, bytes]]) -> ReplaySummary:
+        failed = [(process.returncode, err) for process, (_, err) in zip(processes, outputs, strict=True) if process.returncode != 0]
+        if failed:
+            status, err = failed[0]
+            said = err.decode(errors="replace").strip().splitlines()[-1:] or ["nothing"]
+            raise WorkerError(
+                f"{len(failed)} of {len(processes)} replay processes failed; one exited {status} saying: {said[0]}. "
+                f"Run again with --group {self.group} to resume where they stopped"
+            )
+        summary = ReplaySummary(self.kafka.topic)
+        for out, _ in outputs:
+            part = orjson.loads(out.strip().splitlines()[-1])
+            # A process's summary as one result: its dead letters are all counted as records'.
+            result = BatchResult(next_offset=0, processed=part["events"], duplicates=part["duplicates"], skipped=part["skipped"])
+            result.dead_lettered, result.conflicts, result.per_app = part["dead_letters"], part["conflicts"], dict(part["per_app"])
+            summary.add(result, part["records"])
+        return summary

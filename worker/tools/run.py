@@ -18,6 +18,11 @@ async def command(settings: Settings, _args: argparse.Namespace) -> int:
 
     apps = load_apps(settings.handlers.enabled, settings.handlers.settings)
     worker = Worker(settings, apps, hooks=observe)
+    pages = None
+    if settings.observability.web:
+        from worker.web.embedded import pages_factory
+
+        pages = pages_factory(settings)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     if task is None:  # pragma: no cover - asyncio.run always runs us in a task
@@ -32,7 +37,7 @@ async def command(settings: Settings, _args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
     try:
-        async with serve(settings.observability, worker.status):
+        async with serve(settings.observability, worker.status, pages=pages):
             await worker.run()
     except asyncio.CancelledError:
         print(f"rc-worker: shutdown took longer than {settings.processing.shutdown_timeout_s}s; stopped hard", file=sys.stderr)

@@ -1,0 +1,249 @@
+"""The user, room and message readers: what a handler may read of Rocket.Chat itself.
+
+An event carries its message, the sender and the room; a reader answers from those first.
+Anything else is asked of Rocket.Chat's REST API through the ``rocketchat`` section's client
+and kept in one bounded cache per worker (``constants.DIRECTORY_CACHE_*``), shared by every
+app and event, so that a busy room does not cost a REST call per event. Without that
+section, such reads raise :class:`~worker.errors.RocketChatUnavailable`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from cachetools import TTLCache
+from pydantic import ValidationError
+
+from worker import constants
+from worker.config import RocketChatSettings
+from worker.errors import RocketChatError, RocketChatUnavailable
+from worker.events import Message, Room, User
+from worker.rocketchat.client import RocketChatClient
+from worker.rocketchat.stub import RocketChatStub
+
+_T = TypeVar("_T")
+_FIX = (
+    "set rocketchat.url, rocketchat.user_id and rocketchat.auth_token in config.yaml (or RC_WORKER_ROCKETCHAT__URL, "
+    "RC_WORKER_ROCKETCHAT__USER_ID, RC_WORKER_ROCKETCHAT__AUTH_TOKEN)"
+)
+# Rocket.Chat answers an unknown id or name with 400 (users.info, rooms.info, chat.getMessage) or 404.
+_NOT_FOUND = {400, 404}
+# The members endpoint of each room type; others (livechat) through the generic one.
+_MEMBERS = {"c": "channels.members", "p": "groups.members", "d": "im.members"}
+
+
+class Directory:
+    """Rocket.Chat's users, rooms and messages for one worker: REST answers, cached.
+
+    Args:
+        client: the REST client, or None when no ``rocketchat`` section is configured.
+        app_user_id: the worker's own user (``rocketchat.user_id``): the app user.
+
+    """
+
+    def __init__(self, client: RocketChatClient | None = None, *, app_user_id: str | None = None) -> None:
+        self.client = client
+        self.app_user_id = app_user_id if client is not None else None
+        self._cache: TTLCache[tuple[str, str], Any] = TTLCache(constants.DIRECTORY_CACHE_ENTRIES, constants.DIRECTORY_CACHE_TTL_S)
+
+    @classmethod
+    def from_settings(cls, settings: RocketChatSettings) -> Directory:
+        """A directory over the configured Rocket.Chat, or answering from events only when it is not."""
+        if not settings.configured:
+            return cls()
+        # The app user is the account the worker is known by: rocketchat.app_user_id (the loop
+        # guard's), else the one it calls the REST API as.
+        return cls(RocketChatClient(settings), app_user_id=settings.app_user_id or settings.user_id)
+
+    @classmethod
+    def over(cls, stub: RocketChatStub) -> Directory:
+        """A directory whose REST calls the stub answers (tests)."""
+        return cls(RocketChatClient(stub.settings, transport=stub.transport), app_user_id=stub.settings.user_id)
+
+    async def aclose(self) -> None:
+        """Close the REST client's connections."""
+        if self.client is not None:
+            await self.client.aclose()
+
+    def for_message(self, message: Message | None) -> Readers:
+        """The readers of one handler run, answering from ``message`` (the event's) where they can."""
+        return Readers(self, message)
+
+    async def user(self, by: str, value: str, what: str) -> User | None:
+        """A user by ``userId`` or ``username``, cached under both."""
+        user = await self._cached(("user", f"{by}:{value}"), what, lambda client: client.call("GET", "users.info", params={by: value}))
+        if user is not None:
+            self._cache[("user", f"userId:{user.get('_id')}")] = user
+        return _user(user) if user is not None else None
+
+    async def room(self, by: str, value: str, what: str) -> Room | None:
+        """A room by ``roomId`` or ``roomName``."""
+        room = await self._cached(("room", f"{by}:{value}"), what, lambda client: client.call("GET", "rooms.info", params={by: value}))
+        return _room(room) if room is not None else None
+
+    async def message(self, message_id: str, what: str) -> Message | None:
+        """A message by id."""
+        found = await self._cached(
+            ("message", message_id), what, lambda client: client.call("GET", "chat.getMessage", params={"msgId": message_id})
+        )
+        return _message(found) if found is not None else None
+
+    async def members(self, room: Room, what: str) -> list[User]:
+        """Every member of ``room``, page by page, up to ``constants.MEMBERS_LIMIT``."""
+        endpoint = _MEMBERS.get(room.type or "", "rooms.membersOrderedByRole")
+        found: list[dict[str, Any]] = []
+        while len(found) < constants.MEMBERS_LIMIT:
+            offset = len(found)
+            page = await self._call(
+                what,
+                lambda client, offset=offset: client.call(  # type: ignore[misc]
+                    "GET", endpoint, params={"roomId": room.id, "offset": offset, "count": constants.MEMBERS_PAGE_SIZE}
+                ),
+            )
+            members = page.get("members") or []
+            found += members
+            if not members or len(found) >= int(page.get("total", len(found))):
+                break
+        return [_user(member) for member in found[: constants.MEMBERS_LIMIT]]
+
+    async def _cached(self, key: tuple[str, str], what: str, call: Callable[[RocketChatClient], Awaitable[dict[str, Any]]]) -> Any:
+        if key in self._cache:
+            return self._cache[key]
+        try:
+            answer = await self._call(what, call)
+        except RocketChatError as exc:
+            if exc.status in _NOT_FOUND:
+                return None  # not cached: it may exist soon
+            raise
+        # users.info answers {"user": ...}, rooms.info {"room": ...}, chat.getMessage {"message": ...}.
+        found = answer.get(key[0])
+        if isinstance(found, dict):
+            self._cache[key] = found
+            return found
+        return None
+
+    async def _call(self, what: str, call: Callable[[RocketChatClient], Awaitable[_T]]) -> _T:
+        if self.client is None:
+            raise RocketChatUnavailable(f"{what} needs Rocket.Chat's REST API, and none is configured: {_FIX}")
+        return await call(self.client)
+
+
+class Readers:
+    """The user, room and message readers of one handler run."""
+
+    __slots__ = ("messages", "rooms", "users")
+
+    def __init__(self, directory: Directory, message: Message | None) -> None:
+        self.users = UserReader(directory, message)
+        self.rooms = RoomReader(directory, message)
+        self.messages = MessageReader(directory, message)
+
+
+class UserReader:
+    """``read.get_user_reader()``: the event's sender from the event, other users over REST (``users.info``)."""
+
+    __slots__ = ("_directory", "_message")
+
+    def __init__(self, directory: Directory, message: Message | None) -> None:
+        self._directory, self._message = directory, message
+
+    async def get_app_user(self) -> User | None:
+        """The worker's own Rocket.Chat user (``rocketchat.user_id``); None when no Rocket.Chat is configured."""
+        if self._directory.app_user_id is None:
+            return None
+        return await self.get_by_id(self._directory.app_user_id)
+
+    async def get_by_id(self, user_id: str) -> User | None:
+        """The user with this id, or None."""
+        sender = self._message.sender if self._message else None
+        if sender is not None and sender.id == user_id:
+            return sender
+        return await self._directory.user("userId", user_id, f"read.get_user_reader().get_by_id({user_id!r})")
+
+    async def get_by_username(self, username: str) -> User | None:
+        """The user with this username, or None."""
+        sender = self._message.sender if self._message else None
+        if sender is not None and sender.username == username:
+            return sender
+        return await self._directory.user("username", username, f"read.get_user_reader().get_by_username({username!r})")
+
+
+class RoomReader:
+    """``read.get_room_reader()``: the event's room from the event, other rooms and members over REST."""
+
+    __slots__ = ("_directory", "_message")
+
+    def __init__(self, directory: Directory, message: Message | None) -> None:
+        self._directory, self._message = directory, message
+
+    async def get_by_id(self, room_id: str) -> Room | None:
+        """The room with this id, or None."""
+        room = self._message.room if self._message else None
+        if room is not None and room.id == room_id:
+            return room
+        return await self._directory.room("roomId", room_id, f"read.get_room_reader().get_by_id({room_id!r})")
+
+    async def get_by_name(self, name: str) -> Room | None:
+        """The room with this name (slugified), or None."""
+        room = self._message.room if self._message else None
+        if room is not None and room.slugified_name == name:
+            return room
+        return await self._directory.room("roomName", name, f"read.get_room_reader().get_by_name({name!r})")
+
+    async def get_members(self, room_id: str) -> list[User]:
+        """The room's members; an unknown room has none."""
+        what = f"read.get_room_reader().get_members({room_id!r})"
+        room = await self.get_by_id(room_id)
+        if room is None:
+            return []
+        return await self._directory.members(room, what)
+
+
+class MessageReader:
+    """``read.get_message_reader()``: the event's message from the event, others over REST (``chat.getMessage``)."""
+
+    __slots__ = ("_directory", "_message")
+
+    def __init__(self, directory: Directory, message: Message | None) -> None:
+        self._directory, self._message = directory, message
+
+    async def get_by_id(self, message_id: str) -> Message | None:
+        """The message with this id, or None."""
+        if self._message is not None and self._message.id == message_id:
+            return self._message
+        return await self._directory.message(message_id, f"read.get_message_reader().get_by_id({message_id!r})")
+
+
+# -- Rocket.Chat's REST documents to the contract's models ------------------------------------
+
+
+def _user(doc: dict[str, Any]) -> User:
+    fields = {k: v for k, v in doc.items() if k != "_id"}
+    return User.model_validate({**fields, "id": doc.get("_id")})
+
+
+def _room(doc: dict[str, Any]) -> Room:
+    fields = {k: v for k, v in doc.items() if k not in ("_id", "t", "name")}
+    kind = doc.get("t") if doc.get("t") in ("c", "p", "d", "l") else None
+    return Room.model_validate({**fields, "id": doc.get("_id"), "slugifiedName": doc.get("name"), "type": kind})
+
+
+def _message(doc: dict[str, Any]) -> Message | None:
+    sender = doc.get("u") or {}
+    fields = {k: v for k, v in doc.items() if k not in ("_id", "rid", "u", "msg", "ts", "_updatedAt", "tmid", "t")}
+    data = {
+        **fields,
+        "id": doc.get("_id"),
+        "room": {"id": doc.get("rid")},
+        "sender": {"id": sender.get("_id"), "username": sender.get("username"), "name": sender.get("name")},
+        "text": doc.get("msg"),
+        "createdAt": doc.get("ts"),
+        "updatedAt": doc.get("_updatedAt"),
+        "threadId": doc.get("tmid"),
+        "type": doc.get("t"),
+    }
+    try:
+        return Message.model_validate({k: v for k, v in data.items() if v is not None})
+    except ValidationError as exc:
+        raise RocketChatError(200, f"chat.getMessage answered a message this worker cannot read: {exc.errors()[0]['msg']}") from exc
