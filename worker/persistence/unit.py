@@ -58,8 +58,11 @@ class OutboxMessage:
 class HandedOut(Protocol):
     """An accessor call handed to a handler as an awaitable: its name, and whether it was awaited."""
 
-    name: str
     awaited: bool
+
+    @property
+    def name(self) -> str:
+        """The call as written."""
 
 
 class Loader(Protocol):
@@ -217,9 +220,10 @@ class UnitOfWork:
         if not associations:
             raise InvalidDataError(f"app {app_id!r}: a query by associations needs at least one association")
         wanted = (str(associations[0]),) if len(associations) == 1 else tuple(sorted({str(a) for a in associations}))
-        check_associations(app_id, wanted)
         query = (app_id, wanted)
         if query not in self.queries and not self._adopt_query(query):
+            # Checked before the database sees it; a query this unit or the snapshot knows was.
+            check_associations(app_id, wanted)
             guard = guard_association(wanted)
             if len(wanted) > 1 and scoped(guard):
                 await self._derive(query, guard)

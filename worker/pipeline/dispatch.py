@@ -109,6 +109,7 @@ class Dispatcher:
         self.topics = topics
         self.settings = settings
         self.directory = directory or Directory()
+        self._taking: dict[str, list[App]] = {}  # the apps that take each event type, asked once
 
     async def dispatch(
         self,
@@ -331,8 +332,6 @@ class Dispatcher:
             results[index].staged_outbox = len(unit.outbox) - before
         return results
 
-    # -- dead letters ------------------------------------------------------------------------
-
     def _report_dead_letters(self, result: BatchResult) -> None:
         # Reported once their commit succeeded, not where they are staged: a batch that
         # conflicts runs again and stages them again.
@@ -378,7 +377,10 @@ class Dispatcher:
         """The apps that see ``event``: those taking its type (none for system messages and other types)."""
         if event.interface is None:
             return []
-        return [app for app in self.apps if app.takes(event.type)]
+        found = self._taking.get(event.type)
+        if found is None:
+            found = self._taking[event.type] = [app for app in self.apps if app.takes(event.type)]
+        return found
 
     def _markers(self, decoded: _Decoded) -> list[Marker]:
         return [(app.id, item.source, item.id) for _, item in decoded if isinstance(item, Event) for app in self._takers(item)]
@@ -418,7 +420,8 @@ class Dispatcher:
                 with tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id):
                     outcomes = await run.event(takers, item, done, index, result)
                 # Only once the event went through: one that backs off is counted by its next run.
-                result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
+                if len(takers) < len(self.apps):
+                    result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
                 self._tally(result, outcomes)
         finally:
             current_event.reset(context)
