@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 from worker.errors import InvalidDataError, RecordNotFoundError
 from worker.persistence.associations import Association
-from worker.persistence.keys import Key, Marker, RecordRef, association_key, guard_key, id_key
+from worker.persistence.keys import Key, Marker, RecordRef, association_key, guard_association, guard_key, id_key, scoped
 from worker.persistence.values import check_associations, check_record_id, encode_data
 
 _T = TypeVar("_T")
@@ -39,20 +39,28 @@ class StoredRecord:
 
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
-    """A record to publish after commit (a command, or a dead letter)."""
+    """A record to publish after commit (a command, or a dead letter).
+
+    ``source_partition``: the partition whose event staged it, where one unit spans several
+    (None: the partition of the fence the unit commits with).
+    """
 
     app_id: str | None
     topic: str
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
+    source_partition: int | None = None
 
 
 class HandedOut(Protocol):
     """An accessor call handed to a handler as an awaitable: its name, and whether it was awaited."""
 
-    name: str
     awaited: bool
+
+    @property
+    def name(self) -> str:
+        """The call as written."""
 
 
 class Loader(Protocol):
@@ -124,7 +132,8 @@ class Snapshot:
         self.forget([key for key, version in unit.seen.items() if self.versions.get(key, version) != version])
         self.versions.update(unit.seen)
         self.records.update(unit.base)
-        self.queries.update(unit.queries)
+        # Derived queries are not kept: the guard's records they came from answer them again.
+        self.queries.update((query, ids) for query, ids in unit.queries.items() if query not in unit.derived)
 
     def absorb(self, unit: UnitOfWork, new_versions: Mapping[Key, int]) -> None:
         """Take over what ``unit`` read and wrote, now that it has committed."""
@@ -137,7 +146,8 @@ class Snapshot:
             )
         # A query whose association was written by this unit is now what the unit saw.
         for query in unit.queries:
-            self.queries[query] = tuple(r.id for r in unit.query_result(query))
+            if query not in unit.derived:
+                self.queries[query] = tuple(r.id for r in unit.query_result(query))
         for query in list(self.queries):
             if query not in unit.queries and guard_key(*query) in unit.written:
                 del self.queries[query]
@@ -168,6 +178,9 @@ class UnitOfWork:
     seen: dict[Key, int] = field(default_factory=dict)
     base: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
+    # Queries answered from their guard's records (see _derive), and those records by association.
+    derived: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)
+    _indexes: dict[tuple[str, tuple[str, ...]], dict[str, list[StoredRecord]]] = field(default_factory=dict)
     staged: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     created: set[RecordRef] = field(default_factory=set)
     written: set[Key] = field(default_factory=set)
@@ -205,15 +218,47 @@ class UnitOfWork:
         if not associations:
             raise InvalidDataError(f"app {app_id!r}: a query by associations needs at least one association")
         wanted = (str(associations[0]),) if len(associations) == 1 else tuple(sorted({str(a) for a in associations}))
-        check_associations(app_id, wanted)
         query = (app_id, wanted)
         if query not in self.queries and not self._adopt_query(query):
-            key = guard_key(app_id, wanted)
-            versions, rows = await self._guard(self.loader.load_by_associations(self._unseen([key]), app_id, wanted))
-            self._remember(versions, rows, app_id)
-            self.seen.setdefault(key, 0)
-            self.queries[query] = tuple(row.id for row in rows)
+            # Checked before the database sees it; a query this unit or the snapshot knows was.
+            check_associations(app_id, wanted)
+            guard = guard_association(wanted)
+            if len(wanted) > 1 and scoped(guard):
+                await self._derive(query, guard)
+            else:
+                await self._load_query(query)
         return self.query_result(query)
+
+    async def _load_query(self, query: tuple[str, tuple[str, ...]]) -> None:
+        app_id, wanted = query
+        key = guard_key(app_id, wanted)
+        versions, rows = await self._guard(self.loader.load_by_associations(self._unseen([key]), app_id, wanted))
+        self._remember(versions, rows, app_id)
+        self.seen.setdefault(key, 0)
+        self.queries[query] = tuple(row.id for row in rows)
+
+    async def _derive(self, query: tuple[str, tuple[str, ...]], guard: str) -> None:
+        """Answer a query for several associations from every record of its guard association.
+
+        Both are guarded by the same version key, so the whole set (read once, then kept in
+        the snapshot) answers every later query it guards without a round trip: a room's
+        records answer "this user's, in this room" for each user.
+        """
+        app_id, wanted = query
+        whole = (app_id, (guard,))
+        if whole not in self.queries and not self._adopt_query(whole):
+            await self._load_query(whole)
+        index = self._indexes.get(whole)
+        if index is None:
+            index = self._indexes[whole] = {}
+            for record_id in self.queries[whole]:
+                if (record := self.base.get((app_id, record_id))) is not None:
+                    for association in record.associations:
+                        index.setdefault(association, []).append(record)
+        needed = set(wanted)
+        fewest = min((index.get(a, []) for a in wanted if a != guard), key=len)
+        self.queries[query] = tuple(record.id for record in fewest if needed.issubset(record.associations))
+        self.derived.add(query)
 
     def query_result(self, query: tuple[str, tuple[str, ...]]) -> list[StoredRecord]:
         """The records of a query already run, this unit's writes applied."""
@@ -228,8 +273,14 @@ class UnitOfWork:
             # A record removed and re-created here (update with upsert) has lost its associations.
             if record is not None and wanted_set.issubset(record.associations):
                 found.append(record)
+        if not self.created_by_association:
+            return found
+        created = self.created_by_association.get((app_id, guard_association(wanted)))
+        if not created:
+            return found
         from_database = set(self.queries[query])
-        for record_id in sorted(self.created_by_association.get((app_id, wanted[0]), ())):
+        # Through the guard's index: it has the fewest records (a room's, not every unread one).
+        for record_id in sorted(created):
             record = self.staged.get((app_id, record_id))
             if record is not None and wanted_set.issubset(record.associations) and record_id not in from_database:
                 found.append(record)

@@ -2,8 +2,8 @@
 
 Each partition the worker holds gets a lane, a task of its own, so a partition that waits
 (handler retries, a database outage) never holds up the others or the fetch loop; the runner
-pauses the partition in Kafka while its lane is busy, so the lane is handed one batch at a
-time. A lane is closed when its partition is revoked: it finishes or abandons its batch,
+pauses the partition in Kafka while a batch waits in its lane's inbox, so the lane holds at
+most one batch besides the one it runs (fetched while that runs). A lane is closed when its partition is revoked: it finishes or abandons its batch,
 and after that commits nothing (its fence is stale anyway).
 """
 
@@ -23,6 +23,7 @@ from worker.events import RawRecord
 from worker.logs import redact
 from worker.persistence.store import Fence
 from worker.persistence.unit import Snapshot
+from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outbox import OutboxPublisher
@@ -50,16 +51,18 @@ class Lane:
         publisher: OutboxPublisher,
         offsets: OffsetTracker,
         settings: ProcessingSettings,
-        on_idle: Callable[[int], None],
+        on_ready: Callable[[int], None],
         on_failure: Callable[[BaseException], None],
+        combiner: Combiner | None = None,
     ) -> None:
         self.fence = fence
+        self._combiner = combiner
         self.partition = fence.partition
         self._dispatcher = dispatcher
         self._publisher = publisher
         self._offsets = offsets
         self._settings = settings
-        self._on_idle = on_idle
+        self._on_ready = on_ready
         self._inbox: asyncio.Queue[list[RawRecord]] = asyncio.Queue(maxsize=1)
         self._closed = asyncio.Event()
         self._outbox_dirty = True  # a new owner first publishes what the last one left
@@ -98,9 +101,11 @@ class Lane:
             while not self._closed.is_set():
                 records = await self._next_batch()
                 if records is not None:
+                    # Fetch the next batch while this one runs: it waits in the inbox, so the
+                    # lane goes on without a round trip to the broker in between.
+                    self._on_ready(self.partition)
                     await self._process(records)
-                    self.busy, self.attempt = False, 0
-                    self._on_idle(self.partition)
+                    self.busy, self.attempt = not self._inbox.empty(), 0
                 if self._outbox_dirty and not self._closed.is_set():
                     await self._publish()
             if self._outbox_dirty:  # last chance while still the owner; else the next owner sends
@@ -121,7 +126,10 @@ class Lane:
 
         async def attempt() -> BatchResult:
             with tracing.span("rc_worker.batch", topic=self.fence.topic, partition=self.partition, records=len(records)):
-                return await self._dispatcher.dispatch(records, self.fence, locked=self._locked_batches > 0, snapshot=self._snapshot)
+                locked = self._locked_batches > 0
+                if self._combiner is not None:
+                    return await self._combiner.dispatch(records, self.fence, snapshot=self._snapshot, locked=locked)
+                return await self._dispatcher.dispatch(records, self.fence, locked=locked, snapshot=self._snapshot)
 
         try:
             result = await until_committed(

@@ -29,6 +29,7 @@ from worker.events import RawRecord
 from worker.kafka import Consumer, Producer, Reader
 from worker.persistence.retention import pruning
 from worker.persistence.store import Store
+from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.hooks import Hooks, contained
 from worker.pipeline.lane import Lane
@@ -47,6 +48,7 @@ class Worker:
         self.settings = settings
         self.hooks = contained(hooks)
         self.store = store or Store.from_settings(settings.persistence)
+        self.store.count_round_trips(self.hooks.database_round_trips)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.http = Http(settings.http)
         kafka = settings.kafka
@@ -61,6 +63,7 @@ class Worker:
             own_user_id=settings.rocketchat.app_user_id,
             directory=self.directory,
         )
+        self.combiner = Combiner(self.dispatcher)
         self.consumer = Consumer(kafka)
         self.producer = Producer(kafka)
         self.reader = Reader(kafka)
@@ -174,7 +177,14 @@ class Worker:
                     self.consumer.seek(partition, claim.next_offset)
             self.consumer.resume(partition)
             self.lanes[partition] = Lane(
-                claim.fence, self.dispatcher, self.publisher, self.offsets, self.settings.processing, self._resume, self._lane_failed
+                claim.fence,
+                self.dispatcher,
+                self.publisher,
+                self.offsets,
+                self.settings.processing,
+                self._resume,
+                self._lane_failed,
+                combiner=self.combiner,
             )
         log.info(
             "partitions_assigned",
