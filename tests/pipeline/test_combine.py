@@ -214,3 +214,22 @@ class TestHotKeys:
         results = await count.dispatch_together([Part(batch(0, 2, 2), claims[0])], snapshot, hot)
         assert [(r.locked, r.conflicts) for r in results.values()] == [(True, 0)]
         assert (await counts(store))["misc:message-count"] == 7
+
+    async def test_on_sqlite_hot_keys_never_hold_the_database_while_handlers_run(self, sqlite_url: str) -> None:
+        """Locking a key on SQLite locks the whole file: a handler's own write elsewhere must not wait on it."""
+        from tests.support import store_for
+
+        async with store_for(sqlite_url) as store, store_for(sqlite_url) as other:
+
+            class WritesElsewhere(MessageCount):
+                async def execute_post_message_sent(self, message: Message, read: Any, http: Any, persistence: Any, modify: Any) -> None:
+                    # What another worker's commit, or an operator's tool, does meanwhile.
+                    await other.claim("another-group", TOPIC, [0], message.id)
+                    await super().execute_post_message_sent(message, read, http, persistence, modify)
+
+            claims = await fences(store, [0])
+            count = dispatcher(store, instantiate(WritesElsewhere, "message-count", {}))
+            hot = {("message-count", "as:misc:message-count")}
+            results = await asyncio.wait_for(count.dispatch_together([Part(batch(0, 0, 3), claims[0])], Snapshot(), hot), 60)
+            assert [r.next_offset for r in results.values()] == [3]
+            assert (await counts(store))["misc:message-count"] == 3

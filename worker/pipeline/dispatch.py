@@ -227,7 +227,7 @@ class Dispatcher:
 
         Optimistic, or ``locked`` (see below); locked with ``hot`` keys, those are locked first.
         """
-        if locked and hot:
+        if locked and hot and not self.store.is_sqlite:
             return await self._attempt_hot(run, snapshot, advances, hot)
         unit = UnitOfWork(self.store, snapshot)
         result = await run(unit)
@@ -300,7 +300,11 @@ class Dispatcher:
                 continue
             except VersionConflict as exc:
                 conflicts += 1
-                hot.update(exc.keys or ())
+                if not self.store.is_sqlite:
+                    # Locking a key on SQLite locks the whole database: held while handlers
+                    # run, it would stop every other writer (and the handlers' own awaits on
+                    # them) for the length of the run. There the revalidating path serves.
+                    hot.update(exc.keys or ())
                 if conflicts >= self.settings.conflict_max_attempts:
                     raise ConflictsExhausted(f"{len(remaining)} partitions' batches conflicted {conflicts} times together") from exc
                 await self._conflicted(exc, snapshot, conflicts, sum(len(parts[i].decoded) for i in remaining), hold)
