@@ -1,16 +1,21 @@
 """One assigned partition: its batches dispatched in order, then its outbox published.
 
 Each partition the worker holds gets a lane, a task of its own, so a partition that waits
-(handler retries, a database outage) never holds up the others or the fetch loop; the runner
-pauses the partition in Kafka while a batch waits in its lane's inbox, so the lane holds at
-most one batch besides the one it runs (fetched while that runs). A lane is closed when its partition is revoked: it finishes or abandons its batch,
-and after that commits nothing (its fence is stale anyway).
+(handler retries, a database outage) never holds up the others or the fetch loop. Records
+fetched while a batch runs wait in the lane's backlog, and its next batch takes up to a
+batch's worth of them at once. The runner pauses the partition in Kafka only when the backlog
+is full (``BACKLOG_BATCHES`` batches), and the lane resumes it once it has drained to one
+batch: pausing after every batch made a busy partition wait, each time it was resumed, for
+the broker's long poll (``kafka.fetch_max_wait_ms``) of the fetch already in flight for the
+idle ones. A lane is closed when its partition is revoked: it finishes or abandons its
+batch, drops its backlog, and after that commits nothing (its fence is stale anyway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 import structlog
@@ -37,6 +42,8 @@ OUTBOX_RETRY_S = 1.0
 # After a conflict, this many batches start locked: contention on a hot key comes in runs,
 # and a locked batch waits its turn instead of being run again and again.
 LOCKED_BATCHES_AFTER_CONFLICT = 20
+# The backlog a lane holds before the runner pauses its partition, in batches (see above).
+BACKLOG_BATCHES = 4
 # The status shows this much of a failure's message: enough to recognise it, not a dump.
 MAX_ERROR_CHARS = 500
 
@@ -54,6 +61,7 @@ class Lane:
         on_ready: Callable[[int], None],
         on_failure: Callable[[BaseException], None],
         combiner: Combiner | None = None,
+        batch_records: int = 500,
     ) -> None:
         self.fence = fence
         self._combiner = combiner
@@ -63,7 +71,11 @@ class Lane:
         self._offsets = offsets
         self._settings = settings
         self._on_ready = on_ready
-        self._inbox: asyncio.Queue[list[RawRecord]] = asyncio.Queue(maxsize=1)
+        self._batch_records = batch_records
+        self._backlog: deque[list[RawRecord]] = deque()
+        self._backlogged = 0  # records in the backlog
+        self._arrived = asyncio.Event()
+        self.paused = False  # by the runner, because the backlog is full
         self._closed = asyncio.Event()
         self._outbox_dirty = True  # a new owner first publishes what the last one left
         self.busy = False
@@ -80,10 +92,14 @@ class Lane:
         # A lane that dies would hold its partition paused forever, silently: surface it.
         self.task.add_done_callback(lambda task: None if task.cancelled() or task.exception() is None else on_failure(task.exception()))  # type: ignore[arg-type]
 
-    def submit(self, records: list[RawRecord]) -> None:
-        """Hand the lane its next batch; the runner pauses the partition until it is idle."""
+    def submit(self, records: list[RawRecord]) -> bool:
+        """Add fetched records to the backlog; False when it is full and the partition must pause."""
         self.busy = True
-        self._inbox.put_nowait(records)
+        self._backlog.append(records)
+        self._backlogged += len(records)
+        self._arrived.set()
+        self.paused = self._backlogged >= BACKLOG_BATCHES * self._batch_records
+        return not self.paused
 
     async def close(self, timeout_s: float) -> None:
         """Finish the batch in flight (or abandon it after ``timeout_s``) and stop."""
@@ -101,25 +117,38 @@ class Lane:
             while not self._closed.is_set():
                 records = await self._next_batch()
                 if records is not None:
-                    # Fetch the next batch while this one runs: it waits in the inbox, so the
-                    # lane goes on without a round trip to the broker in between.
-                    self._on_ready(self.partition)
                     await self._process(records)
-                    self.busy, self.attempt = not self._inbox.empty(), 0
+                    self.busy, self.attempt = bool(self._backlog), 0
                 if self._outbox_dirty and not self._closed.is_set():
                     await self._publish()
             if self._outbox_dirty:  # last chance while still the owner; else the next owner sends
                 await self._publish()
 
     async def _next_batch(self) -> list[RawRecord] | None:
-        waiter = asyncio.ensure_future(self._inbox.get())
-        closed = asyncio.ensure_future(self._closed.wait())
-        done, _ = await asyncio.wait({waiter, closed}, timeout=OUTBOX_RETRY_S, return_when=asyncio.FIRST_COMPLETED)
-        closed.cancel()
-        if waiter in done:
-            return waiter.result()
-        waiter.cancel()
-        return None
+        if not self._backlog:
+            arrived = asyncio.ensure_future(self._arrived.wait())
+            closed = asyncio.ensure_future(self._closed.wait())
+            await asyncio.wait({arrived, closed}, timeout=OUTBOX_RETRY_S, return_when=asyncio.FIRST_COMPLETED)
+            arrived.cancel()
+            closed.cancel()
+            if not self._backlog or self._closed.is_set():
+                return None
+        self._arrived.clear()
+        records = self._take()
+        if self.paused and self._backlogged <= self._batch_records:
+            # Resumed while a batch still waits, so that the fetch (and the broker's long
+            # poll) runs while this one is processed, not after it.
+            self.paused = False
+            self._on_ready(self.partition)
+        return records
+
+    def _take(self) -> list[RawRecord]:
+        # Up to a batch of the oldest records, in offset order, as one batch.
+        records = self._backlog.popleft()
+        while self._backlog and len(records) + len(self._backlog[0]) <= self._batch_records:
+            records = records + self._backlog.popleft()
+        self._backlogged -= len(records)
+        return records
 
     async def _process(self, records: list[RawRecord]) -> None:
         """Dispatch one batch until it commits, is fenced, or the lane is closed."""

@@ -2,7 +2,7 @@
 
 One member of the consumer group. The loop only fetches and commits: each assigned partition
 has a lane (``lane.py``) that dispatches its batches in order and publishes its outbox, and
-the partition stays paused in Kafka while its lane is busy. So the loop keeps polling (no
+the partition is paused in Kafka while its lane's backlog is full. So the loop keeps polling (no
 ``max.poll.interval.ms`` expiry) however long one partition waits, and Kafka offsets are
 committed only up to what the database has committed. A newly assigned partition is claimed
 in the database first, which fences out its previous owner and tells where its state ends.
@@ -127,8 +127,8 @@ class Worker:
                 self.consumer.pause(partition)
             log.info("records_deferred", partition=partition, first_offset=records[0].offset, count=len(records))
             return
-        self.consumer.pause(partition)
-        lane.submit(records)
+        if not lane.submit(records):
+            self.consumer.pause(partition)
 
     def _resume(self, partition: int) -> None:
         if partition in self.lanes:
@@ -185,6 +185,7 @@ class Worker:
                 self._resume,
                 self._lane_failed,
                 combiner=self.combiner,
+                batch_records=kafka.max_batch_records,
             )
         log.info(
             "partitions_assigned",
