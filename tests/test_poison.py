@@ -46,9 +46,10 @@ from worker.errors import DataError, DecodeError, InvalidDataError, PersistenceE
 from worker.events import RawRecord, decode
 from worker.persistence import schema
 from worker.persistence import unit as unit_module
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.sql import translate
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot, UnitOfWork
+from worker.persistence.unit import UnitOfWork
 from worker.persistence.values import encode_data
 from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import Dispatcher, Topics

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from worker.apps.accessors import Record
@@ -16,8 +17,9 @@ from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.keys import guard_key
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot, UnitOfWork
+from worker.persistence.unit import UnitOfWork
 
 APP = "app-a"
 OTHER_APP = "app-b"
@@ -1070,3 +1072,40 @@ class TestRoundTrips:
         one = await commit_creating(1, "a")
         assert one > 0
         assert await commit_creating(50, "b") == one
+
+    async def test_a_prefetch_reads_many_rooms_in_one_round_trip_and_answers_their_queries(self, store: Store) -> None:
+        """After one read of fifty rooms, what a handler asks of each room (alone, or with a user) costs nothing more."""
+        rooms = [Association(AssociationModel.ROOM, f"p{n}") for n in range(50)]
+        for n, room in enumerate(rooms[:10]):
+            await create(store, {"n": n}, room, USER)
+        await create(store, {"n": "other user"}, rooms[0], Association(AssociationModel.USER, "u2"))
+        counted: list[int] = []
+        store.count_round_trips(counted.append)
+        unit = UnitOfWork(store)
+        await unit.prefetch(APP, [str(room) for room in rooms])
+        assert sum(counted) > 0
+        counted.clear()
+        assert [orjson.loads(r.data) for r in await unit.read_by_associations(APP, [rooms[0]])] == [{"n": 0}, {"n": "other user"}]
+        assert [orjson.loads(r.data) for r in await unit.read_by_associations(APP, [rooms[3], USER])] == [{"n": 3}]
+        assert await unit.read_by_associations(APP, [rooms[40]]) == []
+        assert counted == []
+        assert unit.room_readers == set()  # learned from a handler's own read only, not from a prefetch
+
+    async def test_a_room_changed_after_its_prefetch_conflicts_at_commit(self, store: Store) -> None:
+        """A prefetched room is a read like any other: checked at commit."""
+        room = Association(AssociationModel.ROOM, "changing")
+        unit = UnitOfWork(store)
+        await unit.prefetch(APP, [str(room)])
+        assert await unit.read_by_associations(APP, [room]) == []
+        unit.create(APP, {"saw": "nothing"}, [room])
+        await create(store, {"n": 1}, room)
+        with pytest.raises(VersionConflict):
+            await store.commit(unit)
+
+    async def test_a_unit_that_reads_a_whole_room_names_its_app_a_room_reader(self, store: Store) -> None:
+        """What the dispatcher learns which apps to prefetch for from."""
+        unit = UnitOfWork(store)
+        await unit.read_by_associations(APP, [USER])
+        assert unit.room_readers == set()
+        await unit.read_by_associations(OTHER_APP, [ROOM, USER])  # answered from all of the room's records
+        assert unit.room_readers == {OTHER_APP}

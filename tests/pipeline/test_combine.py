@@ -16,8 +16,8 @@ from worker.apps.http import Http
 from worker.config import HttpSettings, ProcessingSettings
 from worker.errors import FencedError
 from worker.events import Message, RawRecord
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot
 from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import Dispatcher, Part, Topics
 from worker.pipeline.hooks import Hooks
@@ -233,3 +233,25 @@ class TestHotKeys:
             results = await asyncio.wait_for(count.dispatch_together([Part(batch(0, 0, 3), claims[0])], Snapshot(), hot), 60)
             assert [r.next_offset for r in results.values()] == [3]
             assert (await counts(store))["misc:message-count"] == 3
+
+
+async def test_a_batch_in_many_new_rooms_costs_as_many_round_trips_as_one_in_few(store: Store) -> None:
+    """Once message-count has read a room, the rooms of each later batch are read ahead together."""
+    claims = await fences(store, [0])
+    count = dispatcher(store, instantiate(MessageCount, "message-count", {}))
+    snapshot = Snapshot()
+    await count.dispatch([record(0, 0, "first-room")], claims[0], snapshot=snapshot)
+    assert count.room_readers == {"message-count"}
+    counted: list[int] = []
+    store.count_round_trips(counted.append)
+
+    async def round_trips(start: int, rooms: int) -> int:
+        counted.clear()
+        records = [record(0, start + n, f"room-{start}-{n}") for n in range(rooms)]
+        result = await count.dispatch(records, claims[0], snapshot=snapshot)
+        assert result.processed == rooms
+        return sum(counted)
+
+    few = await round_trips(1, 2)
+    assert await round_trips(3, 40) == few
+    assert (await counts(store))["misc:message-count"] == 43

@@ -60,6 +60,14 @@ def by_associations(app_id: str, associations: Sequence[str]) -> Any:
     return select(records).where(records.c.app_id == app_id, records.c.id.in_(having_all)).order_by(records.c.id)
 
 
+def by_any_association(app_id: str, associations: Sequence[str]) -> Any:
+    """The records of an app that have at least one of these associations, by id."""
+    having_one = select(record_associations.c.record_id).where(
+        record_associations.c.app_id == app_id, record_associations.c.association.in_(associations)
+    )
+    return select(records).where(records.c.app_id == app_id, records.c.id.in_(having_one)).order_by(records.c.id)
+
+
 def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     """WAL for concurrent readers; BEGIN IMMEDIATE so a writer waits for the lock up front."""
     from sqlalchemy import event

@@ -30,9 +30,11 @@ from worker.persistence.schema import (
     processed_events,
     records,
 )
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.sql import (
     CHUNK,
     OPTIMISTIC_LOCK_TIMEOUT,
+    by_any_association,
     by_associations,
     by_ids,
     chunks,
@@ -43,7 +45,7 @@ from worker.persistence.sql import (
     stored,
     translate,
 )
-from worker.persistence.unit import OutboxMessage, Snapshot, StoredRecord, UnitOfWork
+from worker.persistence.unit import OutboxMessage, StoredRecord, UnitOfWork
 from worker.persistence.writes import Fence, UnitWrites
 
 
@@ -80,6 +82,12 @@ class _Loads:
     ) -> tuple[dict[Key, int], list[StoredRecord]]:
         """Versions of ``keys``, then the records having all ``associations``."""
         return await self._load(keys, by_associations(app_id, associations))
+
+    async def load_by_any_association(
+        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records having at least one of ``associations``."""
+        return await self._load(keys, by_any_association(app_id, associations))
 
 
 class Store(_Loads):

@@ -21,6 +21,7 @@ from worker.persistence.keys import Key, Marker, RecordRef, association_key, gua
 from worker.persistence.values import check_associations, check_record_id, encode_data
 
 _T = TypeVar("_T")
+ROOM_PREFIX = "room:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,81 +77,26 @@ class Loader(Protocol):
         """Versions of ``keys``, then the records having every one of ``associations``."""
         ...
 
+    async def load_by_any_association(
+        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records having at least one of ``associations``."""
+        ...
+
     async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
         """Which of ``markers`` are already recorded as processed."""
         ...
 
 
+class Cached(Protocol):
+    """What a unit reads from before the database: a snapshot (``snapshot.py``) of earlier units."""
+
+    versions: dict[Key, int]
+    records: dict[RecordRef, StoredRecord | None]
+    queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]]
+
+
 _DELETED = None  # a staged value of None means "removed in this unit"
-
-# A lane's snapshot is dropped whole past this many keys, which bounds a worker's memory.
-SNAPSHOT_MAX_KEYS = 50_000
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """What one partition's lane knows of the database after its last commit.
-
-    The next unit of work of that lane reads from it instead of the database; what it uses
-    is still checked at commit like any other read, so a stale entry costs a conflict, never
-    a wrong result. Rooms map to partitions, so most of a lane's keys are written by that
-    lane alone and stay valid from batch to batch.
-    """
-
-    versions: dict[Key, int] = field(default_factory=dict)
-    records: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
-    queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
-
-    def forget(self, keys: Iterable[Key]) -> None:
-        """Drop the versions of ``keys`` and whatever was read through them."""
-        stale = set(keys)
-        if not stale:
-            return
-        for key in stale:
-            self.versions.pop(key, None)
-        for ref, record in list(self.records.items()):
-            keys_of = record.keys(ref[0]) if record is not None else [id_key(*ref)]
-            if any(key in stale for key in keys_of):
-                del self.records[ref]
-        for query in list(self.queries):
-            if guard_key(*query) in stale:
-                del self.queries[query]
-
-    def clear(self) -> None:
-        """Forget everything."""
-        self.versions.clear()
-        self.records.clear()
-        self.queries.clear()
-
-    def learn(self, unit: UnitOfWork) -> None:
-        """Take over what ``unit`` read, though it did not commit: entries are checked when used."""
-        if len(self.versions) > SNAPSHOT_MAX_KEYS:
-            self.clear()
-        # Where the unit read a newer version from the database, what this snapshot derived
-        # from the older one (queries, records) is stale: kept beside the newer version, a
-        # later unit would adopt it and its commit check would pass.
-        self.forget([key for key, version in unit.seen.items() if self.versions.get(key, version) != version])
-        self.versions.update(unit.seen)
-        self.records.update(unit.base)
-        # Derived queries are not kept: the guard's records they came from answer them again.
-        self.queries.update((query, ids) for query, ids in unit.queries.items() if query not in unit.derived)
-
-    def absorb(self, unit: UnitOfWork, new_versions: Mapping[Key, int]) -> None:
-        """Take over what ``unit`` read and wrote, now that it has committed."""
-        self.learn(unit)
-        self.versions.update(new_versions)
-        for ref, record in unit.staged.items():
-            version = new_versions.get(id_key(*ref))
-            self.records[ref] = (
-                None if record is None or version is None else StoredRecord(record.id, record.data, version, record.associations)
-            )
-        # A query whose association was written by this unit is now what the unit saw.
-        for query in unit.queries:
-            if query not in unit.derived:
-                self.queries[query] = tuple(r.id for r in unit.query_result(query))
-        for query in list(self.queries):
-            if query not in unit.queries and guard_key(*query) in unit.written:
-                del self.queries[query]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,12 +120,15 @@ class UnitOfWork:
     """Reads with the versions they saw, and writes staged until commit."""
 
     loader: Loader
-    snapshot: Snapshot | None = None
+    snapshot: Cached | None = None
     seen: dict[Key, int] = field(default_factory=dict)
     base: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
     # Queries answered from their guard's records (see _derive), and those records by association.
     derived: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)
+    # Apps that read all of a room's records (directly, or to answer a query in the room):
+    # the dispatcher prefetches the rooms of their next batch (see prefetch).
+    room_readers: set[str] = field(default_factory=set)
     _indexes: dict[tuple[str, tuple[str, ...]], dict[str, list[StoredRecord]]] = field(default_factory=dict)
     staged: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     created: set[RecordRef] = field(default_factory=set)
@@ -236,6 +185,31 @@ class UnitOfWork:
         self._remember(versions, rows, app_id)
         self.seen.setdefault(key, 0)
         self.queries[query] = tuple(row.id for row in rows)
+        if len(wanted) == 1 and wanted[0].startswith(ROOM_PREFIX):
+            self.room_readers.add(app_id)
+
+    async def prefetch(self, app_id: str, associations: Iterable[str]) -> None:
+        """Read every record of each of ``associations`` (rooms, say) in one round trip.
+
+        What a handler then asks of one of them is answered here, as if it had asked for all
+        of its records first: the reads are checked at commit like any other. A batch of
+        events in many rooms then costs one read, not one per room seen for the first time.
+        """
+        missing = [a for a in associations if (app_id, (a,)) not in self.queries and not self._adopt_query((app_id, (a,)))]
+        if not missing:
+            return
+        check_associations(app_id, missing)
+        keys = [association_key(app_id, a) for a in missing]
+        versions, rows = await self._guard(self.loader.load_by_any_association(self._unseen(keys), app_id, missing))
+        self._remember(versions, rows, app_id)
+        having: dict[str, list[str]] = {a: [] for a in missing}
+        for row in rows:  # in id order, the order of a query's result
+            for association in row.associations:
+                if association in having:
+                    having[association].append(row.id)
+        for association, key in zip(missing, keys, strict=True):
+            self.seen.setdefault(key, 0)
+            self.queries[(app_id, (association,))] = tuple(having[association])
 
     async def _derive(self, query: tuple[str, tuple[str, ...]], guard: str) -> None:
         """Answer a query for several associations from every record of its guard association.
@@ -436,7 +410,7 @@ class UnitOfWork:
         self.queries[query] = ids
         return True
 
-    def _agrees(self, snapshot: Snapshot, keys: Sequence[Key]) -> bool:
+    def _agrees(self, snapshot: Cached, keys: Sequence[Key]) -> bool:
         """Whether the snapshot knows ``keys`` at the versions this unit has already seen.
 
         A unit that read a key from the database at a newer version must not then take an

@@ -22,8 +22,8 @@ import structlog
 from worker.errors import WorkerError
 from worker.events import RawRecord
 from worker.persistence.keys import Key
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence
-from worker.persistence.unit import Snapshot
 from worker.pipeline.apprun import HandlerFailures
 from worker.pipeline.dispatch import Dispatcher, Part
 from worker.pipeline.retry import backoff

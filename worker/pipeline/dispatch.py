@@ -25,12 +25,13 @@ from worker.apps.contract import App
 from worker.apps.http import Http
 from worker.apps.readers import Directory
 from worker.config import ProcessingSettings
-from worker.errors import DataError, DecodeError, VersionConflict, WorkerError
+from worker.errors import DataError, DecodeError, InvalidDataError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
 from worker.logs import current_event
 from worker.persistence.keys import Key, Marker
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot, UnitOfWork
+from worker.persistence.unit import UnitOfWork
 from worker.pipeline.apprun import Backoff, BatchRun, HandlerFailures, Surroundings, Topics
 from worker.pipeline.dead_letters import dead_letter
 from worker.pipeline.hooks import Hooks, contained
@@ -109,6 +110,8 @@ class Dispatcher:
         self.topics = topics
         self.settings = settings
         self.directory = directory or Directory()
+        # Apps seen reading all of a room's records: their next batches' rooms are read ahead.
+        self.room_readers: set[str] = set()
         self._taking: dict[str, list[App]] = {}  # the apps that take each event type, asked once
 
     async def dispatch(
@@ -246,6 +249,7 @@ class Dispatcher:
                 with self.hooks.commit():
                     new_versions = await session.commit(unit, *advances())
         snapshot.absorb(unit, new_versions)  # only once the transaction has committed
+        self.room_readers |= unit.room_readers
         return result, unit
 
     async def _attempt_hot(
@@ -263,6 +267,7 @@ class Dispatcher:
             with self.hooks.commit():
                 new_versions = await session.commit(unit, *advances())
         snapshot.absorb(unit, new_versions)
+        self.room_readers |= unit.room_readers
         return result, unit
 
     # -- several partitions' batches as one unit of work ----------------------------------
@@ -317,6 +322,7 @@ class Dispatcher:
 
     async def _run_parts(self, unit: UnitOfWork, parts: Sequence[Part], indexes: Sequence[int]) -> dict[int, BatchResult]:
         done = await unit.already_processed([marker for i in indexes for marker in self._markers(parts[i].decoded)])
+        await self._prefetch(unit, [item for i in indexes for _, item in parts[i].decoded])
         results: dict[int, BatchResult] = {}
         for index in indexes:
             part = parts[index]
@@ -335,6 +341,18 @@ class Dispatcher:
                 unit.outbox[before:] = [replace(m, source_partition=part.fence.partition) for m in unit.outbox[before:]]
             results[index].staged_outbox = len(unit.outbox) - before
         return results
+
+    async def _prefetch(self, unit: UnitOfWork, items: Sequence[Event | DecodeError]) -> None:
+        # One read for the rooms of the whole batch instead of one per room on its first
+        # event (see UnitOfWork.prefetch); learned, so an app that never reads a room costs nothing.
+        if not self.room_readers:
+            return
+        rooms = sorted({f"room:{item.message.room.id}" for item in items if isinstance(item, Event) and item.message is not None})
+        for app_id in sorted(self.room_readers):
+            try:
+                await unit.prefetch(app_id, rooms)
+            except InvalidDataError:
+                return  # a room id the store refuses: the handler's own read reports it
 
     def _report_dead_letters(self, result: BatchResult) -> None:
         # Reported once their commit succeeded, not where they are staged: a batch that
@@ -402,6 +420,7 @@ class Dispatcher:
         result = BatchResult(next_offset)
         if done is None:
             done = await unit.already_processed(self._markers(decoded))
+            await self._prefetch(unit, [item for _, item in decoded])
         around = Surroundings(self.http, self.topics, self.settings, self.hooks, self.directory, self.own_user_id)
         run = BatchRun(unit, failures, alone, around)
         # One log context for the batch: each line logged while an event runs gets its offset

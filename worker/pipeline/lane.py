@@ -26,8 +26,8 @@ from worker.config import ProcessingSettings
 from worker.errors import BrokerError, DataError, FencedError, PersistenceError
 from worker.events import RawRecord
 from worker.logs import redact
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence
-from worker.persistence.unit import Snapshot
 from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher
 from worker.pipeline.offsets import OffsetTracker

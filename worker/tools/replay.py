@@ -31,8 +31,8 @@ from worker.errors import BrokerError, ConfigError, PersistenceError, WorkerErro
 from worker.events import RawRecord
 from worker.kafka import Consumer, PartitionReader, group_offsets
 from worker.persistence.admin import prepare
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Store
-from worker.persistence.unit import Snapshot
 from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics
 from worker.pipeline.retry import until_committed
