@@ -21,6 +21,8 @@ def association_key(app_id: str, association: str) -> Key:
     return (app_id, f"as:{association}")
 
 
+# Events are keyed by room: the association of the records a room owns starts so.
+ROOM_PREFIX = "room:"
 # Models by how few writers their records have: events are keyed by room, so what a room
 # (or a message in it) owns is written by one partition's lane; misc is often app-global.
 _GUARD_RANK = {"room": 0, "discussion": 1, "message": 2, "livechat-message": 3, "file": 4, "video-conference": 5, "user": 6}

@@ -17,11 +17,10 @@ from typing import Any, Protocol, TypeVar
 
 from worker.errors import InvalidDataError, RecordNotFoundError
 from worker.persistence.associations import Association
-from worker.persistence.keys import Key, Marker, RecordRef, association_key, guard_association, guard_key, id_key, scoped
+from worker.persistence.keys import ROOM_PREFIX, Key, Marker, RecordRef, association_key, guard_association, guard_key, id_key, scoped
 from worker.persistence.values import check_associations, check_record_id, encode_data
 
 _T = TypeVar("_T")
-ROOM_PREFIX = "room:"
 
 
 @dataclass(frozen=True, slots=True)
