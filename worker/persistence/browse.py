@@ -105,9 +105,26 @@ async def outbox_backlog_by_topic(store: Store) -> dict[str, int]:
             return {row[0]: int(row[1]) for row in await conn.execute(query)}
 
 
-async def redriven_count(store: Store, dlq_topic: str) -> int:
-    """How many dead letters of ``dlq_topic`` the redrive ledger has sent back."""
-    query = select(func.count()).select_from(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic, dlq_redrives.c.sent_at.is_not(None))
+@dataclass(frozen=True, slots=True)
+class LedgerSize:
+    """How many dead letters of a topic the redrive ledger has claimed, and how many of those it sent."""
+
+    claimed: int
+    sent: int
+
+
+async def ledger_size(store: Store, dlq_topic: str) -> LedgerSize:
+    """The redrive ledger's counts for ``dlq_topic``: one aggregate over its primary key's prefix."""
+    query = select(func.count(), func.count(dlq_redrives.c.sent_at)).where(dlq_redrives.c.dlq_topic == dlq_topic)
     with translate("counting re-driven dead letters"):
         async with store.engine.connect() as conn:
-            return int(await conn.scalar(query) or 0)
+            claimed, sent = (await conn.execute(query)).one()
+    return LedgerSize(int(claimed or 0), int(sent or 0))
+
+
+async def ledger_positions(store: Store, dlq_topic: str) -> set[tuple[int, int]]:
+    """The (partition, offset) of every dead letter of ``dlq_topic`` the redrive ledger has claimed."""
+    query = select(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset).where(dlq_redrives.c.dlq_topic == dlq_topic)
+    with translate("reading the redrive ledger"):
+        async with store.engine.connect() as conn:
+            return {(row[0], row[1]) for row in await conn.execute(query)}
