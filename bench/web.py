@@ -3,7 +3,8 @@
 Fills a fresh PostgreSQL database with ``--records`` records of one app (every tenth shares
 a room association, all share misc:all), and a fresh dead-letter topic with ``--dead-letters``
 dead letters (as the worker writes them: rc-dlq-* headers), a tenth of them already in the
-redrive ledger. Then it samples once (which reads the whole dead-letter topic into memory:
+redrive ledger, and ``--outbox`` outbox rows already published (the outbox keeps them) with a
+backlog of 25 not yet published. Then it samples once (which reads the whole dead-letter topic into memory:
 its time is printed too) and requests every page ``--repeat`` times in process (ASGI, the
 rendering included, no socket), printing the median and the worst. Nothing is asserted:
 timings on a shared machine are noisy.
@@ -22,13 +23,13 @@ from datetime import UTC, datetime
 
 import httpx
 from pydantic import SecretStr
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from bench.services import create_postgres_database, drop_postgres_database, find_services, migrate, open_store
 from worker import constants
 from worker.config import KafkaSettings, PersistenceSettings, Settings
 from worker.kafka import Outgoing, Producer, create_topics
-from worker.persistence.schema import dlq_redrives, record_associations, records
+from worker.persistence.schema import dlq_redrives, outbox, record_associations, records
 from worker.persistence.store import Store
 from worker.web.app import create_app
 from worker.web.live import Live
@@ -100,6 +101,27 @@ async def fill_dead_letters(kafka: KafkaSettings, store: Store, count: int) -> N
         await conn.execute(insert(dlq_redrives), ledger)
 
 
+async def fill_outbox(kafka: KafkaSettings, store: Store, count: int) -> None:
+    now = datetime.now(UTC)
+    for start in range(0, count + 25, 5_000):
+        rows = [
+            {
+                "app_id": APP,
+                "source_topic": kafka.topic,
+                "source_partition": n % 6,
+                "topic": kafka.commands_topic,
+                "key": b"room",
+                "value": b'{"specversion": "1.0"}',
+                "headers": "[]",
+                "created_at": now,
+                "published_at": now if n < count else None,
+            }
+            for n in range(start, min(count + 25, start + 5_000))
+        ]
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(outbox), rows)
+
+
 async def measure(settings: Settings, store: Store, repeat: int) -> None:
     live = Live(settings, store)
     started = time.perf_counter()
@@ -139,7 +161,14 @@ async def run(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             await fill_records(store, args.records)
             await fill_dead_letters(kafka, store, args.dead_letters)
-            print(f"filled {args.records} records and {args.dead_letters} dead letters in {time.perf_counter() - started:.1f} s")
+            await fill_outbox(kafka, store, args.outbox)
+            async with store.engine.connect() as conn:  # statistics, as autovacuum would gather them on a live database
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text("ANALYZE"))
+            print(
+                f"filled {args.records} records, {args.dead_letters} dead letters and {args.outbox} published outbox rows "
+                f"in {time.perf_counter() - started:.1f} s"
+            )
             await measure(settings, store, args.repeat)
         finally:
             await store.close()
@@ -151,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--dead-letters", type=int, default=10_000)
+    parser.add_argument("--outbox", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=10)
     asyncio.run(run(parser.parse_args(argv)))
     return 0

@@ -20,8 +20,8 @@ from worker.config import Settings, WebSettings
 from worker.events import RawRecord
 from worker.kafka import GroupMember
 from worker.persistence.admin import redrives
-from worker.persistence.browse import app_ids, records_page
-from worker.persistence.schema import dlq_redrives, record_associations, records
+from worker.persistence.browse import app_ids, outbox_backlog_by_topic, records_page
+from worker.persistence.schema import dlq_redrives, outbox, record_associations, records
 from worker.persistence.store import Store
 from worker.tools.dlq import DeadLetter
 from worker.tools.offsets import PartitionOffsets
@@ -270,6 +270,18 @@ async def test_the_ledger_is_read_for_the_asked_positions_only(store: Store) -> 
     assert sorted(found) == [(0, 10), (0, 2_499), (1, 7)]
     assert len(await redrives(store, "t.dlq", [(0, n) for n in range(0, 2_500, 2)])) == 1_250  # over more than one chunk
     assert len(await redrives(store, "t.dlq")) == 2_501
+
+
+async def test_the_outbox_backlog_counts_unpublished_rows_per_topic(store: Store) -> None:
+    now = datetime.now(UTC)
+
+    def row(topic: str, published: bool) -> dict[str, object]:
+        return {"topic": topic, "value": b"{}", "headers": "[]", "created_at": now, "published_at": now if published else None}
+
+    rows = [row("cmd", True)] * 30 + [row("cmd", False)] * 3 + [row("events.dlq", False)] * 2 + [row("other", True)] * 5
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(outbox), rows)
+    assert await outbox_backlog_by_topic(store) == {"cmd": 3, "events.dlq": 2}
 
 
 async def test_overview_shows_members_lag_and_counters_from_the_sample(client_for) -> None:
