@@ -2,11 +2,12 @@
 
 Fills a fresh PostgreSQL database with ``--records`` records of one app (every tenth shares
 a room association, all share misc:all), and a fresh dead-letter topic with ``--dead-letters``
-dead letters (as the worker writes them: rc-dlq-* headers), a tenth of them already in the
-redrive ledger, and ``--outbox`` outbox rows already published (the outbox keeps them) with a
-backlog of 25 not yet published. Then it samples once (which reads the whole dead-letter topic into memory:
-its time is printed too) and requests every page ``--repeat`` times in process (ASGI, the
-rendering included, no socket), printing the median and the worst. Nothing is asserted:
+dead letters (as the worker writes them: rc-dlq-* headers), ``--ledger`` rows in the redrive
+ledger (a tenth of the dead letters by default), and ``--outbox`` outbox rows already
+published (the outbox keeps them) with a backlog of 25 not yet published. Then it samples
+once (which reads the whole dead-letter topic into memory: its time is printed too) and
+requests every page ``--repeat`` times in process (ASGI, the rendering included, no
+socket), printing the median and the worst. Nothing is asserted:
 timings on a shared machine are noisy.
 """
 
@@ -65,7 +66,7 @@ async def fill_records(store: Store, count: int) -> None:
             await conn.execute(insert(record_associations), links)
 
 
-async def fill_dead_letters(kafka: KafkaSettings, store: Store, count: int) -> None:
+async def fill_dead_letters(kafka: KafkaSettings, store: Store, count: int, ledger_rows: int) -> None:
     letters = []
     for n in range(count):
         reason = "value is not JSON" if n % 3 else f"handler failed: RuntimeError: boom {n % 7}"
@@ -84,21 +85,23 @@ async def fill_dead_letters(kafka: KafkaSettings, store: Store, count: int) -> N
     async with Producer(kafka) as producer:
         for start in range(0, count, 2_000):
             await producer.send_many(letters[start : start + 2_000])
-    # A tenth already re-driven: the ledger is read on every dead-letter page.
+    # Some already re-driven: the ledger only grows (rows past the topic's dead letters are
+    # those of letters the topic's retention has dropped since).
     now = datetime.now(UTC)
-    ledger = [
-        {
-            "dlq_topic": kafka.dead_letter_topic,
-            "dlq_partition": 0,
-            "dlq_offset": n,
-            "target": f"topic:{kafka.topic}",
-            "redriven_at": now,
-            "sent_at": now,
-        }
-        for n in range(count // 10)
-    ]
-    async with store.engine.begin() as conn:
-        await conn.execute(insert(dlq_redrives), ledger)
+    for start in range(0, ledger_rows, 5_000):
+        ledger = [
+            {
+                "dlq_topic": kafka.dead_letter_topic,
+                "dlq_partition": 0,
+                "dlq_offset": n,
+                "target": f"topic:{kafka.topic}",
+                "redriven_at": now,
+                "sent_at": now,
+            }
+            for n in range(start, min(ledger_rows, start + 5_000))
+        ]
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(dlq_redrives), ledger)
 
 
 async def fill_outbox(kafka: KafkaSettings, store: Store, count: int) -> None:
@@ -160,7 +163,7 @@ async def run(args: argparse.Namespace) -> None:
         try:
             started = time.perf_counter()
             await fill_records(store, args.records)
-            await fill_dead_letters(kafka, store, args.dead_letters)
+            await fill_dead_letters(kafka, store, args.dead_letters, args.dead_letters // 10 if args.ledger is None else args.ledger)
             await fill_outbox(kafka, store, args.outbox)
             async with store.engine.connect() as conn:  # statistics, as autovacuum would gather them on a live database
                 await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--dead-letters", type=int, default=10_000)
     parser.add_argument("--outbox", type=int, default=100_000)
+    parser.add_argument("--ledger", type=int, default=None, help="redrive ledger rows (default: a tenth of --dead-letters)")
     parser.add_argument("--repeat", type=int, default=10)
     asyncio.run(run(parser.parse_args(argv)))
     return 0
