@@ -264,6 +264,22 @@ async def test_dead_letters_show_the_ledger_of_their_page_and_count_what_is_left
     assert '<div class="muted">2 re-driven</div>' in overview.text
 
 
+async def test_the_sampler_reads_the_ledger_of_the_letters_held_only(client_for, store: Store) -> None:
+    _, live = client_for()
+    topic = live.settings.kafka.dead_letter_topic
+    live.dead_letters.newest_first = [letter(0, n, "x") for n in range(109, 99, -1)] + [letter(1, n, "x") for n in range(9, 4, -1)]
+    assert live.dead_letters.floors == {0: 100, 1: 5}
+    # Rows of letters the topic has dropped (below the first held), and of a partition none is held of.
+    await claim(store, topic, [(0, 50), (0, 100), (1, 2), (1, 7), (2, 0)])
+    await live.ledger.refresh()
+    assert live.ledger.claimed == {(0, 100), (1, 7)}
+    assert live.ledger.size.claimed == 2
+    await claim(store, topic, [(0, 105)], sent=False)
+    await live.ledger.refresh()
+    assert live.ledger.claimed == {(0, 100), (0, 105), (1, 7)}
+    assert (live.ledger.size.claimed, live.ledger.size.sent) == (3, 2)
+
+
 async def test_the_ledger_is_read_for_the_asked_positions_only(store: Store) -> None:
     await claim(store, "t.dlq", [(0, n) for n in range(2_500)] + [(1, 7)])
     found = await redrives(store, "t.dlq", [(0, 10), (1, 7), (0, 2_499), (2, 1), (0, 10)])

@@ -8,9 +8,10 @@ are translated.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, false, func, or_, select
 
 from worker.persistence.schema import dlq_redrives, outbox, partition_offsets, record_associations, records
 from worker.persistence.sql import stored, translate
@@ -113,18 +114,28 @@ class LedgerSize:
     sent: int
 
 
-async def ledger_size(store: Store, dlq_topic: str) -> LedgerSize:
-    """The redrive ledger's counts for ``dlq_topic``: one aggregate over its primary key's prefix."""
-    query = select(func.count(), func.count(dlq_redrives.c.sent_at)).where(dlq_redrives.c.dlq_topic == dlq_topic)
+def _from(dlq_topic: str, floors: Mapping[int, int]) -> ColumnElement[bool]:
+    """The ledger's rows of ``dlq_topic`` at or after ``floors`` (partition -> first offset): primary-key ranges."""
+    ranges = [and_(dlq_redrives.c.dlq_partition == p, dlq_redrives.c.dlq_offset >= offset) for p, offset in sorted(floors.items())]
+    return and_(dlq_redrives.c.dlq_topic == dlq_topic, or_(false(), *ranges))
+
+
+async def ledger_size(store: Store, dlq_topic: str, floors: Mapping[int, int]) -> LedgerSize:
+    """The redrive ledger's counts for ``dlq_topic`` from ``floors`` on (partition -> first offset)."""
+    if not floors:
+        return LedgerSize(0, 0)
+    query = select(func.count(), func.count(dlq_redrives.c.sent_at)).where(_from(dlq_topic, floors))
     with translate("counting re-driven dead letters"):
         async with store.engine.connect() as conn:
             claimed, sent = (await conn.execute(query)).one()
     return LedgerSize(int(claimed or 0), int(sent or 0))
 
 
-async def ledger_positions(store: Store, dlq_topic: str) -> set[tuple[int, int]]:
-    """The (partition, offset) of every dead letter of ``dlq_topic`` the redrive ledger has claimed."""
-    query = select(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset).where(dlq_redrives.c.dlq_topic == dlq_topic)
+async def ledger_positions(store: Store, dlq_topic: str, floors: Mapping[int, int]) -> set[tuple[int, int]]:
+    """The (partition, offset) of every dead letter of ``dlq_topic`` from ``floors`` on that the redrive ledger has claimed."""
+    if not floors:
+        return set()
+    query = select(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset).where(_from(dlq_topic, floors))
     with translate("reading the redrive ledger"):
         async with store.engine.connect() as conn:
             return {(row[0], row[1]) for row in await conn.execute(query)}

@@ -114,6 +114,7 @@ class DeadLetterIndex:
         self._by_position: dict[tuple[int, int], DeadLetter] = {}
         self._by_app: dict[str, list[DeadLetter]] = {}
         self._reasons: Counter[str] = Counter()
+        self.floors: dict[int, int] = {}  # per partition, the first offset held: the ledger is read from there
         self.lock = asyncio.Lock()
 
     @property
@@ -134,6 +135,10 @@ class DeadLetterIndex:
             by_app.setdefault(letter.app or "(worker)", []).append(letter)
         self._by_app = by_app
         self._reasons = Counter(d.reason for d in self._letters)
+        floors: dict[int, int] = {}
+        for letter in self._letters:
+            floors[letter.partition] = min(letter.offset, floors.get(letter.partition, letter.offset))
+        self.floors = floors
 
     async def refresh(self) -> None:
         """Read the records added since the last refresh."""
@@ -169,25 +174,31 @@ class DeadLetterIndex:
 
 
 class RedriveLedger:
-    """Which dead letters the redrive ledger has claimed, as of the last sample.
+    """Which of the dead letters held the redrive ledger has claimed, as of the last sample.
 
-    The pages count the dead letters not re-driven yet from this set. Rows are only ever
-    added to the ledger (and stamped once sent), so its two counts tell whether anything
-    changed: the positions are read again only then, by the sampler, never per request.
+    The pages count the dead letters not re-driven yet from this set. The ledger only grows
+    (rows are added, then stamped once sent), and keeps rows of letters the topic has long
+    dropped: only its primary-key ranges from the first letter held in each partition are
+    read, so the cost follows the letters held, not the ledger's history. Its two counts
+    there tell whether anything changed: the positions are read again only then, by the
+    sampler (and after a re-drive from the pages), never per request.
     """
 
-    def __init__(self, store: Store, dlq_topic: str) -> None:
+    def __init__(self, store: Store, dlq_topic: str, letters: DeadLetterIndex) -> None:
         self._store = store
         self._dlq_topic = dlq_topic
+        self._letters = letters
+        self._floors: dict[int, int] = {}
         self.size = browse.LedgerSize(0, 0)
         self.claimed: set[tuple[int, int]] = set()
 
     async def refresh(self) -> None:
-        """Count the ledger's rows; read its positions again if the counts moved."""
-        size = await browse.ledger_size(self._store, self._dlq_topic)
-        if size != self.size:
-            self.claimed = await browse.ledger_positions(self._store, self._dlq_topic)
-            self.size = size
+        """Count the ledger's rows of the letters held; read their positions again if that moved."""
+        floors = dict(self._letters.floors)
+        size = await browse.ledger_size(self._store, self._dlq_topic, floors)
+        if size != self.size or floors != self._floors:
+            self.claimed = await browse.ledger_positions(self._store, self._dlq_topic, floors)
+            self.size, self._floors = size, floors
 
 
 class Live:
@@ -199,7 +210,7 @@ class Live:
         self.sample = Sample(datetime.now(UTC), errors=["not sampled yet"])
         self.rates: deque[tuple[float, int, int]] = deque()  # (time, sum of log ends, sum of committed)
         self.dead_letters = DeadLetterIndex(settings.kafka)
-        self.ledger = RedriveLedger(store, settings.kafka.dead_letter_topic)
+        self.ledger = RedriveLedger(store, settings.kafka.dead_letter_topic, self.dead_letters)
         self._http = httpx.AsyncClient(timeout=STATUS_TIMEOUT_S)
 
     @contextlib.asynccontextmanager
