@@ -241,15 +241,17 @@ class TestNotifyUser:
         assert fake.count("chat.sendMessage") == 0
 
     @pytest.mark.parametrize("status", [429, 500])
-    async def test_throttled_or_failing_im_create_is_retriable(self, status: int) -> None:
-        """A 429 or 5xx from im.create is retriable; the retry posts once."""
+    @pytest.mark.parametrize("endpoint", ["im.create", "users.info"])
+    async def test_throttled_or_failing_lookups_are_retriable(self, endpoint: str, status: int) -> None:
+        """A 429 or 5xx from users.info or im.create is retriable, nothing is posted meanwhile; the retry posts once."""
         fake = FakeRocketChat()
-        fake.fail_next("im.create", status)
-        command = _command(NOTIFY_USER, {"userId": "u-1", "username": "alice", "text": "psst"})
+        fake.fail_next(endpoint, status)
+        command = _command(NOTIFY_USER, {"userId": "u-1", "text": "psst"})
         async with _client(fake) as client:
             with pytest.raises(RocketChatError) as caught:
                 await apply(client, command)
             assert caught.value.retriable
+            assert fake.count("chat.sendMessage") == 0
             await apply(client, command)
         assert fake.inserts == {message_id_for(command.id): 1}
 
@@ -274,19 +276,6 @@ class TestNotifyUser:
         assert not caught.value.retriable
         assert fake.count("users.info", 400) == 1
         assert fake.count("im.create") == fake.count("chat.sendMessage") == 0
-
-    async def test_a_failing_users_info_is_retriable(self) -> None:
-        """A 5xx from users.info is retried like any other call; nothing is posted meanwhile."""
-        fake = FakeRocketChat()
-        fake.fail_next("users.info", 503)
-        command = _command(NOTIFY_USER, {"userId": "u-1", "text": "psst"})
-        async with _client(fake) as client:
-            with pytest.raises(RocketChatError) as caught:
-                await apply(client, command)
-            assert caught.value.retriable
-            assert fake.count("chat.sendMessage") == 0
-            await apply(client, command)
-        assert fake.inserts == {message_id_for(command.id): 1}
 
     async def test_without_username_or_user_id_is_refused_as_data(self) -> None:
         """A notification that names nobody is refused as data: the reason names both fields."""
