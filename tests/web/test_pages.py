@@ -268,9 +268,9 @@ async def test_the_sampler_reads_the_ledger_of_the_letters_held_only(client_for,
     _, live = client_for()
     topic = live.settings.kafka.dead_letter_topic
     live.dead_letters.newest_first = [letter(0, n, "x") for n in range(109, 99, -1)] + [letter(1, n, "x") for n in range(9, 4, -1)]
-    assert live.dead_letters.floors == {0: 100, 1: 5}
-    # Rows of letters the topic has dropped (below the first held), and of a partition none is held of.
-    await claim(store, topic, [(0, 50), (0, 100), (1, 2), (1, 7), (2, 0)])
+    assert live.dead_letters.spans == {0: (100, 109), 1: (5, 9)}
+    # Rows of letters the topic has dropped (below the first held), past the last held, and of a partition none is held of.
+    await claim(store, topic, [(0, 50), (0, 100), (0, 110), (1, 2), (1, 7), (2, 0)])
     await live.ledger.refresh()
     assert live.ledger.claimed == {(0, 100), (1, 7)}
     assert live.ledger.size.claimed == 2

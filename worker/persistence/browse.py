@@ -114,28 +114,31 @@ class LedgerSize:
     sent: int
 
 
-def _from(dlq_topic: str, floors: Mapping[int, int]) -> ColumnElement[bool]:
-    """The ledger's rows of ``dlq_topic`` at or after ``floors`` (partition -> first offset): primary-key ranges."""
-    ranges = [and_(dlq_redrives.c.dlq_partition == p, dlq_redrives.c.dlq_offset >= offset) for p, offset in sorted(floors.items())]
+def _within(dlq_topic: str, spans: Mapping[int, tuple[int, int]]) -> ColumnElement[bool]:
+    """The ledger's rows of ``dlq_topic`` within ``spans`` (partition -> first and last offset): primary-key ranges."""
+    ranges = [
+        and_(dlq_redrives.c.dlq_partition == p, dlq_redrives.c.dlq_offset.between(first, last))
+        for p, (first, last) in sorted(spans.items())
+    ]
     return and_(dlq_redrives.c.dlq_topic == dlq_topic, or_(false(), *ranges))
 
 
-async def ledger_size(store: Store, dlq_topic: str, floors: Mapping[int, int]) -> LedgerSize:
-    """The redrive ledger's counts for ``dlq_topic`` from ``floors`` on (partition -> first offset)."""
-    if not floors:
+async def ledger_size(store: Store, dlq_topic: str, spans: Mapping[int, tuple[int, int]]) -> LedgerSize:
+    """The redrive ledger's counts for ``dlq_topic`` within ``spans`` (partition -> first and last offset)."""
+    if not spans:
         return LedgerSize(0, 0)
-    query = select(func.count(), func.count(dlq_redrives.c.sent_at)).where(_from(dlq_topic, floors))
+    query = select(func.count(), func.count(dlq_redrives.c.sent_at)).where(_within(dlq_topic, spans))
     with translate("counting re-driven dead letters"):
         async with store.engine.connect() as conn:
             claimed, sent = (await conn.execute(query)).one()
     return LedgerSize(int(claimed or 0), int(sent or 0))
 
 
-async def ledger_positions(store: Store, dlq_topic: str, floors: Mapping[int, int]) -> set[tuple[int, int]]:
-    """The (partition, offset) of every dead letter of ``dlq_topic`` from ``floors`` on that the redrive ledger has claimed."""
-    if not floors:
+async def ledger_positions(store: Store, dlq_topic: str, spans: Mapping[int, tuple[int, int]]) -> set[tuple[int, int]]:
+    """The (partition, offset) of every dead letter of ``dlq_topic`` within ``spans`` that the redrive ledger has claimed."""
+    if not spans:
         return set()
-    query = select(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset).where(_from(dlq_topic, floors))
+    query = select(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset).where(_within(dlq_topic, spans))
     with translate("reading the redrive ledger"):
         async with store.engine.connect() as conn:
             return {(row[0], row[1]) for row in await conn.execute(query)}

@@ -114,7 +114,7 @@ class DeadLetterIndex:
         self._by_position: dict[tuple[int, int], DeadLetter] = {}
         self._by_app: dict[str, list[DeadLetter]] = {}
         self._reasons: Counter[str] = Counter()
-        self.floors: dict[int, int] = {}  # per partition, the first offset held: the ledger is read from there
+        self.spans: dict[int, tuple[int, int]] = {}  # per partition, the first and last offset held: the ledger is read there
         self.lock = asyncio.Lock()
 
     @property
@@ -135,10 +135,11 @@ class DeadLetterIndex:
             by_app.setdefault(letter.app or "(worker)", []).append(letter)
         self._by_app = by_app
         self._reasons = Counter(d.reason for d in self._letters)
-        floors: dict[int, int] = {}
+        spans: dict[int, tuple[int, int]] = {}
         for letter in self._letters:
-            floors[letter.partition] = min(letter.offset, floors.get(letter.partition, letter.offset))
-        self.floors = floors
+            first, last = spans.get(letter.partition, (letter.offset, letter.offset))
+            spans[letter.partition] = (min(first, letter.offset), max(last, letter.offset))
+        self.spans = spans
 
     async def refresh(self) -> None:
         """Read the records added since the last refresh."""
@@ -178,8 +179,8 @@ class RedriveLedger:
 
     The pages count the dead letters not re-driven yet from this set. The ledger only grows
     (rows are added, then stamped once sent), and keeps rows of letters the topic has long
-    dropped: only its primary-key ranges from the first letter held in each partition are
-    read, so the cost follows the letters held, not the ledger's history. Its two counts
+    dropped: only its primary-key ranges between the first and last letter held in each
+    partition are read, so the cost follows the letters held, not the ledger's history. Its two counts
     there tell whether anything changed: the positions are read again only then, by the
     sampler (and after a re-drive from the pages), never per request.
     """
@@ -188,17 +189,17 @@ class RedriveLedger:
         self._store = store
         self._dlq_topic = dlq_topic
         self._letters = letters
-        self._floors: dict[int, int] = {}
+        self._spans: dict[int, tuple[int, int]] = {}
         self.size = browse.LedgerSize(0, 0)
         self.claimed: set[tuple[int, int]] = set()
 
     async def refresh(self) -> None:
         """Count the ledger's rows of the letters held; read their positions again if that moved."""
-        floors = dict(self._letters.floors)
-        size = await browse.ledger_size(self._store, self._dlq_topic, floors)
-        if size != self.size or floors != self._floors:
-            self.claimed = await browse.ledger_positions(self._store, self._dlq_topic, floors)
-            self.size, self._floors = size, floors
+        spans = dict(self._letters.spans)
+        size = await browse.ledger_size(self._store, self._dlq_topic, spans)
+        if size != self.size or spans != self._spans:
+            self.claimed = await browse.ledger_positions(self._store, self._dlq_topic, spans)
+            self.size, self._spans = size, spans
 
 
 class Live:
