@@ -178,11 +178,11 @@ class RedriveLedger:
     """Which of the dead letters held the redrive ledger has claimed, as of the last sample.
 
     The pages count the dead letters not re-driven yet from this set. The ledger only grows
-    (rows are added, then stamped once sent), and keeps rows of letters the topic has long
+    (rows are added, then stamped once sent) and keeps the rows of letters the topic has long
     dropped: only its primary-key ranges between the first and last letter held in each
-    partition are read, so the cost follows the letters held, not the ledger's history. Its two counts
-    there tell whether anything changed: the positions are read again only then, by the
-    sampler (and after a re-drive from the pages), never per request.
+    partition are read, so the cost follows the letters held, not the ledger's history. Its
+    two counts there tell whether anything changed: the positions are read again only then,
+    by the sampler (and after a re-drive from the pages), never per request.
     """
 
     def __init__(self, store: Store, dlq_topic: str, letters: DeadLetterIndex) -> None:
