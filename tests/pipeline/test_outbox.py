@@ -19,8 +19,9 @@ import pytest
 from tests.support import TopicSet, WorkerProcess, load_events, store_for, wait_until, write_distribution
 from worker.constants import OUTBOX_ID_HEADER
 from worker.kafka import Outgoing, Producer, Reader, read_topic
+from worker.persistence.records import OutboxMessage
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import OutboxMessage, UnitOfWork
+from worker.persistence.unit import UnitOfWork
 from worker.pipeline.outbox import OutboxPublisher, outbox_id
 from worker.testing import cloud_event, message
 

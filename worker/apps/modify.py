@@ -19,7 +19,8 @@ from worker.apps.accessors import MessageBuilder
 from worker.apps.getter import Getter
 from worker.errors import CommandTooLargeError
 from worker.events import Event, Message, Room, User
-from worker.persistence.unit import OutboxMessage, UnitOfWork
+from worker.persistence.records import OutboxMessage
+from worker.persistence.unit import UnitOfWork
 
 #: CloudEvents types of the commands, in the contract's reverse-DNS style.
 UPDATE_MESSAGE = "chat.rocket.message.update"

@@ -13,7 +13,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from worker.apps.accessors import Record
 from worker.persistence.associations import Association
-from worker.persistence.unit import StoredRecord, UnitOfWork
+from worker.persistence.records import StoredRecord
+from worker.persistence.unit import UnitOfWork
 from worker.persistence.values import decode_data
 
 _P = ParamSpec("_P")

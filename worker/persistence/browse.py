@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import ColumnElement, and_, false, func, or_, select
 
+from worker.persistence.records import StoredRecord
 from worker.persistence.schema import dlq_redrives, outbox, partition_offsets, record_associations, records
 from worker.persistence.sql import stored, translate
 from worker.persistence.store import Store
-from worker.persistence.unit import StoredRecord
 
 
 @dataclass(frozen=True, slots=True)

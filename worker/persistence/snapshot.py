@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from worker.persistence.keys import Key, RecordRef, guard_key, id_key
-from worker.persistence.unit import StoredRecord
+from worker.persistence.records import StoredRecord
 
 if TYPE_CHECKING:
     from worker.persistence.unit import UnitOfWork

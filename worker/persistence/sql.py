@@ -15,11 +15,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from worker.errors import DataError, PersistenceError, VersionConflict
+from worker.persistence.records import StoredRecord
 from worker.persistence.schema import (
     record_associations,
     records,
 )
-from worker.persistence.unit import StoredRecord
 
 # PostgreSQL's codes for "try again": serialization failure, deadlock, and lock_timeout
 # expired (what an optimistic commit gets instead of waiting behind a locked one).

@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from worker.config import PersistenceSettings
 from worker.persistence import migrations
 from worker.persistence.keys import Key, Marker
+from worker.persistence.records import OutboxMessage, StoredRecord
 from worker.persistence.schema import (
     key_versions,
     outbox,
@@ -45,7 +46,7 @@ from worker.persistence.sql import (
     stored,
     translate,
 )
-from worker.persistence.unit import OutboxMessage, StoredRecord, UnitOfWork
+from worker.persistence.unit import UnitOfWork
 from worker.persistence.writes import Fence, UnitWrites
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.errors import FencedError, VersionConflict
 from worker.persistence.keys import Key, Marker
+from worker.persistence.records import OutboxMessage
 from worker.persistence.schema import (
     key_versions,
     outbox,
@@ -27,7 +28,7 @@ from worker.persistence.schema import (
     records,
 )
 from worker.persistence.sql import CHUNK, chunks, dialect_insert, encode_headers
-from worker.persistence.unit import OutboxMessage, UnitOfWork
+from worker.persistence.unit import UnitOfWork
 
 
 @dataclass(frozen=True, slots=True)

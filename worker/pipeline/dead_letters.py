@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from worker import constants
 from worker.events import RawRecord
 from worker.kafka import Outgoing, record_bytes
-from worker.persistence.unit import OutboxMessage
+from worker.persistence.records import OutboxMessage
 
 # The varint lengths of a record and of its value grow by at most 4 bytes each between an
 # empty value and any value Kafka takes; a few more for good measure.

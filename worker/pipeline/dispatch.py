@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TypeVar
 
 import structlog
@@ -26,7 +26,7 @@ from worker.apps.http import Http
 from worker.apps.readers import Directory
 from worker.config import ProcessingSettings
 from worker.errors import DataError, DecodeError, InvalidDataError, VersionConflict, WorkerError
-from worker.events import Event, RawRecord, decode
+from worker.events import Event, RawRecord
 from worker.logs import current_event
 from worker.persistence.keys import Key, Marker
 from worker.persistence.snapshot import Snapshot
@@ -35,55 +35,18 @@ from worker.persistence.unit import UnitOfWork
 from worker.pipeline.apprun import Backoff, BatchRun, HandlerFailures, Surroundings, Topics
 from worker.pipeline.dead_letters import dead_letter
 from worker.pipeline.hooks import Hooks, contained
+from worker.pipeline.parts import Advances, Decoded, Part, advances_of, decode_or_reason
 from worker.pipeline.retry import backoff
 from worker.pipeline.tally import BatchResult
 
 log = structlog.get_logger("worker.dispatch")
 _R = TypeVar("_R")
-_Decoded = Sequence[tuple[RawRecord, Event | DecodeError]]
 
 
 class ConflictsExhausted(WorkerError):
     """Raised when a batch still conflicts after ``processing.conflict_max_attempts`` runs."""
 
     retriable = True
-
-
-@dataclass(slots=True)
-class Part:
-    """One partition's batch in a unit of work that spans several partitions."""
-
-    records: Sequence[RawRecord]
-    fence: Fence | None
-    decoded: list[tuple[RawRecord, Event | DecodeError]] = field(init=False)
-    failures: HandlerFailures = field(default_factory=HandlerFailures)
-    # How many of the records the unit processed: fewer than all when an event's handler
-    # must back off, so the events before it commit now and the rest runs on its own.
-    upto: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.decoded = [(record, _decode(record)) for record in self.records]
-        self.upto = len(self.records)
-
-    @property
-    def next_offset(self) -> int:
-        """The offset after the last record the unit processed."""
-        return self.records[self.upto - 1].offset + 1 if self.upto else self.records[0].offset
-
-    @property
-    def rest(self) -> Sequence[RawRecord]:
-        """The records left to run on their own."""
-        return self.records[self.upto :]
-
-
-# What a commit advances: the first partition's fence and next offset (None: the fence is
-# checked, the offset stays), then the others'.
-_Advances = tuple[Fence | None, int | None, list[tuple[Fence, int]]]
-
-
-def _advances(parts: Sequence[Part]) -> _Advances:
-    first, *rest = parts
-    return first.fence, first.next_offset, [(p.fence, p.next_offset) for p in rest if p.fence is not None]
 
 
 class Dispatcher:
@@ -139,7 +102,7 @@ class Dispatcher:
             PersistenceError: the database failed; nothing was committed.
 
         """
-        decoded = [(record, _decode(record)) for record in records]
+        decoded = [(record, decode_or_reason(record)) for record in records]
         snapshot = snapshot if snapshot is not None else Snapshot()
         try:
             return await self._attempts(decoded, fence, locked, snapshot, failures or HandlerFailures(), advance)
@@ -188,7 +151,7 @@ class Dispatcher:
         return merged
 
     async def _attempts(
-        self, decoded: _Decoded, fence: Fence | None, locked: bool, snapshot: Snapshot, failures: HandlerFailures, advance: bool
+        self, decoded: Decoded, fence: Fence | None, locked: bool, snapshot: Snapshot, failures: HandlerFailures, advance: bool
     ) -> BatchResult:
         next_offset = decoded[-1][0].offset + 1
         commit_offset = next_offset if advance else None  # what the commit advances to
@@ -223,7 +186,7 @@ class Dispatcher:
         run: Callable[[UnitOfWork], Awaitable[_R]],
         snapshot: Snapshot,
         locked: bool,
-        advances: Callable[[], _Advances],
+        advances: Callable[[], Advances],
         hot: Collection[Key] = (),
     ) -> tuple[_R, UnitOfWork]:
         """Run ``run`` in a fresh unit and commit it with the offsets ``advances`` gives after the run.
@@ -253,7 +216,7 @@ class Dispatcher:
         return result, unit
 
     async def _attempt_hot(
-        self, run: Callable[[UnitOfWork], Awaitable[_R]], snapshot: Snapshot, advances: Callable[[], _Advances], hot: Collection[Key]
+        self, run: Callable[[UnitOfWork], Awaitable[_R]], snapshot: Snapshot, advances: Callable[[], Advances], hot: Collection[Key]
     ) -> tuple[_R, UnitOfWork]:
         # Keys that other workers keep changing (an app-global counter) are locked before the
         # run, in one statement in key order: the handlers then run once, never again because
@@ -297,7 +260,7 @@ class Dispatcher:
                     lambda unit: self._run_parts(unit, parts, remaining),
                     snapshot,
                     hold,
-                    lambda: _advances([parts[i] for i in remaining]),
+                    lambda: advances_of([parts[i] for i in remaining]),
                     hot,
                 )
             except Backoff as exc:
@@ -404,13 +367,13 @@ class Dispatcher:
             found = self._taking[event.type] = [app for app in self.apps if app.takes(event.type)]
         return found
 
-    def _markers(self, decoded: _Decoded) -> list[Marker]:
+    def _markers(self, decoded: Decoded) -> list[Marker]:
         return [(app.id, item.source, item.id) for _, item in decoded if isinstance(item, Event) for app in self._takers(item)]
 
     async def _run(
         self,
         unit: UnitOfWork,
-        decoded: _Decoded,
+        decoded: Decoded,
         next_offset: int,
         failures: HandlerFailures,
         *,
@@ -460,13 +423,6 @@ class Dispatcher:
             else:
                 result.per_app[app_id] = result.per_app.get(app_id, 0) + 1
         result.processed += 1
-
-
-def _decode(record: RawRecord) -> Event | DecodeError:
-    try:
-        return decode(record)
-    except DecodeError as exc:
-        return exc
 
 
 __all__ = ["ConflictsExhausted", "Dispatcher", "HandlerFailures", "Part", "Topics"]

@@ -50,6 +50,9 @@ class IdempotencyReport:
     repeated_http: list[str] = field(default_factory=list)
 
 
+_REPEATED_RUN_CHANGED = "Running every handler run again, as after a version conflict (its first run rolled back), changed the state"
+
+
 async def assert_idempotent(
     app: type[App] | str,
     events: Events,
@@ -70,9 +73,8 @@ async def assert_idempotent(
     second must leave every effect the kit sees as the first did: the records, the commands
     staged through ``modify`` and the dead letters.
 
-    An event delivered twice (the same CloudEvent again) is not checked: the processed
-    marker, committed in the one transaction with the run's effects, makes a redelivery
-    change nothing for any handler, so such a check could never fail.
+    An event delivered twice is not checked: its processed marker, committed with the run's
+    effects, makes a redelivery change nothing for any handler; that check could not fail.
 
     Args:
         app: the App subclass or an installed app id.
@@ -84,17 +86,16 @@ async def assert_idempotent(
             (POST, PUT, PATCH, DELETE), even if the state is the same.
         rocketchat: a stub answering the readers' REST calls (see :class:`Harness`).
         app_user_id: the app user's id (see :class:`Harness`).
-        app_username: the app user's username.
+        app_username: its username.
 
     Returns:
         What the check saw: the http calls a repeated run repeated.
 
     Raises:
         AssertionError: the handler failed on an event (other than by ``DeadLetterNow``),
-            which would make the comparison meaningless; or an effect differs: the message
-            names it (each association whose records differ, each command, each dead
-            letter) with what was expected and got, and why it matters; or, with
-            ``strict``, an http call was repeated.
+            which would make the comparison meaningless; or an effect differs (the message
+            names each association, command or dead letter that differs, with what was
+            expected and got); or, with ``strict``, an http call was repeated.
 
     """
     spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat, app_user_of(app_user_id, app_username, rocketchat))
@@ -102,13 +103,8 @@ async def assert_idempotent(
     once = await run_scenario(spec, [items])
     _require_no_failures(spec, once.state, len(items))
     repeated = await run_scenario(spec, [items], repeat_runs=True)
-    problems = []
-    if diff := once.state.differences(repeated.state, ignore_fields=ignore_fields):
-        problems.append(
-            format_section(
-                "Running every handler run again, as after a version conflict (its first run rolled back), changed the state", diff
-            )
-        )
+    diff = once.state.differences(repeated.state, ignore_fields=ignore_fields)
+    problems = [format_section(_REPEATED_RUN_CHANGED, diff)] if diff else []
     report = IdempotencyReport(_repeated_changes(once.http_calls, repeated.http_calls))
     if report.repeated_http and (strict or problems):
         title = "http calls a repeated run made again" + (" (strict=True makes this a failure)" if strict else "")

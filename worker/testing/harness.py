@@ -17,8 +17,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import httpx
-
 from worker import plugins
 from worker.apps.accessors import Record
 from worker.apps.contract import App
@@ -42,6 +40,7 @@ from worker.testing.builders import (
     Events,
     file_records,
 )
+from worker.testing.http_stub import RecordingTransport
 from worker.testing.state import Command, DeadLetter, Delivery, State, dead_letter_of, event_id_of, snapshot
 from worker.tools.dump import FileRecord
 
@@ -316,7 +315,7 @@ class _Share:
         app = spec.new_app()  # first: an app that cannot be set up leaves no store open behind it
         store = Store.from_settings(PersistenceSettings(url=url))
         claims = await store.claim(GROUP, TOPIC, [partition], owner=f"worker.testing:{partition}:{uuid.uuid4().hex[:8]}")
-        recording = _Recording()
+        recording = RecordingTransport()
         http = Http(http_settings, transport=recording)
         dispatcher = Dispatcher(
             [app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks, directory=spec.directory()
@@ -352,21 +351,6 @@ class _Share:
         await self.http.aclose()
         await self.dispatcher.directory.aclose()
         await self.store.close()
-
-
-class _Recording(httpx.AsyncBaseTransport):
-    """Sends the http accessor's requests, counting them by method and URL (without the query)."""
-
-    def __init__(self) -> None:
-        self.calls: Counter[str] = Counter()
-        self._network = httpx.AsyncHTTPTransport()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.calls[f"{request.method} {request.url.copy_with(query=None)}"] += 1
-        return await self._network.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        await self._network.aclose()
 
 
 class _RepeatingCommits(Hooks):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import http.server
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import orjson
 
 
@@ -131,3 +133,20 @@ def _body(body: Any) -> tuple[bytes, str]:
     if isinstance(body, str):
         return body.encode(), "text/plain; charset=utf-8"
     return orjson.dumps(body), "application/json"
+
+
+class RecordingTransport(httpx.AsyncBaseTransport):
+    """Sends the http accessor's requests, counting them by method and URL (without the query)."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self._network = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Count the request, then send it."""
+        self.calls[f"{request.method} {request.url.copy_with(query=None)}"] += 1
+        return await self._network.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self._network.aclose()

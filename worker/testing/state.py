@@ -13,8 +13,8 @@ import orjson
 from worker import constants
 from worker.apps.accessors import Record
 from worker.persistence.associations import Association
+from worker.persistence.records import OutboxMessage
 from worker.persistence.store import Store
-from worker.persistence.unit import OutboxMessage
 from worker.persistence.values import decode_data
 from worker.testing.builders import COMMANDS_TOPIC, DEAD_LETTER_TOPIC
 
