@@ -24,7 +24,6 @@ from worker.apps.accessors import (
     IRoomRead,
     IUserRead,
 )
-from worker.apps.readers import Directory
 from worker.events import INTERFACES, Message, MessageDeleteContext
 
 
@@ -233,6 +232,10 @@ class Read:
         self._persistence = persistence
         self._environment = EnvironmentReader(settings)
         if chat is None:
+            # Imported here: the readers bring httpx, which the commands that only list or check
+            # apps (rc-worker handlers, check-config) should not pay for at start-up.
+            from worker.apps.readers import Directory
+
             chat = Directory().for_message(None)
         self._users, self._rooms, self._messages = chat.users, chat.rooms, chat.messages
 
