@@ -11,7 +11,6 @@ import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
-import structlog
 from pydantic import BaseModel, ConfigDict
 
 from worker.apps.accessors import (
@@ -70,7 +69,18 @@ class App:
 
     id: str = ""
     settings: Any = None
-    log: Any = structlog.get_logger("app")
+
+    @functools.cached_property
+    def log(self) -> Any:
+        """A structlog logger bound to ``app=<id>``, made on first use.
+
+        Made late so that listing or checking apps (rc-worker handlers, check-config) does not
+        import structlog, whose import pulls in rich when that is installed.
+        """
+        import structlog
+
+        logger = structlog.get_logger("app")
+        return logger.bind(app=self.id) if self.id else logger
 
     def bind(self, app_id: str, settings: BaseModel | Mapping[str, Any]) -> None:
         """Called once by the runtime, before the first event: sets ``id``, ``settings``, ``log``.
@@ -80,7 +90,7 @@ class App:
         """
         self.id = app_id
         self.settings = frozen_settings(type(self).settings_model, settings)
-        self.log = structlog.get_logger("app").bind(app=app_id)
+        self.__dict__.pop("log", None)  # made again, bound to the id, on first use
 
     async def check_post_message_sent(self, message: Message, read: IRead, http: IHttp) -> bool:
         """Return False to skip ``execute_post_message_sent`` for this message (the default runs it)."""
