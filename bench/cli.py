@@ -26,6 +26,7 @@ from bench.naive import naive
 from bench.raw import ceiling
 from bench.report import HOT_KEY, Result, rate_of, save, table, targets, targets_text
 from bench.services import ServiceError, Services, find_services
+from bench.startup import startup_ms, startup_text
 from bench.steady import steady
 from bench.workers import Scenario, run_scenario
 from worker.config import load_settings
@@ -216,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="rc-bench-"))
     started, load_before = time.monotonic(), os.getloadavg()[0]
+    # First, while nothing of the benchmark's own runs: each is a fresh process, timed start to exit.
+    startup_runs = 3 if plan.quick else 10
+    startup = startup_ms(startup_runs)
+    _say(f"start-up measured: {', '.join(f'{command} {ms:.0f} ms' for command, ms in startup.items())}")
     try:
         results = asyncio.run(_main(args, plan, services, workdir))
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -232,12 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results))
     print("\ntargets of issue 8 (a miss does not fail the benchmark; lost or doubled counts do):")
     print(targets_text(targets(results)))
+    print("\n" + startup_text(startup, startup_runs))
     print(
         f"\n{plan.events:,} events, {os.cpu_count()} CPUs, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "
         f"{time.monotonic() - started:.0f} s in all" + (f"; logs in {workdir}" if args.keep else "")
     )
     if args.out is not None:
-        save(args.out, _config(plan, services), results)
+        save(args.out, {**_config(plan, services), "startup_ms": startup}, results)
     failed = [r.scenario for r in results if r.failed]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

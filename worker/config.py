@@ -28,7 +28,9 @@ _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Validators are built on first use, and the sections' defaults made only when a section is
+    # missing (default_factory): building every model at import costs each command start-up.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class KafkaSecurity(_Section):
@@ -64,7 +66,7 @@ class KafkaSettings(_Section):
         ge=constants.MAX_COMMAND_BYTES + constants.RECORD_HEADROOM_BYTES,
         description="the largest record the worker produces; at least the dead-letter topic's max.message.bytes",
     )
-    security: KafkaSecurity = KafkaSecurity()
+    security: KafkaSecurity = Field(default_factory=KafkaSecurity)
 
 
 class PersistenceSettings(_Section):
@@ -196,18 +198,19 @@ class Settings(BaseSettings):
         env_nested_delimiter=ENV_DELIMITER,
         extra="forbid",
         frozen=True,
+        defer_build=True,
     )
 
-    kafka: KafkaSettings = KafkaSettings()
-    persistence: PersistenceSettings = PersistenceSettings()
-    processing: ProcessingSettings = ProcessingSettings()
-    handlers: HandlerSettings = HandlerSettings()
-    http: HttpSettings = HttpSettings()
-    logging: LoggingSettings = LoggingSettings()
-    observability: ObservabilitySettings = ObservabilitySettings()
-    web: WebSettings = WebSettings()
-    ingest: IngestSettings = IngestSettings()
-    rocketchat: RocketChatSettings = RocketChatSettings()
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
+    processing: ProcessingSettings = Field(default_factory=ProcessingSettings)
+    handlers: HandlerSettings = Field(default_factory=HandlerSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    rocketchat: RocketChatSettings = Field(default_factory=RocketChatSettings)
 
     @classmethod
     def settings_customise_sources(
