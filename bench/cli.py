@@ -1,4 +1,4 @@
-"""`python -m bench` (`make bench`): every scenario of issue 8 in one run, one table at the end.
+"""`python -m bench` (`make bench`): every scenario of issues 8 and 14 in one run, one table at the end.
 
 Exit status: 0 when every scenario counted exactly, 1 when one lost or doubled counts or could
 not finish, 2 on bad usage or missing services.
@@ -24,16 +24,30 @@ from bench import profile
 from bench.dataset import Dataset, Layout, Topic, delete_created_topics, generate, load, new_topic
 from bench.naive import naive
 from bench.raw import ceiling
-from bench.report import HOT_KEY, Result, rate_of, save, table, targets, targets_text
+from bench.replay import replay, startup_ms
+from bench.report import (
+    BOTH_X1,
+    BOTH_X3,
+    POSTGRES_X1,
+    SQLITE_X1,
+    Result,
+    hot_name,
+    rate_of,
+    save,
+    startup_text,
+    table,
+    targets,
+    targets_text,
+    uniform_name,
+)
 from bench.services import ServiceError, Services, find_services
-from bench.startup import startup_ms, startup_text
 from bench.steady import steady
-from bench.workers import Scenario, run_scenario
+from bench.workers import APP, MENTIONS, Scenario, run_scenario
 from worker.config import load_settings
 from worker.errors import BrokerError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-SQLITE_X1 = "rc-worker SQLite x1"
+BOTH = (APP, MENTIONS)
 # --long: one worker over each of these many events; throughput should stay flat between them.
 LONG_COUNTS = (100_000, 1_000_000)
 # The long runs measure flatness over the whole topic, so they are not capped in practice.
@@ -43,8 +57,12 @@ LONG_CAP_S = 3600.0
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, help="events in the topic (default 200,000; --quick 2,000)")
-    parser.add_argument("--quick", action="store_true", help="few events, SQLite and one PostgreSQL scenario: checks it runs and counts")
-    parser.add_argument("--long", action="store_true", help="also the memory/flatness check: one worker over 100,000 and 1,000,000 events")
+    parser.add_argument(
+        "--quick", action="store_true", help="few events, one worker per scenario, no steady load: checks it runs and counts"
+    )
+    parser.add_argument(
+        "--long", action="store_true", help="also the memory/flatness check: one SQLite worker over 100,000 and 1,000,000 events"
+    )
     parser.add_argument("--skip-postgres", action="store_true", help="SQLite scenarios only")
     parser.add_argument("--rooms", type=int, default=500, help="rooms of the uniform dataset (default 500)")
     parser.add_argument("--users", type=int, default=1000, help="senders of the generated events (default 1000)")
@@ -94,15 +112,18 @@ def _note(result: Result, text: str) -> None:
 
 
 async def _datasets(
-    services: Services, workdir: Path, count: int, rooms: list[int], args: argparse.Namespace
+    services: Services, workdir: Path, count: int, rooms: list[int], args: argparse.Namespace, *, keep_values: bool = False
 ) -> list[tuple[Dataset, Topic, Layout]]:
-    """Generate datasets with ``rooms`` rooms each (concurrently), then load each into a fresh topic."""
+    """Generate datasets with ``rooms`` rooms each (concurrently), then load each into a fresh topic.
+
+    ``keep_values``: the layouts keep each record's value, for the mentions app's check.
+    """
     started = time.monotonic()
     generated = await asyncio.gather(*(asyncio.to_thread(generate, workdir, count, n, args.users, args.seed) for n in rooms))
     loaded = []
     for dataset in generated:
         topic = await new_topic(services, "hot" if dataset.rooms == 1 else "uniform")
-        layout = await load(topic, dataset.records)
+        layout = await load(topic, dataset.records, keep_values=keep_values)
         if layout.expected() != dataset.expected:
             raise RuntimeError(f"{topic.name}: the loaded records are not the generated ones")
         _say(f"loaded {count:,} events ({dataset.rooms} room(s)) into {topic.name}")
@@ -111,36 +132,37 @@ async def _datasets(
     return loaded
 
 
-async def _main(args: argparse.Namespace, plan: Plan, services: Services, workdir: Path) -> list[Result]:
+async def _main(args: argparse.Namespace, plan: Plan, services: Services, workdir: Path) -> tuple[list[Result], dict[str, float]]:
     task = asyncio.current_task()
     if task is not None:
         # A background job ignores SIGINT: take both, and cancel, so that every scenario's
         # cleanup runs (workers stopped, databases dropped).
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+    started = await asyncio.to_thread(startup_ms, startup_runs(plan))
     results: list[Result] = []
-    hot_key = plan.postgres and not plan.quick
-    loaded = await _datasets(services, workdir, plan.events, [args.rooms, 1] if hot_key else [args.rooms], args)
+    loaded = await _datasets(services, workdir, plan.events, [args.rooms] if plan.quick else [args.rooms, 1], args, keep_values=True)
     dataset, topic, layout = loaded[0]
     results.append(_report(await ceiling(topic, plan.events, runs=1 if plan.quick else 3, max_records=plan.max_records)))
     results.append(_report(await naive(topic, plan.events, workdir, cap_s=plan.naive_s, max_records=plan.max_records)))
 
-    runs = [(SQLITE_X1, "sqlite", 1)]
+    runs = [Scenario(SQLITE_X1, topic, layout, "sqlite", 1, cap_s=plan.cap_s)]
     if plan.postgres:
-        runs += [("rc-worker PostgreSQL x1", "postgres", 1)]
+        runs.append(Scenario(POSTGRES_X1, topic, layout, "postgres", 1, cap_s=plan.cap_s))
+        runs.append(Scenario(BOTH_X1, topic, layout, "postgres", 1, cap_s=plan.cap_s, handlers=BOTH))
         if not plan.quick:
-            runs += [("rc-worker PostgreSQL x2", "postgres", 2), ("rc-worker PostgreSQL x4", "postgres", 4)]
-    for name, backend, workers in runs:
-        recorder = profile.attach(args.profile, "sqlite-x1") if name == SQLITE_X1 and args.profile is not None else None
-        scenario = Scenario(name, topic, layout, backend, workers, cap_s=plan.cap_s)
+            runs.append(Scenario(BOTH_X3, topic, layout, "postgres", 3, cap_s=plan.cap_s, handlers=BOTH))
+    for scenario in runs:
+        recorder = profile.attach(args.profile, "sqlite-x1") if scenario.name == SQLITE_X1 and args.profile is not None else None
         results.append(_report(await run_scenario(scenario, services, workdir, on_started=recorder)))
         if recorder is not None:
             _say(profile.finish(recorder))
 
-    if hot_key:
+    if not plan.quick:
         _, hot_topic, hot_layout = loaded.pop()
-        result = await run_scenario(Scenario(HOT_KEY, hot_topic, hot_layout, "postgres", 4, cap_s=plan.cap_s), services, workdir)
-        _note(result, "every event in one room: one counter key, and one partition, as records are keyed by room")
+        label, backend = ("PostgreSQL", "postgres") if plan.postgres else ("SQLite", "sqlite")
+        result = await run_scenario(Scenario(hot_name(label), hot_topic, hot_layout, backend, 1, cap_s=plan.cap_s), services, workdir)
+        _note(result, f"every event in one room, so one partition and one counter key; compare with {uniform_name(label)}")
         results.append(_report(result))
 
     maximum = rate_of(results, SQLITE_X1)
@@ -149,32 +171,50 @@ async def _main(args: argparse.Namespace, plan: Plan, services: Services, workdi
         _note(result, f"events/s is the offered load, half of {SQLITE_X1}'s rate; latency = record timestamp -> database commit")
         results.append(_report(result))
 
+    results.append(_report(await _replay(services, workdir, plan, dataset, topic, layout, maximum)))
     if plan.long:
         del dataset, layout, loaded
         results += await _long(args, services, workdir, plan)
-    return results
+    return results, started
+
+
+async def _replay(
+    services: Services, workdir: Path, plan: Plan, dataset: Dataset, topic: Topic, layout: Layout, rate: float | None
+) -> Result:
+    """`rc-worker replay` over a topic it can finish within the cap at about the worker's rate."""
+    count = plan.events if rate is None else max(min(plan.events, 1000), min(plan.events, int(rate * plan.cap_s * 0.6)))
+    if count < plan.events:
+        topic = await new_topic(services, "replay")
+        layout = await load(topic, dataset.records[:count])
+        _say(f"loaded the first {count:,} events into {topic.name} for the replay")
+    result = await replay(services, topic, layout, workdir, cap_s=plan.cap_s * 2)
+    _note(result, "`rc-worker replay --from-beginning`, message-count, into a fresh SQLite database")
+    return result
 
 
 async def _long(args: argparse.Namespace, services: Services, workdir: Path, plan: Plan) -> list[Result]:
-    """One worker over 100,000 then 1,000,000 events: peak RSS and whether throughput stays flat."""
+    """One SQLite worker over 100,000 then 1,000,000 events: peak RSS and whether throughput stays flat."""
     found: list[Result] = []
-    backends = [("SQLite", "sqlite")] + ([("PostgreSQL", "postgres")] if plan.postgres else [])
-    small: dict[str, float | None] = {}
+    small: float | None = None
     small_count, large_count = LONG_COUNTS
     for count in LONG_COUNTS:
         [(dataset, topic, layout)] = await _datasets(services, workdir, count, [args.rooms], args)
         del dataset  # the layout is all the check needs; a million records weigh on the bench's own memory
-        for label, backend in backends:
-            scenario = Scenario(f"long {count:,}, {label} x1", topic, layout, backend, 1, cap_s=LONG_CAP_S)
-            result = await run_scenario(scenario, services, workdir)
-            result.extra["long"] = True
-            if count == small_count:
-                small[label] = result.rate
-            elif result.rate and (base := small.get(label)):
-                result.extra["flatness"] = result.rate / base
-                _note(result, f"throughput {result.extra['flatness']:.2f} x the {small_count:,}-event run ({large_count:,} here)")
-            found.append(_report(result))
+        scenario = Scenario(f"long {count:,}, SQLite x1", topic, layout, "sqlite", 1, cap_s=LONG_CAP_S)
+        result = await run_scenario(scenario, services, workdir)
+        result.extra["long"] = True
+        if count == small_count:
+            small = result.rate
+        elif result.rate and small:
+            result.extra["flatness"] = result.rate / small
+            _note(result, f"throughput {result.extra['flatness']:.2f} x the {small_count:,}-event run ({large_count:,} here)")
+        found.append(_report(result))
     return found
+
+
+def startup_runs(plan: Plan) -> int:
+    """How many fresh processes of each quick command the start-up median is taken over."""
+    return 1 if plan.quick else 10
 
 
 def _plan(args: argparse.Namespace) -> Plan:
@@ -217,12 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="rc-bench-"))
     started, load_before = time.monotonic(), os.getloadavg()[0]
-    # First, while nothing of the benchmark's own runs: each is a fresh process, timed start to exit.
-    startup_runs = 3 if plan.quick else 10
-    startup = startup_ms(startup_runs)
-    _say(f"start-up measured: {', '.join(f'{command} {ms:.0f} ms' for command, ms in startup.items())}")
     try:
-        results = asyncio.run(_main(args, plan, services, workdir))
+        results, started_ms = asyncio.run(_main(args, plan, services, workdir))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted", file=sys.stderr)
         return 130
@@ -235,15 +271,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 shutil.rmtree(workdir)
     print(table(results))
-    print("\ntargets of issue 8 (a miss does not fail the benchmark; lost or doubled counts do):")
+    print("\n" + startup_text(started_ms, startup_runs(plan)))
+    print("\ntargets of issue 14 (a miss does not fail the benchmark; lost or doubled counts do):")
     print(targets_text(targets(results)))
-    print("\n" + startup_text(startup, startup_runs))
     print(
         f"\n{plan.events:,} events, {os.cpu_count()} CPUs, load average {load_before:.1f} before / {os.getloadavg()[0]:.1f} after, "
         f"{time.monotonic() - started:.0f} s in all" + (f"; logs in {workdir}" if args.keep else "")
     )
     if args.out is not None:
-        save(args.out, {**_config(plan, services), "startup_ms": startup}, results)
+        save(args.out, {**_config(plan, services), "startup_ms": started_ms}, results)
     failed = [r.scenario for r in results if r.failed]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

@@ -23,6 +23,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from bench.services import Services
+from handlers.mentions import mentioned_usernames
 from worker.config import KafkaSettings
 from worker.kafka import admin, create_topics, translate
 
@@ -30,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 GENERATOR = ROOT / "tests" / "fixtures" / "make_events.py"
 TOTAL = "misc:message-count"
 PARTITIONS = 6
+# Every this many events one mentions a user (the mentions handler's work); message-count ignores it.
+MENTION_EVERY = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +71,7 @@ def generate(workdir: Path, count: int, rooms: int, users: int, seed: int) -> Da
     args = [sys.executable, str(GENERATOR), "--count", str(count), "--rooms", str(rooms), "--users", str(users), "--seed", str(seed)]
     with path.open("wb") as out:
         subprocess.run([*args, "--expect", str(expect)], stdout=out, check=True, timeout=1800)
-    records = list(_parse(path))
+    records = [_with_mention(r, n, users) if n % MENTION_EVERY == 0 else r for n, r in enumerate(_parse(path))]
     path.unlink()  # the records live in memory now; the file is only the generator's output
     dataset = Dataset(path.stem, records, rooms, expected_counters(records))
     totals = orjson.loads(expect.read_bytes())
@@ -76,6 +79,14 @@ def generate(workdir: Path, count: int, rooms: int, users: int, seed: int) -> Da
     if from_generator != dataset.expected:
         raise RuntimeError(f"{path}: the generator's expected totals differ from its records; is make_events.py changed?")
     return dataset
+
+
+def _with_mention(record: Record, number: int, users: int) -> Record:
+    """The record with a text that mentions one of the dataset's users (usernames are "user" + id)."""
+    document = orjson.loads(record.value)
+    message = document["data"]
+    message["text"] = f"@useru{(number * 7) % users:04d} look: {message.get('text', '')}"
+    return Record(record.key, orjson.dumps(document), record.headers)
 
 
 def _parse(path: Path) -> Iterator[Record]:
@@ -93,25 +104,20 @@ class Topic:
     bootstrap: str
     name: str
 
-    @property
-    def dead_letter(self) -> str:
-        """Its dead-letter topic."""
-        return f"{self.name}.dlq"
-
-    @property
-    def commands(self) -> str:
-        """Its commands topic."""
-        return f"{self.name}.cmd"
-
     def settings(self, group_id: str) -> KafkaSettings:
-        """Kafka settings for a member of ``group_id`` on this topic."""
+        """Kafka settings for a member of ``group_id`` on this topic: the one place its other topics are named."""
         return KafkaSettings(
             bootstrap_servers=self.bootstrap,
             topic=self.name,
-            dead_letter_topic=self.dead_letter,
-            commands_topic=self.commands,
+            dead_letter_topic=f"{self.name}.dlq",
+            commands_topic=f"{self.name}.cmd",
             group_id=group_id,
         )
+
+    def names(self) -> tuple[str, str, str]:
+        """The topic, its dead-letter topic and its commands topic."""
+        kafka = self.settings("bench-unused")
+        return kafka.topic, kafka.dead_letter_topic, kafka.commands_topic
 
 
 # Every topic this run created, deleted at its end (a 200,000-event topic is over 100 MB).
@@ -132,7 +138,7 @@ async def delete_created_topics() -> None:
         return
     async with admin(created[0].settings("bench-unused")) as client:
         existing = set(await client.list_topics())
-        names = [name for t in created for name in (t.name, t.dead_letter, t.commands) if name in existing]
+        names = [name for t in created for name in t.names() if name in existing]
         if names:
             with translate("deleting the benchmark's topics"):
                 await client.delete_topics(names)
@@ -161,6 +167,8 @@ class Layout:
     """
 
     keys: dict[int, list[bytes]]
+    # The values at each offset, kept when a scenario checks more than the counters.
+    values: dict[int, list[bytes]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -180,19 +188,43 @@ class Layout:
         expected[TOTAL] = sum(rooms.values())
         return expected
 
+    def expected_mentions(self, upto: dict[int, int] | None = None) -> dict[tuple[str, str], int]:
+        """{(username, room id): unread mentions} the mentions handler (default settings) leaves.
+
+        Replayed in offset order per partition, as a room's events all go to one partition:
+        a sender's post resets their own record for the room, then each mention adds one.
+        """
+        state: dict[tuple[str, str], int] = {}
+        for partition, values in self.values.items():
+            for value in values if upto is None else values[: upto.get(partition, 0)]:
+                message = orjson.loads(value)["data"]
+                room, sender = message["room"]["id"], message["sender"].get("username")
+                if sender:
+                    state.pop((sender, room), None)
+                for name in mentioned_usernames(message.get("text") or "", sender=sender, ignored=["all", "here"], limit=20):
+                    state[(name, room)] = state.get((name, room), 0) + 1
+        return state
+
     @classmethod
-    def of(cls, placed: list[tuple[int, int, bytes]]) -> Layout:
-        """From (partition, offset, key) of every record; offsets must run from 0 without gaps."""
+    def of(cls, placed: list[tuple[int, int, bytes]], values: list[bytes] | None = None) -> Layout:
+        """From (partition, offset, key) of every record; offsets must run from 0 without gaps.
+
+        ``values``: each record's value, in the order of ``placed``, kept for the mentions check.
+        """
         keys: dict[int, list[bytes]] = {}
-        for partition, offset, key in sorted(placed):
+        kept: dict[int, list[bytes]] = {}
+        indexed = sorted((p, o, k, i) for i, (p, o, k) in enumerate(placed))
+        for partition, offset, key, index in indexed:
             found = keys.setdefault(partition, [])
             if offset != len(found):
                 raise RuntimeError(f"partition {partition}: offset {offset} where {len(found)} was expected; is the topic fresh?")
             found.append(key)
-        return cls(keys)
+            if values is not None:
+                kept.setdefault(partition, []).append(values[index])
+        return cls(keys, kept)
 
 
-async def load(topic: Topic, records: list[Record]) -> Layout:
+async def load(topic: Topic, records: list[Record], *, keep_values: bool = False) -> Layout:
     """Produce ``records`` keyed by room, in order within each partition; returns where each went.
 
     Records go to the partition Kafka's default partitioner picks for their key, as a plain
@@ -221,4 +253,8 @@ async def load(topic: Topic, records: list[Record]) -> Layout:
         bases = await asyncio.gather(*(future for _, _, future in sent))
     finally:
         await client.stop()
-    return Layout.of([(p, meta.offset + i, key) for (p, keys, _), meta in zip(sent, bases, strict=True) for i, key in enumerate(keys)])
+    placed = [(p, meta.offset + i, key) for (p, keys, _), meta in zip(sent, bases, strict=True) for i, key in enumerate(keys)]
+    if not keep_values:
+        return Layout.of(placed)
+    values = [record.value for found in by_partition.values() for record in found]
+    return Layout.of(placed, values)

@@ -10,7 +10,21 @@ from typing import Any
 
 CEILING = "raw aiokafka consume (ceiling)"
 NAIVE = "naive per-event SQLAlchemy (SQLite)"
-HOT_KEY = "hot key, PostgreSQL x4"
+SQLITE_X1 = "rc-worker SQLite x1"
+POSTGRES_X1 = "rc-worker PostgreSQL x1"
+BOTH_X1 = "PostgreSQL x1, message-count + mentions"
+BOTH_X3 = "PostgreSQL x3, message-count + mentions"
+REPLAY = "rc-worker replay, SQLite"
+
+
+def hot_name(backend: str) -> str:
+    """The hot-partition scenario (every event in one room) on one worker of ``backend``."""
+    return f"one hot partition, {backend} x1"
+
+
+def uniform_name(backend: str) -> str:
+    """The six-partition scenario the hot partition is compared with."""
+    return POSTGRES_X1 if backend == "PostgreSQL" else SQLITE_X1
 
 
 @dataclass(slots=True)
@@ -64,7 +78,20 @@ def table(results: list[Result]) -> str:
     """The benchmark's one table, ratios taken against this run's ceiling and naive rates."""
     ceiling = rate_of(results, CEILING)
     naive = rate_of(results, NAIVE)
-    header = ("scenario", "events", "events/s", "x ceiling", "x naive", "p50 ms", "p99 ms", "peak RSS MB/worker", "counts")
+    header = (
+        "scenario",
+        "events",
+        "events/s",
+        "x ceiling",
+        "x naive",
+        "CPU us/event",
+        "conflicts/1k",
+        "RT/unit",
+        "p50 ms",
+        "p99 ms",
+        "peak RSS MB/worker",
+        "counts",
+    )
     rows = [header]
     for r in results:
         compared = r.rate if not r.extra.get("offered") else None  # an offered load is no throughput
@@ -75,6 +102,9 @@ def table(results: list[Result]) -> str:
                 _fmt(r.rate, ",.0f"),
                 _fmt(compared / ceiling if compared and ceiling else None, ".3f"),
                 _fmt(compared / naive if compared and naive else None, ".1f"),
+                _fmt(r.extra.get("cpu_us_per_event"), ",.0f"),
+                _fmt(r.extra.get("conflicts_per_1k"), ".1f"),
+                _fmt(r.extra.get("round_trips_per_unit"), ".1f"),
                 _fmt(r.p50_ms, ".1f"),
                 _fmt(r.p99_ms, ".1f"),
                 " / ".join(f"{m:.0f}" for m in r.peak_rss_mb) or "-",
@@ -82,7 +112,7 @@ def table(results: list[Result]) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    right = {1, 2, 3, 4, 5, 6}
+    right = set(range(1, len(header) - 2))
 
     def line(row: tuple[str, ...]) -> str:
         cells = [cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
@@ -96,52 +126,59 @@ def table(results: list[Result]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One target of issue 8 and whether this run meets it."""
+    """One target of issue 14 and whether this run meets it."""
 
     what: str
     met: bool | None  # None: not measured in this run
     measured: str
 
 
-def _ratio_target(what: str, value: float | None, floor: float, spec: str = ".2f") -> Target:
+def _at_least(what: str, value: float | None, floor: float, spec: str = ".2f") -> Target:
     if value is None:
         return Target(what, None, "not measured")
     return Target(what, value >= floor, format(value, spec))
 
 
+def _at_most(what: str, value: float | None, ceiling: float, spec: str = ".2f", unit: str = "") -> Target:
+    if value is None:
+        return Target(what, None, "not measured")
+    return Target(what, value <= ceiling, format(value, spec) + unit)
+
+
+def _extra(results: list[Result], scenario: str, name: str) -> float | None:
+    value = next((r.extra.get(name) for r in results if r.scenario == scenario), None)
+    return float(value) if value is not None else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def targets(results: list[Result]) -> list[Target]:
-    """Issue 8's targets, judged on this run's numbers (a miss does not fail the benchmark)."""
-    by_name = {r.scenario: r for r in results}
-    ceiling, naive = rate_of(results, CEILING), rate_of(results, NAIVE)
-
-    def ratio(scenario: str, base: float | None) -> float | None:
-        rate = rate_of(results, scenario)
-        return rate / base if rate and base else None
-
+    """Issue 14's targets, judged on this run's numbers (a miss does not fail the benchmark)."""
+    ceiling = rate_of(results, CEILING)
+    both_1, both_3 = rate_of(results, BOTH_X1), rate_of(results, BOTH_X3)
+    cpu_1, cpu_3 = _extra(results, BOTH_X1, "cpu_us_per_event"), _extra(results, BOTH_X3, "cpu_us_per_event")
     found = [
-        _ratio_target("SQLite, 1 worker >= 0.5 x ceiling", ratio("rc-worker SQLite x1", ceiling), 0.5),
-        _ratio_target("SQLite, 1 worker >= 30 x naive", ratio("rc-worker SQLite x1", naive), 30, ".1f"),
-        _ratio_target("PostgreSQL, 1 worker >= 0.4 x ceiling", ratio("rc-worker PostgreSQL x1", ceiling), 0.4),
+        _at_least("SQLite x1 >= 0.5 x raw consume (floor 0.2)", _ratio(rate_of(results, SQLITE_X1), ceiling), 0.5, ".3f"),
+        _at_least("PostgreSQL x1 >= 0.4 x raw consume", _ratio(rate_of(results, POSTGRES_X1), ceiling), 0.4, ".3f"),
+        _at_least("both handlers: PostgreSQL x3 >= 1.5 x x1 events/s", _ratio(both_3, both_1), 1.5),
+        _at_most("both handlers: CPU/event at x3 <= 1.3 x that at x1", _ratio(cpu_3, cpu_1), 1.3),
+        _at_most("both handlers: one worker's CPU/event <= 100 us", cpu_1, 100, ",.0f", " us"),
     ]
-    hot, uniform = by_name.get(HOT_KEY), rate_of(results, "rc-worker PostgreSQL x4")
-    if hot is not None and hot.rate and uniform:
-        found.append(
-            Target("hot key x4 exact and >= 0.3 x uniform x4", bool(hot.exact) and hot.rate / uniform >= 0.3, f"{hot.rate / uniform:.2f}")
-        )
-    else:
-        found.append(Target("hot key x4 exact and >= 0.3 x uniform x4", None, "not measured"))
-    steady = [r for r in results if r.scenario.startswith("steady")]
-    if steady and steady[0].p99_ms is not None:
-        found.append(Target("steady half-load p99 < 250 ms", steady[0].p99_ms < 250, f"{steady[0].p99_ms:.0f} ms"))
-    else:
-        found.append(Target("steady half-load p99 < 250 ms", None, "not measured"))
+    hot = next((r for r in results if r.scenario.startswith("one hot partition")), None)
+    uniform = rate_of(results, uniform_name("PostgreSQL" if hot is not None and "PostgreSQL" in hot.scenario else "SQLite"))
+    found.append(_at_least("hot partition x1 >= 0.5 x the six-partition x1 rate", _ratio(hot.rate if hot else None, uniform), 0.5))
+    steady = next((r for r in results if r.scenario.startswith("steady")), None)
+    found.append(_at_most("steady half-load p99 < 250 ms", steady.p99_ms if steady else None, 250, ".0f", " ms"))
+    found.append(_at_most("steady half-load p50 < 50 ms", steady.p50_ms if steady else None, 50, ".0f", " ms"))
     for r in results:
         # The larger of the two --long runs: the one compared with the smaller.
         if r.extra.get("flatness") is not None:
-            flat = abs(r.extra["flatness"] - 1) <= 0.2
-            found.append(Target(f"{r.scenario}: throughput within 20% of the smaller run", flat, f"{r.extra['flatness']:.2f}"))
+            flat = abs(r.extra["flatness"] - 1) <= 0.15
+            found.append(Target(f"{r.scenario}: events/s within 15% of the 100,000-event run", flat, f"{r.extra['flatness']:.2f}"))
             if r.peak_rss_mb:
-                found.append(Target(f"{r.scenario}: peak RSS < 200 MB", max(r.peak_rss_mb) < 200, f"{max(r.peak_rss_mb):.0f} MB"))
+                found.append(_at_most(f"{r.scenario}: peak RSS < 200 MB", max(r.peak_rss_mb), 200, ".0f", " MB"))
     return found
 
 
@@ -167,3 +204,15 @@ def save(path: Path, config: dict[str, Any], results: list[Result]) -> None:
 def median(values: list[float]) -> float:
     """The median of ``values`` (the ceiling is measured a few times)."""
     return statistics.median(values)
+
+
+# Issue 19: `rc-worker --help`, `check-config` and `handlers` start and exit within this.
+STARTUP_TARGET_S = 0.25
+
+
+def startup_text(found: dict[str, float], runs: int) -> str:
+    """One line per command: its median start-to-exit time, and whether it meets the target."""
+    lines = [f"start-up, median wall time to exit of {runs} fresh process(es) (issue 19: under {STARTUP_TARGET_S:.2f} s):"]
+    for command, ms in found.items():
+        lines.append(f"  {'met   ' if ms < STARTUP_TARGET_S * 1000 else 'MISSED'}  {command}: {ms / 1000:.3f} s")
+    return "\n".join(lines)

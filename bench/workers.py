@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,8 +35,12 @@ from bench.services import Services, create_postgres_database, drop_postgres_dat
 from worker.persistence.store import Store
 
 APP = "message-count"
+MENTIONS = "mentions"
 # Seconds between two reads of the global counter while a scenario runs.
 POLL_S = 0.05
+# The worker's counter of database round trips (statements, BEGIN and COMMIT) on /metrics.
+ROUND_TRIPS_METRIC = "rc_worker_db_round_trips_total"
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class ScenarioError(RuntimeError):
@@ -56,6 +61,27 @@ class WorkerProcess:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) / 1024
         return None
+
+    def cpu_s(self) -> float | None:
+        """User plus system CPU seconds the process has used so far (Linux only)."""
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # The command name (field 2) may hold spaces: split after its closing parenthesis.
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        return None
+
+    def metric(self, name: str) -> float | None:
+        """The value of ``name`` on the worker's /metrics (summed over labels), if it serves it."""
+        listening = self.log_lines("observability_listening")
+        if not listening:
+            return None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{listening[-1]['port']}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{"))]
+        return sum(values) if values else None
 
     def log_lines(self, event: str | None = None) -> list[dict[str, Any]]:
         """The JSON log lines (optionally only those named ``event``)."""
@@ -110,16 +136,17 @@ async def fresh_database(backend: str, services: Services, workdir: Path) -> Asy
         await drop_postgres_database(services.postgres_admin, url)
 
 
+# The kafka settings a benchmark's worker takes from its topic (bench.dataset.Topic.settings).
+_KAFKA_KEYS = ("bootstrap_servers", "topic", "dead_letter_topic", "commands_topic", "group_id")
+
+
 def worker_env(topic: Topic, group_id: str, database_url: str, **extra: str) -> dict[str, str]:
     """The environment of an `rc-worker run` subprocess on ``topic`` for ``group_id``."""
+    kafka = topic.settings(group_id)
     env = {
         **os.environ,
         "RC_WORKER_CONFIG": str(ROOT / "config.yaml"),
-        "RC_WORKER_KAFKA__BOOTSTRAP_SERVERS": topic.bootstrap,
-        "RC_WORKER_KAFKA__TOPIC": topic.name,
-        "RC_WORKER_KAFKA__DEAD_LETTER_TOPIC": topic.dead_letter,
-        "RC_WORKER_KAFKA__COMMANDS_TOPIC": topic.commands,
-        "RC_WORKER_KAFKA__GROUP_ID": group_id,
+        **{f"RC_WORKER_KAFKA__{key.upper()}": str(getattr(kafka, key)) for key in _KAFKA_KEYS},
         "RC_WORKER_PERSISTENCE__URL": database_url,
         "RC_WORKER_HANDLERS__ENABLED": '["message-count"]',
         "RC_WORKER_LOGGING__FORMAT": "json",
@@ -176,13 +203,20 @@ async def all_counters(store: Store) -> dict[str, int]:
 
 @dataclass(slots=True)
 class Progress:
-    """Polls of the global counter: when processing began, and where the scenario stopped."""
+    """Polls of the global counter: when processing began, and where the scenario stopped.
+
+    The workers' CPU time is sampled at the same two polls, so CPU per event covers the same
+    span as the rate (interpreter start-up and joining the group left out).
+    """
 
     first_at: float = 0.0
     first_count: int = 0
     done_at: float = 0.0
     done_count: int = 0
     capped: bool = False
+    first_cpu_s: float | None = None
+    done_cpu_s: float | None = None
+    round_trips: float | None = None  # the workers' database round trips when the poll ended
 
     def rate(self) -> float | None:
         """Events/s from the first poll that saw progress to the last poll."""
@@ -191,11 +225,39 @@ class Progress:
             return None
         return (self.done_count - self.first_count) / elapsed
 
+    def cpu_us_per_event(self) -> float | None:
+        """The workers' user+system CPU microseconds per event processed between the two polls."""
+        if self.first_cpu_s is None or self.done_cpu_s is None or self.done_count <= self.first_count:
+            return None
+        return (self.done_cpu_s - self.first_cpu_s) * 1e6 / (self.done_count - self.first_count)
+
+
+def workers_cpu_s(workers: list[WorkerProcess]) -> float | None:
+    """The CPU seconds all ``workers`` have used, or None if one cannot be read."""
+    times = [w.cpu_s() for w in workers]
+    return None if any(t is None for t in times) else sum(t for t in times if t is not None)
+
+
+def workers_metric(workers: list[WorkerProcess], name: str) -> float | None:
+    """``name`` summed over every worker's /metrics; None unless every worker serves it."""
+    values = [w.metric(name) for w in workers]
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
 
 async def wait_for_count(
-    store: Store, total: int, workers: list[WorkerProcess], *, cap_s: float, start_s: float = 120, stall_s: float = 90
+    store: Store,
+    total: int,
+    workers: list[WorkerProcess],
+    *,
+    cap_s: float,
+    start_s: float = 120,
+    stall_s: float = 90,
+    exits: bool = False,
 ) -> Progress:
     """Poll until the global counter reaches ``total``, or ``cap_s`` after processing began.
+
+    ``exits``: the process stops by itself once done (a replay), so an exit after its last
+    commit is the end, not a failure.
 
     Raises:
         ScenarioError: a worker exited, nothing was processed within ``start_s``, or the
@@ -209,9 +271,11 @@ async def wait_for_count(
         count = await global_count(store)
         now = time.monotonic()
         if count and not progress.first_at:
-            progress.first_at, progress.first_count = now, count
+            progress.first_at, progress.first_count, progress.first_cpu_s = now, count, workers_cpu_s(workers)
         if count >= total or (progress.first_at and now - progress.first_at >= cap_s):
             progress.done_at, progress.done_count, progress.capped = now, count, count < total
+            progress.done_cpu_s = workers_cpu_s(workers)
+            progress.round_trips = await asyncio.to_thread(workers_metric, workers, ROUND_TRIPS_METRIC)
             return progress
         if count != last:
             last_change, last = now, count
@@ -220,21 +284,35 @@ async def wait_for_count(
         if not progress.first_at and now - started > start_s:
             raise ScenarioError(f"nothing processed within {start_s:.0f} s of starting the workers")
         for worker in workers:
-            if worker.process.poll() is not None:
+            if worker.process.poll() is not None and not (exits and await global_count(store) >= total):
                 raise ScenarioError(f"a worker exited with status {worker.process.returncode} at {count} of {total}: {worker.last_words()}")
         await asyncio.sleep(POLL_S)
 
 
-async def check_counts(store: Store, layout: Layout, group_id: str, topic: str, *, complete: bool) -> tuple[bool, int]:
+async def unread_mentions(store: Store) -> dict[tuple[str, str], int]:
+    """{(username, room id): count} of every record the mentions app keeps."""
+    found: dict[tuple[str, str], int] = {}
+    for record in await store.app_records(MENTIONS):
+        data = orjson.loads(record.data)
+        found[(data["username"], data["roomId"])] = found.get((data["username"], data["roomId"]), 0) + data["count"]
+    return found
+
+
+async def check_counts(
+    store: Store, layout: Layout, group_id: str | None, topic: str, *, complete: bool, mentions: bool = False
+) -> tuple[bool, int]:
     """Whether the counters are exactly those of the records below the stored offsets; and how many.
 
     The workers have stopped; each committed its counters together with its partitions' next
     offsets, so any loss or double count shows as a difference. ``complete``: every record
-    must also be below the stored offsets.
+    must also be below the stored offsets (``group_id`` None: no offsets are stored, all must
+    be in). ``mentions``: the mentions app's records must also be those of that prefix.
     """
-    stored = await store.stored_offsets(group_id, topic)
+    stored = await store.stored_offsets(group_id, topic) if group_id is not None else None
     expected = layout.expected(stored)
     exact = await all_counters(store) == expected and (not complete or expected[TOTAL] == layout.total)
+    if mentions:
+        exact = exact and await unread_mentions(store) == layout.expected_mentions(stored)
     return exact, expected[TOTAL]
 
 
@@ -267,7 +345,13 @@ class Scenario:
     backend: str
     workers: int = 1
     cap_s: float = 60  # of processing, after which the workers are stopped and the rate taken
+    handlers: tuple[str, ...] = (APP,)  # message-count first: the global counter tracks progress
     extra_env: dict[str, str] = field(default_factory=dict)
+
+    def env(self, group_id: str, database_url: str) -> dict[str, str]:
+        """The workers' environment."""
+        handlers = orjson.dumps(list(self.handlers)).decode()
+        return worker_env(self.topic, group_id, database_url, RC_WORKER_HANDLERS__ENABLED=handlers, **self.extra_env)
 
 
 Hook = Callable[[list[WorkerProcess]], Any]
@@ -284,7 +368,7 @@ async def run_scenario(scenario: Scenario, services: Services, workdir: Path, on
             store = open_store(database.url)
             try:
                 group = f"bench-{uuid.uuid4().hex[:8]}"
-                env = worker_env(scenario.topic, group, database.url, **scenario.extra_env)
+                env = scenario.env(group, database.url)
                 label = scenario.name.replace(" ", "_").replace(",", "")
                 workers = start_workers(scenario.workers, env, workdir, label)
                 if on_started is not None:
@@ -294,9 +378,9 @@ async def run_scenario(scenario: Scenario, services: Services, workdir: Path, on
                 result.peak_rss_mb = [m for m in (w.peak_rss_mb() for w in workers) if m is not None]
                 codes = stop_workers(workers)
                 result.exact, result.events = await check_counts(
-                    store, scenario.layout, group, scenario.topic.name, complete=not progress.capped
+                    store, scenario.layout, group, scenario.topic.name, complete=not progress.capped, mentions=MENTIONS in scenario.handlers
                 )
-                result.extra = {"exit_codes": codes, "capped": progress.capped, **batch_stats(workers)}
+                result.extra = {"exit_codes": codes, "capped": progress.capped, **batch_stats(workers), **cost(progress, workers)}
                 if progress.capped and result.events < total:
                     result.note = f"capped at {scenario.cap_s:.0f} s of processing: {result.events:,} of {total:,} events"
                 if any(code != 0 for code in codes):
@@ -311,15 +395,28 @@ async def run_scenario(scenario: Scenario, services: Services, workdir: Path, on
     return result
 
 
-def batch_stats(workers: list[WorkerProcess]) -> dict[str, Any]:
+def batch_stats(workers: list[WorkerProcess], event: str = "batch_committed") -> dict[str, Any]:
     """How many batches the workers committed, their mean size, and the version conflicts they met."""
-    lines = [line for worker in workers for line in worker.log_lines("batch_committed")]
+    lines = [line for worker in workers for line in worker.log_lines(event)]
     processed = sum(line.get("processed", 0) for line in lines)
+    conflicts = sum(line.get("conflicts", 0) for line in lines)
     return {
         "batches": len(lines),
         "mean_batch": processed / len(lines) if lines else None,
-        "conflicts": sum(line.get("conflicts", 0) for line in lines),
+        "conflicts": conflicts,
+        "conflicts_per_1k": conflicts * 1000 / processed if processed else None,
         "duplicates": sum(line.get("duplicates", 0) for line in lines),
+    }
+
+
+def cost(progress: Progress, workers: list[WorkerProcess]) -> dict[str, Any]:
+    """CPU per event, and database round trips per unit of work (a committed batch), if the workers count them."""
+    batches = batch_stats(workers)["batches"]
+    trips = progress.round_trips
+    return {
+        "cpu_us_per_event": progress.cpu_us_per_event(),
+        "round_trips": trips,
+        "round_trips_per_unit": trips / batches if trips is not None and batches else None,
     }
 
 

@@ -79,11 +79,9 @@ class Figures:
     events: int
     duplicates: int
     invalid: int
-    kills: int = 0
-    worker_restarts: int = 0
-    broker_restarts: int = 0
-    database_restarts: int = 0
     commands_expected: int = 0
+    # What the chaos did, by kind: kills, worker_restarts, broker_restarts, database_restarts.
+    done: Counter[str] = field(default_factory=Counter)
     lost: dict[str, int] = field(default_factory=dict)
     doubled: dict[str, int] = field(default_factory=dict)
     chaos_s: float = 0.0
@@ -211,16 +209,15 @@ class TestChaos:
                 await load(topics, lots.pop(0))
             if step == BROKER_RESTART_STEP:
                 own_kafka.restart()
-                figures.broker_restarts += 1
+                figures.done["broker_restarts"] += 1
             if step == DATABASE_RESTART_STEP:
                 own_postgres.stop(mode="immediate")  # a crash: the cluster recovers at start
                 await asyncio.sleep(2)
                 own_postgres.start()
-                figures.database_restarts += 1
+                figures.done["database_restarts"] += 1
             group.kill_one(rng)
-            figures.kills += 1
-            figures.worker_restarts += 1
-            figures.worker_restarts += group.revive()
+            figures.done["kills"] += 1
+            figures.done["worker_restarts"] += 1 + group.revive()
             step += 1
             await asyncio.sleep(KILL_EVERY_S)
 
@@ -229,7 +226,7 @@ class TestChaos:
         deadline = time.monotonic() + CONVERGE_S
         found: dict[str, int] = {}
         while time.monotonic() < deadline:
-            figures.worker_restarts += group.revive()
+            figures.done["worker_restarts"] += group.revive()
             found = await counts(url)
             if found == expected:
                 break
@@ -261,7 +258,7 @@ class TestChaos:
             assert letter.header("rc-dlq-reason") == _reason(original).encode()
         assert sum(staged.values()) == len(commands)
         assert statuses == [0] * WORKERS
-        assert figures.kills >= LOTS
+        assert figures.done["kills"] >= LOTS
         assert sum(b["processed"] for b in group.batches()) >= figures.events
 
     @staticmethod

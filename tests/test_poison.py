@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as note_event
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from tests.support import TopicSet, store_for
 from tests.test_failures import (
@@ -45,10 +46,12 @@ from worker.errors import DataError, DecodeError, InvalidDataError, PersistenceE
 from worker.events import RawRecord, decode
 from worker.persistence import schema
 from worker.persistence import unit as unit_module
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.sql import translate
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import UnitOfWork
 from worker.persistence.values import encode_data
+from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.tally import BatchResult
 from worker.plugins import instantiate
@@ -342,6 +345,39 @@ class TestCommitIsolation:
             assert again.duplicates == 5
         finally:
             await lane.http.aclose()
+
+    @pytest.mark.usefixtures("unchecked")
+    async def test_a_shared_unit_of_several_partitions_leaves_the_refused_value_to_its_partition(
+        self, lane: Lane, database_url: str
+    ) -> None:
+        """The hot path runs two partitions' batches as one unit: the refusal fails that commit, then each partition runs alone.
+
+        The partition without the poison commits whole; the other bisects it out, as a lone lane does.
+        """
+        poison = Plan(association_id="a" * 700) if database_url.startswith("postgresql") else Plan(association_id=json.loads('"\\udcff"'))
+        Planned.plans = {"poison": poison}
+        fences = {0: lane.fence, 1: (await lane.store.claim("poison-group", TOPIC, [1], "poison-test"))[1].fence}
+        batches = {
+            p: [
+                RawRecord(TOPIC, p, n, 0, b"k", event(f"p{p}e{n}", text="poison" if (p, n) == (0, 2) else "", room=f"r{p}{n}"), ())
+                for n in range(4)
+            ]
+            for p in (0, 1)
+        }
+        combiner = Combiner(lane.dispatcher)
+        with capture_logs() as logs:
+            # Both batches wait for the same turn, so they are taken together as one unit.
+            async with combiner._turn:
+                tasks = [asyncio.create_task(combiner.dispatch(batches[p], fences[p], snapshot=Snapshot())) for p in (0, 1)]
+                await asyncio.sleep(0)
+            results = await asyncio.gather(*tasks)
+        assert [(line["partitions"], line["error_type"]) for line in logs if line["event"] == "shared_unit_failed"] == [(2, "DataError")]
+        letters = await lane.dead_letters()
+        assert set(letters) == {2}
+        assert letters[2][constants.DLQ_STAGE] == "commit"
+        assert await lane.store.processed_count("planned") == 7
+        assert [r.next_offset for r in results] == [4, 4]
+        assert await lane.store.stored_offsets("poison-group", TOPIC) == {0: 4, 1: 4}
 
     def test_a_refused_value_is_a_data_error_and_an_outage_is_not(self) -> None:
         """Class 22/23 and encoding errors are the data's; a connection refused stays a retriable PersistenceError."""

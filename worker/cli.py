@@ -25,37 +25,49 @@ def _parser() -> argparse.ArgumentParser:
     output_flags(parser, default=None)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    commands.add_parser("run", help="run one worker of the consumer group until SIGTERM/SIGINT")
-    commands.add_parser("ingest", help="serve the HTTP endpoint that puts Rocket.Chat's messages on the topic (config: ingest)")
-    commands.add_parser("apply", help="apply the commands topic to Rocket.Chat through its REST API (config: rocketchat)")
+    run = commands.add_parser("run", help="run one worker of the consumer group until SIGTERM/SIGINT")
+    run.set_defaults(runs="worker.tools.run:command")
+    ingest = commands.add_parser("ingest", help="serve the HTTP endpoint that puts Rocket.Chat's messages on the topic (config: ingest)")
+    ingest.set_defaults(runs="worker.bridge.ingest:ingest_command")
+    apply = commands.add_parser("apply", help="apply the commands topic to Rocket.Chat through its REST API (config: rocketchat)")
+    apply.set_defaults(runs="worker.bridge.apply:apply_command")
 
     topics = commands.add_parser("topics", help="manage the worker's topics").add_subparsers(dest="action", required=True)
     create = topics.add_parser("create", help="create the event, dead-letter, commands and apply dead-letter topics if missing")
     create.add_argument("--partitions", type=int, default=6, help="partitions of the event topic (default 6)")
+    create.set_defaults(runs="worker.tools.topics:create_command")
 
     load = commands.add_parser("load", help="produce the records of a contract JSON-lines file, in order")
     load.add_argument("file", type=Path)
     load.add_argument("--topic", help="topic to produce to (default: kafka.topic)")
     load.add_argument("--create-topic", action="store_true", help="create the topic if it does not exist (as `rc-worker topics create`)")
+    load.set_defaults(runs="worker.tools.dump:load_command")
 
     db = commands.add_parser("db", help="manage the database schema").add_subparsers(dest="action", required=True)
-    db.add_parser("upgrade", help="create or migrate the schema (idempotent)")
-    db.add_parser("prune", help="delete processed-event markers past their retention; print how many").add_argument(
+    upgrade = db.add_parser("upgrade", help="create or migrate the schema (idempotent)")
+    upgrade.set_defaults(runs="worker.tools.state:upgrade_command")
+    prune = db.add_parser("prune", help="delete processed-event markers past their retention; print how many")
+    prune.add_argument(
         "--older-than-hours", type=int, metavar="N", help="processed over N hours ago (default: processed_retention_hours; 0 keeps all)"
     )
+    prune.set_defaults(runs="worker.tools.state:prune_command")
 
     state = commands.add_parser("state", help="inspect an app's persisted records").add_subparsers(dest="action", required=True)
     get = state.add_parser("get", help="the data of an app's records with an association, as a JSON list")
     get.add_argument("--app", required=True)
     get.add_argument("--association", required=True, help="MODEL:ID, e.g. misc:message-count")
+    get.set_defaults(runs="worker.tools.state:get_command")
     dump = state.add_parser("dump", help="every record of an app, one JSON object a line")
     dump.add_argument("--app", required=True)
+    dump.set_defaults(runs="worker.tools.state:dump_command")
 
     handlers = commands.add_parser("handlers", help="list the installed handler plugins: ids, versions, settings, enabled")
     handlers.add_argument("--json", action="store_true", help="one JSON document instead of text")
+    handlers.set_defaults(runs="worker.plugins:handlers_command")
     new_handler = commands.add_parser("new-handler", help="create a handler plugin package, ready to install and test")
     new_handler.add_argument("name", help="the app id, lower-case words joined by dashes, e.g. link-counter")
     new_handler.add_argument("--dir", type=Path, help="where to create it (default: ./NAME)")
+    new_handler.set_defaults(runs="worker.tools.scaffold:new_handler_command")
 
     replay = commands.add_parser("replay", help="process a range of the topic through chosen handlers into a database, then exit")
     replay_from = replay.add_mutually_exclusive_group(required=True)
@@ -75,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="split the partitions among N processes of one replay group (--group, or a new one); for large topics",
     )
+    replay.set_defaults(runs="worker.tools.replay:command")
 
     dump_topic = commands.add_parser("dump", help="write a range of the topic as contract JSON lines, which `load` reproduces")
     dump_topic.add_argument("--topic", help="topic to dump (default: kafka.topic)")
@@ -82,10 +95,13 @@ def _parser() -> argparse.ArgumentParser:
     dump_topic.add_argument("--to-time", metavar="ISO8601", help="up to the last record before this time")
     dump_topic.add_argument("--partition", type=int, metavar="P", help="only this partition")
     dump_topic.add_argument("--output", "-o", type=Path, metavar="FILE", help="write FILE (whole or not at all) instead of stdout")
+    dump_topic.set_defaults(runs="worker.tools.dump:command")
 
     dlq = commands.add_parser("dlq", help="inspect and re-drive the dead-letter topic").add_subparsers(dest="action", required=True)
     dlq_list = dlq.add_parser("list", help="one line per dead letter: position, origin, app, stage, reason, redrive status, truncation")
+    dlq_list.set_defaults(runs="worker.tools.dlq:list_command")
     dlq_redrive = dlq.add_parser("redrive", help="send dead letters back, each once: to their topic, or with --app through that app")
+    dlq_redrive.set_defaults(runs="worker.tools.dlq:redrive_command")
     for dlq_command in (dlq_list, dlq_redrive):
         dlq_command.add_argument("--app", metavar="A", help="only app A's dead letters (redrive: straight through A into the database)")
         dlq_command.add_argument("--reason", metavar="R", help="only dead letters whose reason contains R")
@@ -98,9 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     offsets = commands.add_parser("offsets", help="the consumer group's offsets").add_subparsers(dest="action", required=True)
-    offsets.add_parser("show", help="per partition: earliest, committed, stored with the state, end, lag").add_argument(
-        "--json", action="store_true", help="one JSON object a line"
-    )
+    show = offsets.add_parser("show", help="per partition: earliest, committed, stored with the state, end, lag")
+    show.add_argument("--json", action="store_true", help="one JSON object a line")
+    show.set_defaults(runs="worker.tools.offsets:show_command")
     reset = offsets.add_parser(
         "reset",
         help="move the group's committed offsets and the state's stored ones; refused while the group has active members",
@@ -114,15 +130,18 @@ def _parser() -> argparse.ArgumentParser:
     reset_to.add_argument("--to-time", metavar="ISO8601", help="the first offset at or after this time, per partition")
     reset_to.add_argument("--to-offset", metavar="P:O[,P:O...]", help="these partitions to these offsets; others stay")
     reset.add_argument("--dry-run", action="store_true", help="print the new offsets; change nothing")
+    reset.set_defaults(runs="worker.tools.offsets:reset_command")
 
     web = commands.add_parser("web", help="serve the status pages of the whole group (lag, dead letters, state, topic, health)")
     web.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
     web.add_argument("--host", help="address to listen on (default: web.host, 127.0.0.1)")
     web.add_argument("--port", type=int, help="port to listen on (default: web.port, 8080; 0 picks a free one)")
+    web.set_defaults(runs="worker.web.server:command")
 
     check = commands.add_parser("check-config", help="validate and print the effective configuration, secrets redacted")
     check.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
     check.add_argument("--reference", action="store_true", help="print every key, its variable and default as a Markdown table")
+    check.set_defaults(runs="worker.tools.check_config:check_config_command")
     for command in _leaves(parser):
         output_flags(command)
     return parser
@@ -186,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config)
         _configure_output(settings, args)
-        module, function = COMMANDS[(args.command, getattr(args, "action", None))]
+        module, _, function = args.runs.partition(":")
         # Each command's module is imported only when it runs: `rc-worker --help` and
         # check-config start without Kafka, database or HTTP clients.
         handler: Handler = getattr(importlib.import_module(module), function)
@@ -203,25 +222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 Handler = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
 
-# (command, action) -> (module, coroutine function(settings, args) -> exit status)
-COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = {
-    ("run", None): ("worker.tools.run", "command"),
-    ("ingest", None): ("worker.bridge.ingest", "ingest_command"),
-    ("apply", None): ("worker.bridge.apply", "apply_command"),
-    ("topics", "create"): ("worker.tools.topics", "create_command"),
-    ("load", None): ("worker.tools.dump", "load_command"),
-    ("db", "upgrade"): ("worker.tools.state", "upgrade_command"),
-    ("db", "prune"): ("worker.tools.state", "prune_command"),
-    ("state", "get"): ("worker.tools.state", "get_command"),
-    ("state", "dump"): ("worker.tools.state", "dump_command"),
-    ("handlers", None): ("worker.plugins", "handlers_command"),
-    ("new-handler", None): ("worker.tools.scaffold", "new_handler_command"),
-    ("replay", None): ("worker.tools.replay", "command"),
-    ("dump", None): ("worker.tools.dump", "command"),
-    ("dlq", "list"): ("worker.tools.dlq", "list_command"),
-    ("dlq", "redrive"): ("worker.tools.dlq", "redrive_command"),
-    ("offsets", "show"): ("worker.tools.offsets", "show_command"),
-    ("offsets", "reset"): ("worker.tools.offsets", "reset_command"),
-    ("check-config", None): ("worker.tools.check_config", "check_config_command"),
-    ("web", None): ("worker.web.server", "command"),
-}
+
+def _table(parser: argparse.ArgumentParser) -> dict[tuple[str, str | None], tuple[str, str]]:
+    """(command, action) -> (module, function) of every command, as its parser's ``runs`` default names them."""
+    table: dict[tuple[str, str | None], tuple[str, str]] = {}
+    for leaf in _leaves(parser):
+        names = leaf.prog.split()[1:]  # "rc-worker dlq list" -> ["dlq", "list"]
+        module, _, function = leaf.get_default("runs").partition(":")
+        table[(names[0], names[1] if len(names) > 1 else None)] = (module, function)
+    return table
+
+
+# (command, action) -> (module, coroutine function(settings, args) -> exit status). Each command's
+# parser names its function (set_defaults(runs="module:function"), imported only when it runs);
+# this table is read back from the parser, so the two cannot disagree.
+COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = _table(_parser())

@@ -57,6 +57,7 @@ class KafkaSettings(_Section):
     client_id: str = "rc-worker"
     max_batch_records: int = Field(500, ge=1, le=100_000)
     fetch_timeout_ms: int = Field(500, ge=10, le=60_000)
+    fetch_max_wait_ms: int = Field(100, ge=0, le=60_000, description="the broker's long poll of a fetch that finds nothing new")
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000)
     heartbeat_interval_ms: int = Field(3_000, ge=100, le=100_000)
     max_poll_interval_ms: int = Field(300_000, ge=1_000)

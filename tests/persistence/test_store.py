@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 
 from worker.apps.accessors import Record
@@ -16,15 +17,31 @@ from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.keys import guard_key
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot, UnitOfWork
+from worker.persistence.unit import UnitOfWork
 
 APP = "app-a"
 OTHER_APP = "app-b"
 ROOM = Association(AssociationModel.ROOM, "r1")
+
 USER = Association(AssociationModel.USER, "u1")
 TOTAL = Association(AssociationModel.MISC, "count")
 NOBODY = Association(AssociationModel.FILE, "nobody-has-this")
+
+
+class NoLoader:
+    """A unit's loader that fails every read: what a unit reads must come from its snapshot."""
+
+    async def load_by_ids(self, *_args: object) -> Any:
+        raise AssertionError("read by id from the database")
+
+    async def load_by_associations(self, *_args: object) -> Any:
+        raise AssertionError("read by association from the database")
+
+    async def processed(self, *_args: object) -> Any:
+        raise AssertionError("read processed markers from the database")
+
 
 Call = Callable[[PersistenceReader, PersistenceWriter], Awaitable[Any]]
 
@@ -939,18 +956,39 @@ class TestLaneSnapshots:
 
     async def test_a_snapshot_result_older_than_a_version_the_unit_read_is_not_used(self, store: Store) -> None:
         """After the unit reads a newer version of an association, the lane's older result for it is not served."""
+        # App-global associations: a query for two of them is read from the database, not
+        # derived from the lane's records of its guard (as a room's would be).
+        other = Association(AssociationModel.MISC, "other")
+        snapshot = Snapshot()
+        unit = UnitOfWork(store, snapshot)
+        unit.create(APP, {"n": 1}, [TOTAL, other])
+        await self._lane_commit(store, snapshot, unit)
+        unit = UnitOfWork(store, snapshot)
+        assert len(await unit.read_by_associations(APP, [TOTAL])) == 1
+        await self._lane_commit(store, snapshot, unit)
+        await create(store, {"n": 2}, TOTAL, other)  # another lane
+        unit = UnitOfWork(store, snapshot)
+        # From the database, guarded by misc:count: a newer version of it than the lane's.
+        assert len(await unit.read_by_associations(APP, [TOTAL, other])) == 2
+        assert sorted(s.data for s in await unit.read_by_associations(APP, [TOTAL])) == [b'{"n":1}', b'{"n":2}']
+
+    async def test_a_room_query_for_several_associations_is_answered_from_the_rooms_records(self, store: Store) -> None:
+        """Once a lane has read a room's records, "this user's in this room" costs no round trip, and stays checked."""
         snapshot = Snapshot()
         unit = UnitOfWork(store, snapshot)
         unit.create(APP, {"n": 1}, [ROOM, USER])
+        unit.create(APP, {"n": 2}, [ROOM, Association(AssociationModel.USER, "u2")])
         await self._lane_commit(store, snapshot, unit)
         unit = UnitOfWork(store, snapshot)
-        assert len(await unit.read_by_associations(APP, [ROOM])) == 1
+        assert len(await unit.read_by_associations(APP, [ROOM])) == 2
         await self._lane_commit(store, snapshot, unit)
-        await create(store, {"n": 2}, ROOM, USER)  # another lane
-        unit = UnitOfWork(store, snapshot)
-        # From the database, guarded by the room's key: a newer version of it than the lane's.
-        assert len(await unit.read_by_associations(APP, [ROOM, USER])) == 2
-        assert sorted(s.data for s in await unit.read_by_associations(APP, [ROOM])) == [b'{"n":1}', b'{"n":2}']
+        unit = UnitOfWork(NoLoader(), snapshot)  # any round trip fails the test
+        assert [s.data for s in await unit.read_by_associations(APP, [USER, ROOM])] == [b'{"n":1}']
+        assert await unit.read_by_associations(APP, [ROOM, Association(AssociationModel.USER, "u3")]) == []
+        await create(store, {"n": 3}, ROOM, Association(AssociationModel.USER, "u3"))  # another lane
+        unit.create(APP, {"saw": "no u3"}, [TOTAL])
+        with pytest.raises(VersionConflict):
+            await store.commit(unit)
 
     async def test_a_stale_result_for_an_association_the_unit_did_not_check_never_commits(self, store: Store) -> None:
         """A lane result for the user's association, older than what the unit read through the room's, makes the commit conflict."""
@@ -981,19 +1019,20 @@ class TestLaneSnapshots:
 
     async def test_a_snapshot_forgets_results_made_stale_by_a_newer_read(self, store: Store) -> None:
         """A unit that read a newer version of an association makes the lane drop its older result for it."""
+        other = Association(AssociationModel.MISC, "other")  # app-global: not derived from the lane's records
         snapshot = Snapshot()
         unit = UnitOfWork(store, snapshot)
-        unit.create(APP, {"n": 1}, [ROOM, USER])
+        unit.create(APP, {"n": 1}, [TOTAL, other])
         await self._lane_commit(store, snapshot, unit)
         unit = UnitOfWork(store, snapshot)
-        assert len(await unit.read_by_associations(APP, [ROOM])) == 1
+        assert len(await unit.read_by_associations(APP, [TOTAL])) == 1
         await self._lane_commit(store, snapshot, unit)
-        await run(store, lambda _r, w: w.remove_by_association(ROOM))  # another lane
+        await run(store, lambda _r, w: w.remove_by_association(TOTAL))  # another lane
         unit = UnitOfWork(store, snapshot)
-        assert await unit.read_by_associations(APP, [ROOM, USER]) == []  # from the database: newer versions
+        assert await unit.read_by_associations(APP, [TOTAL, other]) == []  # from the database: newer versions
         await self._lane_commit(store, snapshot, unit)
         unit = UnitOfWork(store, snapshot)
-        assert await unit.read_by_associations(APP, [ROOM]) == []
+        assert await unit.read_by_associations(APP, [TOTAL]) == []
         await store.commit(unit)
 
 
@@ -1013,3 +1052,63 @@ class TestQueryGuards:
     def test_the_guard_prefers_room_then_message_then_user_over_misc(self, associations: list[str], guard: str) -> None:
         """Rooms own their partition's records; misc associations are often global."""
         assert guard_key(APP, associations) == (APP, f"as:{guard}")
+
+
+class TestRoundTrips:
+    async def test_a_commit_costs_as_many_round_trips_for_fifty_keys_as_for_one(self, store: Store) -> None:
+        """Versions, records, links, markers and outbox rows go in a few multi-row statements, whatever their number."""
+        counted: list[int] = []
+        store.count_round_trips(counted.append)
+
+        async def commit_creating(count: int, room: str) -> int:
+            unit = UnitOfWork(store)
+            for n in range(count):
+                unit.create(APP, {"n": n}, [Association(AssociationModel.ROOM, f"{room}-{n}"), USER])
+                unit.mark_processed((APP, "//t", f"{room}-{n}"))
+            counted.clear()
+            await store.commit(unit)
+            return sum(counted)
+
+        one = await commit_creating(1, "a")
+        assert one > 0
+        assert await commit_creating(50, "b") == one
+
+    async def test_a_prefetch_reads_many_rooms_in_one_round_trip_and_answers_their_queries(self, store: Store) -> None:
+        """After one read of fifty rooms, what a handler asks of each room (alone, or with a user) costs nothing more."""
+        rooms = [Association(AssociationModel.ROOM, f"p{n}") for n in range(50)]
+        for n, room in enumerate(rooms[:10]):
+            await create(store, {"n": n}, room, USER)
+        await create(store, {"n": "other user"}, rooms[0], Association(AssociationModel.USER, "u2"))
+        counted: list[int] = []
+        store.count_round_trips(counted.append)
+        unit = UnitOfWork(store)
+        await unit.prefetch(APP, [str(room) for room in rooms])
+        assert sum(counted) > 0
+        counted.clear()
+        queries = [[rooms[0]], [rooms[3], USER], [rooms[40]]]
+        answers = [await unit.read_by_associations(APP, query) for query in queries]
+        assert counted == []
+        # The same records, in the same order (by id), as the database answers each query.
+        plain = UnitOfWork(store)
+        assert answers == [await plain.read_by_associations(APP, query) for query in queries]
+        assert [{orjson.loads(r.data)["n"] for r in answer} for answer in answers] == [{0, "other user"}, {3}, set()]
+        assert unit.room_readers == set()  # learned from a handler's own read only, not from a prefetch
+
+    async def test_a_room_changed_after_its_prefetch_conflicts_at_commit(self, store: Store) -> None:
+        """A prefetched room is a read like any other: checked at commit."""
+        room = Association(AssociationModel.ROOM, "changing")
+        unit = UnitOfWork(store)
+        await unit.prefetch(APP, [str(room)])
+        assert await unit.read_by_associations(APP, [room]) == []
+        unit.create(APP, {"saw": "nothing"}, [room])
+        await create(store, {"n": 1}, room)
+        with pytest.raises(VersionConflict):
+            await store.commit(unit)
+
+    async def test_a_unit_that_reads_a_whole_room_names_its_app_a_room_reader(self, store: Store) -> None:
+        """What the dispatcher learns which apps to prefetch for from."""
+        unit = UnitOfWork(store)
+        await unit.read_by_associations(APP, [USER])
+        assert unit.room_readers == set()
+        await unit.read_by_associations(OTHER_APP, [ROOM, USER])  # answered from all of the room's records
+        assert unit.room_readers == {OTHER_APP}

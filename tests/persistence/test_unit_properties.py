@@ -28,8 +28,9 @@ from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.config import PersistenceSettings
 from worker.errors import RecordNotFoundError, VersionConflict
 from worker.persistence.associations import Association
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Store
-from worker.persistence.unit import Loader, Snapshot, UnitOfWork
+from worker.persistence.unit import Loader, UnitOfWork
 
 _T = TypeVar("_T")
 

@@ -16,6 +16,7 @@ import orjson
 
 from worker import constants
 from worker.apps.accessors import MessageBuilder
+from worker.apps.getter import Getter
 from worker.errors import CommandTooLargeError
 from worker.events import Event, Message, Room, User
 from worker.persistence.unit import OutboxMessage, UnitOfWork
@@ -96,10 +97,7 @@ class MessageUpdater(_Stager):
         data: dict[str, Any] = {"messageId": builder.message_id, "editor": builder.editor}
         if builder.text is not None:
             data["text"] = builder.text
-        if builder.attachments:
-            data["attachments"] = builder.attachments
-        if builder.blocks is not None:
-            data["blocks"] = builder.blocks
+        data.update(_extras(builder))
         data["customFields"] = builder.custom_fields
         data["replaceCustomFields"] = builder.replace_custom_fields
         # Keyed by room, like the events, so one room's commands keep their order.
@@ -134,21 +132,23 @@ class MessageCreator(_Stager):
         }
         if builder.thread_id is not None:
             data["threadId"] = builder.thread_id
-        if builder.attachments:
-            data["attachments"] = builder.attachments
-        if builder.blocks is not None:
-            data["blocks"] = builder.blocks
+        data.update(_extras(builder))
         return self._stage(CREATE_MESSAGE, data, builder.room_id)
+
+
+def _extras(builder: MessageBuilder) -> dict[str, Any]:
+    """The builder's attachments and blocks, where it has them: every command that carries a message sends them alike."""
+    extras: dict[str, Any] = {}
+    if builder.attachments:
+        extras["attachments"] = builder.attachments
+    if builder.blocks is not None:
+        extras["blocks"] = builder.blocks
+    return extras
 
 
 def _content(builder: MessageBuilder) -> dict[str, Any]:
     """What a notification shows: text, attachments, blocks (the builder's room and sender do not apply)."""
-    data: dict[str, Any] = {"text": builder.text or ""}
-    if builder.attachments:
-        data["attachments"] = builder.attachments
-    if builder.blocks is not None:
-        data["blocks"] = builder.blocks
-    return data
+    return {"text": builder.text or "", **_extras(builder)}
 
 
 class Notifier(_Stager):
@@ -212,18 +212,7 @@ class Modify:
         self._notifier = Notifier(unit, app_id, event, topic, counter)
         self._deleter = MessageDeleter(unit, app_id, event, topic, counter)
 
-    def get_notifier(self) -> Notifier:
-        """Notify users and rooms."""
-        return self._notifier
-
-    def get_deleter(self) -> MessageDeleter:
-        """Delete messages."""
-        return self._deleter
-
-    def get_updater(self) -> MessageUpdater:
-        """Change existing messages."""
-        return self._updater
-
-    def get_creator(self) -> MessageCreator:
-        """Create new messages."""
-        return self._creator
+    get_notifier = Getter[Notifier]("_notifier", "Notify users and rooms.")
+    get_deleter = Getter[MessageDeleter]("_deleter", "Delete messages.")
+    get_updater = Getter[MessageUpdater]("_updater", "Change existing messages.")
+    get_creator = Getter[MessageCreator]("_creator", "Create new messages.")

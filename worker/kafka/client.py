@@ -22,6 +22,8 @@ from worker.errors import BrokerError, ConfigError
 from worker.events import RawRecord
 
 log = structlog.get_logger("worker.kafka")
+# The kafka settings named as aiokafka names its options, passed to every client as they are.
+_AIOKAFKA_NAMED = {"bootstrap_servers", "client_id", "request_timeout_ms"}
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -32,12 +34,7 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
 
     """
     security = settings.security
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers,
-        "client_id": settings.client_id,
-        "request_timeout_ms": settings.request_timeout_ms,
-        "security_protocol": security.protocol,
-    }
+    options: dict[str, Any] = {**settings.model_dump(include=_AIOKAFKA_NAMED), "security_protocol": security.protocol}
     if security.protocol.startswith("SASL"):
         if not security.sasl_username or security.sasl_password is None:
             raise ConfigError(

@@ -53,6 +53,10 @@ class Consumer:
             # starts the next rebalance, round after round. Java binds it to max.poll.interval.ms.
             rebalance_timeout_ms=max(settings.session_timeout_ms, settings.max_poll_interval_ms),
             max_poll_records=settings.max_batch_records,
+            # aiokafka sends one fetch per broker: while one waits out the long poll for idle
+            # partitions, a partition resumed meanwhile is not fetched. Java's default (500 ms)
+            # then stalls a busy partition each time it is resumed.
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
             group_instance_id=None if group_id else settings.group_instance_id,
             **client_options(settings),
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -101,6 +101,9 @@ class Metrics:
         self.markers_pruned = Counter(
             "rc_worker_processed_markers_pruned", "Processed-event markers deleted by retention.", registry=registry
         )
+        self.round_trips = Counter(
+            "rc_worker_db_round_trips", "Statements sent to the database, BEGIN and COMMIT included: its round trips.", registry=registry
+        )
         self.live = Gauge("rc_worker_live", "1 while /healthz passes.", registry=registry)
         self.ready = Gauge("rc_worker_ready", "1 while /readyz passes.", registry=registry)
         self.info = Info("rc_worker", "The worker's version, group and topic.", registry=registry)
@@ -192,17 +195,12 @@ class Observer(Hooks):
         for app_id in sorted({app for app, _ in exc.keys}) if exc.keys else [UNKNOWN_APP]:
             self.metrics.conflicts.labels(app_id).inc()
 
-    @contextlib.asynccontextmanager
-    async def handler(self, app_id: str) -> AsyncIterator[None]:
-        """Time one app's run on one event, inside its tracing span."""
-        started = time.perf_counter()
-        outcome = "error"
-        try:
-            yield
-            outcome = "ok"
-        finally:
-            self.metrics.handler_seconds.labels(app_id, outcome).observe(time.perf_counter() - started)
-            self.health.progress()
+    def handler_runs(self, app_id: str, outcome: str, seconds: Sequence[float]) -> None:
+        """Time apps' runs on events, reported in lots by the dispatcher."""
+        durations = self.metrics.handler_seconds.labels(app_id, outcome)
+        for value in seconds:
+            durations.observe(value)
+        self.health.progress()
 
     def handler_failed(self, app_id: str, exc: Exception, attempt: int, retrying: bool) -> None:
         """An app raised: a retry is counted when it runs again."""
@@ -220,6 +218,10 @@ class Observer(Hooks):
     def markers_pruned(self, count: int) -> None:
         """Retention deleted ``count`` processed-event markers."""
         self.metrics.markers_pruned.inc(count)
+
+    def database_round_trips(self, count: int) -> None:
+        """Count the store's statements."""
+        self.metrics.round_trips.inc(count)
 
     # -- the monitor ------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -60,6 +60,14 @@ def by_associations(app_id: str, associations: Sequence[str]) -> Any:
     return select(records).where(records.c.app_id == app_id, records.c.id.in_(having_all)).order_by(records.c.id)
 
 
+def by_any_association(app_id: str, associations: Sequence[str]) -> Any:
+    """The records of an app that have at least one of these associations, by id."""
+    having_one = select(record_associations.c.record_id).where(
+        record_associations.c.app_id == app_id, record_associations.c.association.in_(associations)
+    )
+    return select(records).where(records.c.app_id == app_id, records.c.id.in_(having_one)).order_by(records.c.id)
+
+
 def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     """WAL for concurrent readers; BEGIN IMMEDIATE so a writer waits for the lock up front."""
     from sqlalchemy import event
@@ -78,6 +86,23 @@ def configure_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("rc_write") else "BEGIN")
+
+
+def count_round_trips(engine: AsyncEngine, count: Callable[[int], None]) -> None:
+    """Call ``count(1)`` for each statement, BEGIN, COMMIT and ROLLBACK ``engine`` sends: its round trips."""
+    from sqlalchemy import event
+
+    def one(*_args: Any, **_kwargs: Any) -> None:
+        count(1)
+
+    # SQLite's BEGIN is a statement of its own (configure_sqlite), counted as one already.
+    names = (
+        ("before_cursor_execute", "commit", "rollback")
+        if engine.dialect.name == "sqlite"
+        else ("before_cursor_execute", "begin", "commit", "rollback")
+    )
+    for name in names:
+        event.listen(engine.sync_engine, name, one)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 from worker.errors import InvalidDataError, RecordNotFoundError
 from worker.persistence.associations import Association
-from worker.persistence.keys import Key, Marker, RecordRef, association_key, guard_key, id_key
+from worker.persistence.keys import ROOM_PREFIX, Key, Marker, RecordRef, association_key, guard_association, guard_key, id_key, scoped
 from worker.persistence.values import check_associations, check_record_id, encode_data
 
 _T = TypeVar("_T")
@@ -39,20 +39,28 @@ class StoredRecord:
 
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
-    """A record to publish after commit (a command, or a dead letter)."""
+    """A record to publish after commit (a command, or a dead letter).
+
+    ``source_partition``: the partition whose event staged it, where one unit spans several
+    (None: the partition of the fence the unit commits with).
+    """
 
     app_id: str | None
     topic: str
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
+    source_partition: int | None = None
 
 
 class HandedOut(Protocol):
     """An accessor call handed to a handler as an awaitable: its name, and whether it was awaited."""
 
-    name: str
     awaited: bool
+
+    @property
+    def name(self) -> str:
+        """The call as written."""
 
 
 class Loader(Protocol):
@@ -68,79 +76,26 @@ class Loader(Protocol):
         """Versions of ``keys``, then the records having every one of ``associations``."""
         ...
 
+    async def load_by_any_association(
+        self, keys: Sequence[Key], app_id: str, associations: Sequence[str]
+    ) -> tuple[dict[Key, int], list[StoredRecord]]:
+        """Versions of ``keys``, then the records having at least one of ``associations``."""
+        ...
+
     async def processed(self, markers: Sequence[Marker]) -> set[Marker]:
         """Which of ``markers`` are already recorded as processed."""
         ...
 
 
+class Cached(Protocol):
+    """What a unit reads from before the database: a snapshot (``snapshot.py``) of earlier units."""
+
+    versions: dict[Key, int]
+    records: dict[RecordRef, StoredRecord | None]
+    queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]]
+
+
 _DELETED = None  # a staged value of None means "removed in this unit"
-
-# A lane's snapshot is dropped whole past this many keys, which bounds a worker's memory.
-SNAPSHOT_MAX_KEYS = 50_000
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """What one partition's lane knows of the database after its last commit.
-
-    The next unit of work of that lane reads from it instead of the database; what it uses
-    is still checked at commit like any other read, so a stale entry costs a conflict, never
-    a wrong result. Rooms map to partitions, so most of a lane's keys are written by that
-    lane alone and stay valid from batch to batch.
-    """
-
-    versions: dict[Key, int] = field(default_factory=dict)
-    records: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
-    queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
-
-    def forget(self, keys: Iterable[Key]) -> None:
-        """Drop the versions of ``keys`` and whatever was read through them."""
-        stale = set(keys)
-        if not stale:
-            return
-        for key in stale:
-            self.versions.pop(key, None)
-        for ref, record in list(self.records.items()):
-            keys_of = record.keys(ref[0]) if record is not None else [id_key(*ref)]
-            if any(key in stale for key in keys_of):
-                del self.records[ref]
-        for query in list(self.queries):
-            if guard_key(*query) in stale:
-                del self.queries[query]
-
-    def clear(self) -> None:
-        """Forget everything."""
-        self.versions.clear()
-        self.records.clear()
-        self.queries.clear()
-
-    def learn(self, unit: UnitOfWork) -> None:
-        """Take over what ``unit`` read, though it did not commit: entries are checked when used."""
-        if len(self.versions) > SNAPSHOT_MAX_KEYS:
-            self.clear()
-        # Where the unit read a newer version from the database, what this snapshot derived
-        # from the older one (queries, records) is stale: kept beside the newer version, a
-        # later unit would adopt it and its commit check would pass.
-        self.forget([key for key, version in unit.seen.items() if self.versions.get(key, version) != version])
-        self.versions.update(unit.seen)
-        self.records.update(unit.base)
-        self.queries.update(unit.queries)
-
-    def absorb(self, unit: UnitOfWork, new_versions: Mapping[Key, int]) -> None:
-        """Take over what ``unit`` read and wrote, now that it has committed."""
-        self.learn(unit)
-        self.versions.update(new_versions)
-        for ref, record in unit.staged.items():
-            version = new_versions.get(id_key(*ref))
-            self.records[ref] = (
-                None if record is None or version is None else StoredRecord(record.id, record.data, version, record.associations)
-            )
-        # A query whose association was written by this unit is now what the unit saw.
-        for query in unit.queries:
-            self.queries[query] = tuple(r.id for r in unit.query_result(query))
-        for query in list(self.queries):
-            if query not in unit.queries and guard_key(*query) in unit.written:
-                del self.queries[query]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,10 +119,16 @@ class UnitOfWork:
     """Reads with the versions they saw, and writes staged until commit."""
 
     loader: Loader
-    snapshot: Snapshot | None = None
+    snapshot: Cached | None = None
     seen: dict[Key, int] = field(default_factory=dict)
     base: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     queries: dict[tuple[str, tuple[str, ...]], tuple[str, ...]] = field(default_factory=dict)
+    # Queries answered from their guard's records (see _derive), and those records by association.
+    derived: set[tuple[str, tuple[str, ...]]] = field(default_factory=set)
+    # Apps that read all of a room's records (directly, or to answer a query in the room):
+    # the dispatcher prefetches the rooms of their next batch (see prefetch).
+    room_readers: set[str] = field(default_factory=set)
+    _indexes: dict[tuple[str, tuple[str, ...]], dict[str, list[StoredRecord]]] = field(default_factory=dict)
     staged: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     created: set[RecordRef] = field(default_factory=set)
     written: set[Key] = field(default_factory=set)
@@ -205,15 +166,72 @@ class UnitOfWork:
         if not associations:
             raise InvalidDataError(f"app {app_id!r}: a query by associations needs at least one association")
         wanted = (str(associations[0]),) if len(associations) == 1 else tuple(sorted({str(a) for a in associations}))
-        check_associations(app_id, wanted)
         query = (app_id, wanted)
         if query not in self.queries and not self._adopt_query(query):
-            key = guard_key(app_id, wanted)
-            versions, rows = await self._guard(self.loader.load_by_associations(self._unseen([key]), app_id, wanted))
-            self._remember(versions, rows, app_id)
-            self.seen.setdefault(key, 0)
-            self.queries[query] = tuple(row.id for row in rows)
+            # Checked before the database sees it; a query this unit or the snapshot knows was.
+            check_associations(app_id, wanted)
+            guard = guard_association(wanted)
+            if len(wanted) > 1 and scoped(guard):
+                await self._derive(query, guard)
+            else:
+                await self._load_query(query)
         return self.query_result(query)
+
+    async def _load_query(self, query: tuple[str, tuple[str, ...]]) -> None:
+        app_id, wanted = query
+        key = guard_key(app_id, wanted)
+        versions, rows = await self._guard(self.loader.load_by_associations(self._unseen([key]), app_id, wanted))
+        self._remember(versions, rows, app_id)
+        self.seen.setdefault(key, 0)
+        self.queries[query] = tuple(row.id for row in rows)
+        if len(wanted) == 1 and wanted[0].startswith(ROOM_PREFIX):
+            self.room_readers.add(app_id)
+
+    async def prefetch(self, app_id: str, associations: Iterable[str]) -> None:
+        """Read every record of each of ``associations`` (rooms, say) in one round trip.
+
+        What a handler then asks of one of them is answered here, as if it had asked for all
+        of its records first: the reads are checked at commit like any other. A batch of
+        events in many rooms then costs one read, not one per room seen for the first time.
+        """
+        missing = [a for a in associations if (app_id, (a,)) not in self.queries and not self._adopt_query((app_id, (a,)))]
+        if not missing:
+            return
+        check_associations(app_id, missing)
+        keys = [association_key(app_id, a) for a in missing]
+        versions, rows = await self._guard(self.loader.load_by_any_association(self._unseen(keys), app_id, missing))
+        self._remember(versions, rows, app_id)
+        having: dict[str, list[str]] = {a: [] for a in missing}
+        for row in rows:  # in id order, the order of a query's result
+            for association in row.associations:
+                if association in having:
+                    having[association].append(row.id)
+        for association, key in zip(missing, keys, strict=True):
+            self.seen.setdefault(key, 0)
+            self.queries[(app_id, (association,))] = tuple(having[association])
+
+    async def _derive(self, query: tuple[str, tuple[str, ...]], guard: str) -> None:
+        """Answer a query for several associations from every record of its guard association.
+
+        Both are guarded by the same version key, so the whole set (read once, then kept in
+        the snapshot) answers every later query it guards without a round trip: a room's
+        records answer "this user's, in this room" for each user.
+        """
+        app_id, wanted = query
+        whole = (app_id, (guard,))
+        if whole not in self.queries and not self._adopt_query(whole):
+            await self._load_query(whole)
+        index = self._indexes.get(whole)
+        if index is None:
+            index = self._indexes[whole] = {}
+            for record_id in self.queries[whole]:
+                if (record := self.base.get((app_id, record_id))) is not None:
+                    for association in record.associations:
+                        index.setdefault(association, []).append(record)
+        needed = set(wanted)
+        fewest = min((index.get(a, []) for a in wanted if a != guard), key=len)
+        self.queries[query] = tuple(record.id for record in fewest if needed.issubset(record.associations))
+        self.derived.add(query)
 
     def query_result(self, query: tuple[str, tuple[str, ...]]) -> list[StoredRecord]:
         """The records of a query already run, this unit's writes applied."""
@@ -228,8 +246,14 @@ class UnitOfWork:
             # A record removed and re-created here (update with upsert) has lost its associations.
             if record is not None and wanted_set.issubset(record.associations):
                 found.append(record)
+        if not self.created_by_association:
+            return found
+        created = self.created_by_association.get((app_id, guard_association(wanted)))
+        if not created:
+            return found
         from_database = set(self.queries[query])
-        for record_id in sorted(self.created_by_association.get((app_id, wanted[0]), ())):
+        # Through the guard's index: it has the fewest records (a room's, not every unread one).
+        for record_id in sorted(created):
             record = self.staged.get((app_id, record_id))
             if record is not None and wanted_set.issubset(record.associations) and record_id not in from_database:
                 found.append(record)
@@ -385,7 +409,7 @@ class UnitOfWork:
         self.queries[query] = ids
         return True
 
-    def _agrees(self, snapshot: Snapshot, keys: Sequence[Key]) -> bool:
+    def _agrees(self, snapshot: Cached, keys: Sequence[Key]) -> bool:
         """Whether the snapshot knows ``keys`` at the versions this unit has already seen.
 
         A unit that read a key from the database at a newer version must not then take an

@@ -14,7 +14,7 @@ from itertools import groupby
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, delete, func, tuple_, update
+from sqlalchemy import bindparam, case, delete, func, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from worker.errors import FencedError, VersionConflict
@@ -49,13 +49,21 @@ class UnitWrites:
         self._statements = self._version_statements()
         self._marker_statement = dialect_insert(is_sqlite, processed_events).on_conflict_do_nothing().returning(processed_events.c.event_id)
 
-    async def apply(self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None) -> dict[Key, int]:
-        """Write ``unit`` on ``conn`` if nothing it read has changed; returns the new versions of the keys written."""
+    async def apply(
+        self, conn: AsyncConnection, unit: UnitOfWork, fence: Fence | None, next_offset: int | None, also: Sequence[tuple[Fence, int]] = ()
+    ) -> dict[Key, int]:
+        """Write ``unit`` on ``conn`` if nothing it read has changed; returns the new versions of the keys written.
+
+        ``also``: more partitions (of the same topic) whose batches the unit spans, each
+        advanced to its next offset under its own fence.
+        """
         new_versions = await self._check_and_bump(conn, unit)
         await self._write_records(conn, unit, new_versions)
         await self._write_markers(conn, unit.markers)
         await self._write_outbox(conn, unit.outbox, fence)
-        if fence is not None:
+        if also:
+            await self.advance_many(conn, [(fence, next_offset), *also] if fence is not None and next_offset is not None else also)
+        elif fence is not None:
             await self.advance(conn, fence, next_offset)
         return new_versions
 
@@ -147,7 +155,7 @@ class UnitWrites:
             {
                 "app_id": m.app_id,
                 "source_topic": fence.topic if fence else None,
-                "source_partition": fence.partition if fence else None,
+                "source_partition": m.source_partition if m.source_partition is not None else fence.partition if fence else None,
                 "topic": m.topic,
                 "key": m.key,
                 "value": m.value,
@@ -175,6 +183,26 @@ class UnitWrites:
             raise FencedError(
                 f"partition {fence.topic}[{fence.partition}] was claimed by another worker "
                 f"(our generation {fence.generation} is stale); dropping this work"
+            )
+
+    async def advance_many(self, conn: AsyncConnection, advances: Sequence[tuple[Fence, int]]) -> None:
+        """Move several partitions' stored offsets in one statement, or raise FencedError if a fence is stale."""
+        first = advances[0][0]
+        result = await conn.execute(
+            update(partition_offsets)
+            .where(
+                partition_offsets.c.group_id == first.group_id,
+                partition_offsets.c.topic == first.topic,
+                tuple_(partition_offsets.c.partition, partition_offsets.c.generation).in_(
+                    [(f.partition, f.generation) for f, _ in advances]
+                ),
+            )
+            .values(next_offset=case({f.partition: offset for f, offset in advances}, value=partition_offsets.c.partition))
+        )
+        if result.rowcount != len(advances):
+            partitions = sorted(f.partition for f, _ in advances)
+            raise FencedError(
+                f"one of partitions {partitions} of {first.topic} was claimed by another worker (a stale generation); dropping this work"
             )
 
     def _version_statements(self) -> dict[str, Any]:

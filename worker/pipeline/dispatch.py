@@ -1,42 +1,46 @@
 """Run the enabled apps over one partition's batch of records, as one unit of work.
 
-Records are decoded, invalid ones staged as dead letters, other event types skipped, and
-every PostMessageSent event run through each enabled app in order, unless that app has
-already processed it (a redelivery or a publisher's retry). The unit then commits with the
-partition's next offset; on a version conflict the whole batch runs again on fresh data.
-A value the database refuses for good (``DataError``) splits the batch in halves until the
-one event that carries it is found: that event is dead-lettered, the rest commit in order.
+Records are decoded, invalid ones staged as dead letters, events no app takes skipped, and
+every other event run through each app that takes it, in order, unless that app has
+already processed it (a redelivery or a publisher's retry; see ``apprun`` for one app's
+run). The unit then commits with the partition's next offset; on a version conflict the
+whole batch runs again on fresh data. A value the database refuses for good (``DataError``)
+splits the batch in halves until the one event that carries it is found: that event is
+dead-lettered, the rest commit in order. Several partitions' batches can also run as one
+unit (``dispatch_together``, driven by ``combine``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
 from worker import tracing
-from worker.apps.contract import App, Read
+from worker.apps.contract import App
 from worker.apps.http import Http
-from worker.apps.modify import Modify
-from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.apps.readers import Directory
 from worker.config import ProcessingSettings
-from worker.errors import DataError, DecodeError, FencedError, PersistenceError, UnawaitedCallError, VersionConflict, WorkerError
+from worker.errors import DataError, DecodeError, InvalidDataError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord, decode
-from worker.persistence.keys import Marker
+from worker.logs import current_event
+from worker.persistence.keys import Key, Marker
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, Store
-from worker.persistence.unit import Snapshot, UnitOfWork
+from worker.persistence.unit import UnitOfWork
+from worker.pipeline.apprun import Backoff, BatchRun, HandlerFailures, Surroundings, Topics
 from worker.pipeline.dead_letters import dead_letter
 from worker.pipeline.hooks import Hooks, contained
 from worker.pipeline.retry import backoff
 from worker.pipeline.tally import BatchResult
 
 log = structlog.get_logger("worker.dispatch")
+_R = TypeVar("_R")
+_Decoded = Sequence[tuple[RawRecord, Event | DecodeError]]
 
 
 class ConflictsExhausted(WorkerError):
@@ -46,30 +50,40 @@ class ConflictsExhausted(WorkerError):
 
 
 @dataclass(slots=True)
-class HandlerFailures:
-    """Each (app, event)'s failed handler runs so far, across every run of its batch.
+class Part:
+    """One partition's batch in a unit of work that spans several partitions."""
 
-    A batch runs again after a conflict (and its locked attempt runs the handlers once
-    unlocked first): counting across runs keeps ``processing.handler_max_attempts`` a bound
-    on the whole delivery, and keeps a failing handler's backoff out of the locked run.
-    """
+    records: Sequence[RawRecord]
+    fence: Fence | None
+    decoded: list[tuple[RawRecord, Event | DecodeError]] = field(init=False)
+    failures: HandlerFailures = field(default_factory=HandlerFailures)
+    # How many of the records the unit processed: fewer than all when an event's handler
+    # must back off, so the events before it commit now and the rest runs on its own.
+    upto: int = field(init=False)
 
-    runs: Counter[Marker] = field(default_factory=Counter)
-    last: dict[Marker, Exception] = field(default_factory=dict)
+    def __post_init__(self) -> None:
+        self.decoded = [(record, _decode(record)) for record in self.records]
+        self.upto = len(self.records)
 
-    def failed(self, marker: Marker, exc: Exception) -> int:
-        """Count a failed run; returns how many there have been."""
-        self.runs[marker] += 1
-        self.last[marker] = exc
-        return self.runs[marker]
+    @property
+    def next_offset(self) -> int:
+        """The offset after the last record the unit processed."""
+        return self.records[self.upto - 1].offset + 1 if self.upto else self.records[0].offset
+
+    @property
+    def rest(self) -> Sequence[RawRecord]:
+        """The records left to run on their own."""
+        return self.records[self.upto :]
 
 
-@dataclass(frozen=True, slots=True)
-class Topics:
-    """Where dead letters and commands go."""
+# What a commit advances: the first partition's fence and next offset (None: the fence is
+# checked, the offset stays), then the others'.
+_Advances = tuple[Fence | None, int | None, list[tuple[Fence, int]]]
 
-    dead_letter: str
-    commands: str
+
+def _advances(parts: Sequence[Part]) -> _Advances:
+    first, *rest = parts
+    return first.fence, first.next_offset, [(p.fence, p.next_offset) for p in rest if p.fence is not None]
 
 
 class Dispatcher:
@@ -96,6 +110,9 @@ class Dispatcher:
         self.topics = topics
         self.settings = settings
         self.directory = directory or Directory()
+        # Apps seen reading all of a room's records: their next batches' rooms are read ahead.
+        self.room_readers: set[str] = set()
+        self._taking: dict[str, list[App]] = {}  # the apps that take each event type, asked once
 
     async def dispatch(
         self,
@@ -104,6 +121,7 @@ class Dispatcher:
         *,
         locked: bool = False,
         snapshot: Snapshot | None = None,
+        failures: HandlerFailures | None = None,
         advance: bool = True,
     ) -> BatchResult:
         """Process ``records`` (one partition, in offset order) and commit them with the next offset.
@@ -114,6 +132,7 @@ class Dispatcher:
         database refuses a value of is bisected (see ``_isolate``). Reads are served from
         ``snapshot`` where it has them, and the commit is folded back into it. Without
         ``advance`` the partition's offset stays where it is (the fence is still checked).
+        ``failures``: the handler failures counted so far (a batch that left a shared unit).
 
         Raises:
             FencedError: the partition was taken over; nothing was committed.
@@ -123,7 +142,7 @@ class Dispatcher:
         decoded = [(record, _decode(record)) for record in records]
         snapshot = snapshot if snapshot is not None else Snapshot()
         try:
-            return await self._attempts(decoded, fence, locked, snapshot, advance)
+            return await self._attempts(decoded, fence, locked, snapshot, failures or HandlerFailures(), advance)
         except ConflictsExhausted as exc:
             if len(records) == 1:
                 return await self._dead_letter_refused(records[0], fence, advance, exc, stage="conflict", error_type="VersionConflict")
@@ -158,7 +177,9 @@ class Dispatcher:
             return await self._dead_letter_refused(record, fence, advance, exc, stage="commit", error_type="DataError", app_id=app_id)
         merged = BatchResult(record.offset + 1)
         for app in self.apps:
-            alone = Dispatcher([app], self.store, self.http, self.topics, self.settings, self.hooks)
+            alone = Dispatcher(
+                [app], self.store, self.http, self.topics, self.settings, self.hooks, own_user_id=self.own_user_id, directory=self.directory
+            )
             merged.add(await alone.dispatch(records, fence, locked=locked, snapshot=snapshot, advance=False))
         merged.processed = min(merged.processed, 1)  # one event, however many apps ran it
         merged.skipped = min(merged.skipped, 1)
@@ -167,63 +188,171 @@ class Dispatcher:
         return merged
 
     async def _attempts(
-        self, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], fence: Fence | None, locked: bool, snapshot: Snapshot, advance: bool
+        self, decoded: _Decoded, fence: Fence | None, locked: bool, snapshot: Snapshot, failures: HandlerFailures, advance: bool
     ) -> BatchResult:
         next_offset = decoded[-1][0].offset + 1
-        commit_offset = next_offset if advance else None
-        failures = HandlerFailures()
+        commit_offset = next_offset if advance else None  # what the commit advances to
         for attempt in range(1, self.settings.conflict_max_attempts + 1):
             hold = locked or attempt > 1
             try:
-                result = await self._attempt(decoded, fence, (next_offset, commit_offset), snapshot, failures, locked=hold)
+                result, unit = await self._attempt(
+                    lambda unit: self._run(unit, decoded, next_offset, failures), snapshot, hold, lambda: (fence, commit_offset, [])
+                )
             except VersionConflict as exc:
-                self.hooks.conflict(exc)
-                if exc.keys is None:
-                    snapshot.clear()
-                else:
-                    snapshot.forget(exc.keys)
-                log.info("batch_conflict", attempt=attempt, records=len(decoded), locked=hold, reason=str(exc))
-                await asyncio.sleep(backoff(attempt, self.settings))
+                await self._conflicted(exc, snapshot, attempt, len(decoded), hold)
                 continue
-            result.conflicts = attempt - 1
-            result.locked = hold
+            result.conflicts, result.locked, result.staged_outbox = attempt - 1, hold, len(unit.outbox)
+            self._report_dead_letters(result)
             return result
         raise ConflictsExhausted(
             f"batch of {len(decoded)} records ending at offset {next_offset - 1} conflicted "
             f"{self.settings.conflict_max_attempts} times; raise processing.conflict_max_attempts or reduce contention"
         )
 
+    async def _conflicted(self, exc: VersionConflict, snapshot: Snapshot, attempt: int, records: int, locked: bool) -> None:
+        self.hooks.conflict(exc)
+        if exc.keys is None:
+            snapshot.clear()
+        else:
+            snapshot.forget(exc.keys)
+        log.info("batch_conflict", attempt=attempt, records=records, locked=locked, reason=str(exc))
+        await asyncio.sleep(backoff(attempt, self.settings))
+
     async def _attempt(
         self,
-        decoded: Sequence[tuple[RawRecord, Event | DecodeError]],
-        fence: Fence | None,
-        offsets: tuple[int, int | None],
+        run: Callable[[UnitOfWork], Awaitable[_R]],
         snapshot: Snapshot,
-        failures: HandlerFailures,
-        *,
         locked: bool,
-    ) -> BatchResult:
-        next_offset, commit_offset = offsets  # the batch's end, and what the commit advances to
+        advances: Callable[[], _Advances],
+        hot: Collection[Key] = (),
+    ) -> tuple[_R, UnitOfWork]:
+        """Run ``run`` in a fresh unit and commit it with the offsets ``advances`` gives after the run.
+
+        Optimistic, or ``locked`` (see below); locked with ``hot`` keys, those are locked first.
+        """
+        if locked and hot and not self.store.is_sqlite:
+            return await self._attempt_hot(run, snapshot, advances, hot)
         unit = UnitOfWork(self.store, snapshot)
-        result = await self._run(unit, decoded, next_offset, failures)
-        if locked:
+        result = await run(unit)
+        if not locked:
+            with self.hooks.commit():
+                new_versions = await self.store.commit(unit, *advances())
+        else:
             # The handlers ran first without locks, so their work and most of their reads do
             # not hold anyone up; now what they read and wrote is locked, in one statement.
             # Only if some of it changed meanwhile do they run again, inside the locks,
-            # re-reading just that: the commit can then no longer conflict on it.
+            # which cannot conflict.
             async with self.store.session() as session:
                 if not await session.revalidate(unit, snapshot):
                     unit = UnitOfWork(session, snapshot)
-                    result = await self._run(unit, decoded, next_offset, failures)
+                    result = await run(unit)
                 with self.hooks.commit():
-                    new_versions = await session.commit(unit, fence, commit_offset)
-        else:
-            with self.hooks.commit():
-                new_versions = await self.store.commit(unit, fence, commit_offset)
+                    new_versions = await session.commit(unit, *advances())
         snapshot.absorb(unit, new_versions)  # only once the transaction has committed
-        result.staged_outbox = len(unit.outbox)
-        self._report_dead_letters(result)
-        return result
+        self.room_readers |= unit.room_readers
+        return result, unit
+
+    async def _attempt_hot(
+        self, run: Callable[[UnitOfWork], Awaitable[_R]], snapshot: Snapshot, advances: Callable[[], _Advances], hot: Collection[Key]
+    ) -> tuple[_R, UnitOfWork]:
+        # Keys that other workers keep changing (an app-global counter) are locked before the
+        # run, in one statement in key order: the handlers then run once, never again because
+        # a hot key changed under them. Lockers of the same hot keys queue on them, so the
+        # keys each takes later cannot deadlock with another's.
+        async with self.store.session() as session:
+            current = await session.lock(sorted(hot))
+            snapshot.forget([key for key in hot if snapshot.versions.get(key) != current[key]])
+            unit = UnitOfWork(session, snapshot)
+            result = await run(unit)
+            with self.hooks.commit():
+                new_versions = await session.commit(unit, *advances())
+        snapshot.absorb(unit, new_versions)
+        self.room_readers |= unit.room_readers
+        return result, unit
+
+    # -- several partitions' batches as one unit of work ----------------------------------
+
+    async def dispatch_together(self, parts: Sequence[Part], snapshot: Snapshot, hot: set[Key] | None = None) -> dict[int, BatchResult]:
+        """Process several partitions' batches (each in offset order) as one unit and one commit.
+
+        The worker's partitions then never conflict with each other on a key they share (an
+        app-global counter): their batches take turns in one unit, reading each other's
+        writes. Conflicts with other workers run the unit again, locked after the first; the
+        keys they conflicted on join ``hot``, which (kept by the caller from unit to unit) are
+        locked before the handlers run, so that they run once. Returns each committed part's
+        result by its index in ``parts``; a part left out failed a handler that must back off
+        before its next try, and must be dispatched on its own (with its ``failures``), so
+        that its wait holds up no other partition.
+
+        Raises:
+            FencedError, PersistenceError, ConflictsExhausted: nothing was committed; dispatch
+                each part on its own, which tells them apart (and bisects a refused value).
+
+        """
+        remaining, conflicts, hot = list(range(len(parts))), 0, set() if hot is None else hot
+        while remaining:
+            hold = conflicts > 0 or bool(hot)
+            try:
+                results, _ = await self._attempt(
+                    lambda unit: self._run_parts(unit, parts, remaining),
+                    snapshot,
+                    hold,
+                    lambda: _advances([parts[i] for i in remaining]),
+                    hot,
+                )
+            except Backoff as exc:
+                remaining.remove(exc.part)
+                continue
+            except VersionConflict as exc:
+                conflicts += 1
+                if not self.store.is_sqlite:
+                    # Locking a key on SQLite locks the whole database: held while handlers
+                    # run, it would stop every other writer (and the handlers' own awaits on
+                    # them) for the length of the run. There the revalidating path serves.
+                    hot.update(exc.keys or ())
+                if conflicts >= self.settings.conflict_max_attempts:
+                    raise ConflictsExhausted(f"{len(remaining)} partitions' batches conflicted {conflicts} times together") from exc
+                await self._conflicted(exc, snapshot, conflicts, sum(len(parts[i].decoded) for i in remaining), hold)
+                continue
+            for result in results.values():
+                result.conflicts, result.locked = conflicts, hold
+                self._report_dead_letters(result)
+            return results
+        return {}
+
+    async def _run_parts(self, unit: UnitOfWork, parts: Sequence[Part], indexes: Sequence[int]) -> dict[int, BatchResult]:
+        done = await unit.already_processed([marker for i in indexes for marker in self._markers(parts[i].decoded)])
+        await self._prefetch(unit, [item for i in indexes for _, item in parts[i].decoded])
+        results: dict[int, BatchResult] = {}
+        for index in indexes:
+            part = parts[index]
+            part.upto = len(part.records)
+            before = len(unit.outbox)
+            try:
+                results[index] = await self._run(unit, part.decoded, part.next_offset, part.failures, done=done, alone=False)
+            except Backoff as exc:
+                if exc.result is None or not exc.done:
+                    exc.part = index
+                    raise  # nothing of it went through: it leaves the unit
+                part.upto = exc.done
+                results[index] = exc.result
+                results[index].next_offset = part.next_offset
+            if part.fence is not None:
+                unit.outbox[before:] = [replace(m, source_partition=part.fence.partition) for m in unit.outbox[before:]]
+            results[index].staged_outbox = len(unit.outbox) - before
+        return results
+
+    async def _prefetch(self, unit: UnitOfWork, items: Sequence[Event | DecodeError]) -> None:
+        # One read for the rooms of the whole batch instead of one per room on its first
+        # event (see UnitOfWork.prefetch); learned, so an app that never reads a room costs nothing.
+        if not self.room_readers:
+            return
+        rooms = sorted({f"room:{item.message.room.id}" for item in items if isinstance(item, Event) and item.message is not None})
+        for app_id in sorted(self.room_readers):
+            try:
+                await unit.prefetch(app_id, rooms)
+            except InvalidDataError:
+                return  # a room id the store refuses: the handler's own read reports it
 
     def _report_dead_letters(self, result: BatchResult) -> None:
         # Reported once their commit succeeded, not where they are staged: a batch that
@@ -264,127 +393,73 @@ class Dispatcher:
         self._report_dead_letters(result)
         return result
 
-    async def _run(
-        self, unit: UnitOfWork, decoded: Sequence[tuple[RawRecord, Event | DecodeError]], next_offset: int, failures: HandlerFailures
-    ) -> BatchResult:
-        result = BatchResult(next_offset)
-        done = await unit.already_processed(
-            [(app.id, item.source, item.id) for _, item in decoded if isinstance(item, Event) for app in self._takers(item)]
-        )
-        for record, item in decoded:
-            if isinstance(item, DecodeError):
-                with bound_contextvars(offset=record.offset):
-                    log.warning("record_invalid", reason=item.reason)
-                unit.publish(dead_letter(record, self.topics.dead_letter, item.reason, stage="decode"))
-                result.dead_lettered += 1
-                continue
-            takers = self._takers(item)
-            result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
-            if not takers:
-                result.skipped += 1
-                continue
-            with (
-                bound_contextvars(offset=item.record.offset, event_id=item.id),
-                tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id),
-            ):
-                for app in takers:
-                    marker = (app.id, item.source, item.id)
-                    if marker in done:
-                        result.duplicates += 1
-                        result.outcomes[app.id, "duplicate"] += 1
-                        continue
-                    result.outcomes[app.id, await self._run_app(unit, app, item, marker, failures)] += 1
-                    done.add(marker)
-                    result.per_app[app.id] = result.per_app.get(app.id, 0) + 1
-            result.processed += 1
-        return result
+    # -- one run of a batch's events ---------------------------------------------------------
 
     def _takers(self, event: Event) -> list[App]:
         """The apps that see ``event``: those taking its type (none for system messages and other types)."""
         if event.interface is None:
             return []
-        return [app for app in self.apps if app.takes(event.type)]
+        found = self._taking.get(event.type)
+        if found is None:
+            found = self._taking[event.type] = [app for app in self.apps if app.takes(event.type)]
+        return found
 
-    async def _invoke(self, unit: UnitOfWork, app: App, event: Event) -> None:
-        """One run of ``app``'s check_ and execute_ methods for the event's interface."""
-        message = event.message
-        if message is None:  # _takers passes message events only
-            raise TypeError("only message events reach apps")
-        read = Read(PersistenceReader(unit, app.id), app.settings, self.directory.for_message(message))
-        persistence, modify = PersistenceWriter(unit, app.id), Modify(unit, app.id, event, self.topics.commands)
-        if event.interface == "post_message_deleted":
-            context = event.delete_context()
-            if await app.check_post_message_deleted(message, read, self.http, context):
-                await app.execute_post_message_deleted(message, read, self.http, persistence, modify, context)
-        elif event.interface == "post_message_updated":
-            if await app.check_post_message_updated(message, read, self.http):
-                await app.execute_post_message_updated(message, read, self.http, persistence, modify)
-        elif await app.check_post_message_sent(message, read, self.http):
-            await app.execute_post_message_sent(message, read, self.http, persistence, modify)
+    def _markers(self, decoded: _Decoded) -> list[Marker]:
+        return [(app.id, item.source, item.id) for _, item in decoded if isinstance(item, Event) for app in self._takers(item)]
 
-    async def _run_app(self, unit: UnitOfWork, app: App, event: Event, marker: Marker, failures: HandlerFailures) -> str:
-        """One app on one event: retried on its errors, dead-lettered when they persist; returns which."""
-        checkpoint = unit.checkpoint()
-        message = event.message
-        if message is not None and message.sender.id == self.own_user_id and not app.handles_own_messages:
-            unit.mark_processed(marker)
-            return "skipped"
-        while failures.runs[marker] < self.settings.handler_max_attempts:
-            started = time.perf_counter()
-            try:
-                with tracing.span("rc_worker.handler", app=app.id):
-                    async with asyncio.timeout(self.settings.handler_timeout_s), self.hooks.handler(app.id):
-                        await self._invoke(unit, app, event)
-                if unit.failure is not None:
-                    raise unit.failure
-                _check_awaited(unit, app.id)
-                unit.mark_processed(marker)
-                return "processed"
-            except (VersionConflict, FencedError, PersistenceError):
-                raise  # not the handler's doing: the whole batch is retried or abandoned
-            except Exception as exc:
-                if unit.failure is not None:
-                    # The handler failed because the database did (perhaps wrapped in its own
-                    # error): the batch is retried or abandoned, never this event dead-lettered.
-                    raise unit.failure from exc
-                unit.rollback_to(checkpoint)
-                attempt = failures.failed(marker, exc)
-                retriable = isinstance(exc, TimeoutError) or getattr(exc, "retriable", True)
-                retrying = retriable and attempt < self.settings.handler_max_attempts
-                self.hooks.handler_failed(app.id, exc, attempt, retrying)
-                if not retriable:
-                    break
-                if retrying:
-                    elapsed_ms = round((time.perf_counter() - started) * 1000, 1)
-                    log.info(
-                        "handler_retry", app=app.id, attempt=attempt, error_type=type(exc).__name__, error=str(exc), duration_ms=elapsed_ms
-                    )
-                    await asyncio.sleep(backoff(attempt, self.settings))
-        # Out of attempts, in this run or an earlier run of the batch: the last error decides.
-        error, attempts = failures.last[marker], failures.runs[marker]
-        failures.runs[marker] = self.settings.handler_max_attempts  # a non-retriable error ends it in every run
-        log.error("handler_dead_lettered", app=app.id, attempts=attempts, error_type=type(error).__name__, error=str(error))
-        unit.publish(
-            dead_letter(
-                event.record,
-                self.topics.dead_letter,
-                f"{type(error).__name__}: {error}",
-                stage="handler",
-                app_id=app.id,
-                error_type=type(error).__name__,
-            )
-        )
-        # Not marked processed: its state never changed, so a redrive of this event (or a
-        # later redelivery) must be able to process it.
-        return "dead_lettered"
+    async def _run(
+        self,
+        unit: UnitOfWork,
+        decoded: _Decoded,
+        next_offset: int,
+        failures: HandlerFailures,
+        *,
+        done: set[Marker] | None = None,
+        alone: bool = True,
+    ) -> BatchResult:
+        result = BatchResult(next_offset)
+        if done is None:
+            done = await unit.already_processed(self._markers(decoded))
+            await self._prefetch(unit, [item for _, item in decoded])
+        around = Surroundings(self.http, self.topics, self.settings, self.hooks, self.directory, self.own_user_id)
+        run = BatchRun(unit, failures, alone, around)
+        # One log context for the batch: each line logged while an event runs gets its offset
+        # and id from current_event, set per event instead of binding structlog's per event.
+        context = current_event.set(None)
+        try:
+            for index, (record, item) in enumerate(decoded):
+                if isinstance(item, DecodeError):
+                    with bound_contextvars(offset=record.offset):
+                        log.warning("record_invalid", reason=item.reason)
+                    unit.publish(dead_letter(record, self.topics.dead_letter, item.reason, stage="decode"))
+                    result.dead_lettered += 1
+                    continue
+                takers = self._takers(item)
+                if not takers:
+                    result.skipped += 1
+                    result.outcomes.update((app.id, "skipped") for app in self.apps)
+                    continue
+                current_event.set((item.record.offset, item.id))
+                with tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id):
+                    outcomes = await run.event(takers, item, done, index, result)
+                # Only once the event went through: one that backs off is counted by its next run.
+                if len(takers) < len(self.apps):
+                    result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
+                self._tally(result, outcomes)
+        finally:
+            current_event.reset(context)
+            run.report()
+        return result
 
-
-def _check_awaited(unit: UnitOfWork, app_id: str) -> None:
-    missed = unit.take_unawaited()
-    if missed:
-        raise UnawaitedCallError(
-            f"app {app_id!r} called {'; '.join(missed)} and never awaited it, so it did nothing; add `await` before the call"
-        )
+    @staticmethod
+    def _tally(result: BatchResult, outcomes: Sequence[tuple[str, str]]) -> None:
+        for app_id, outcome in outcomes:
+            result.outcomes[app_id, outcome] += 1
+            if outcome == "duplicate":
+                result.duplicates += 1
+            else:
+                result.per_app[app_id] = result.per_app.get(app_id, 0) + 1
+        result.processed += 1
 
 
 def _decode(record: RawRecord) -> Event | DecodeError:
@@ -392,3 +467,6 @@ def _decode(record: RawRecord) -> Event | DecodeError:
         return decode(record)
     except DecodeError as exc:
         return exc
+
+
+__all__ = ["ConflictsExhausted", "Dispatcher", "HandlerFailures", "Part", "Topics"]

@@ -54,13 +54,15 @@ class Hooks:
     def markers_pruned(self, count: int) -> None:
         """Retention deleted ``count`` processed-event markers."""
 
+    def database_round_trips(self, count: int) -> None:
+        """The store sent ``count`` more statements (BEGIN and COMMIT included) to the database."""
+
     def commit(self) -> contextlib.AbstractContextManager[None]:
         """Around one unit of work's database commit (the exception, if any, passes through)."""
         return contextlib.nullcontext()
 
-    def handler(self, app_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """Around one app's run on one event (the exception, if any, passes through)."""
-        return contextlib.nullcontext()
+    def handler_runs(self, app_id: str, outcome: str, seconds: Sequence[float]) -> None:
+        """Apps ran on events (``outcome`` ok or error), taking ``seconds`` each; reported in lots, not per run."""
 
 
 class _Contained(Hooks):
@@ -99,11 +101,14 @@ class _Contained(Hooks):
     def markers_pruned(self, count: int) -> None:
         self._call("markers_pruned", count)
 
+    def database_round_trips(self, count: int) -> None:
+        self._call("database_round_trips", count)
+
     def commit(self) -> contextlib.AbstractContextManager[None]:
         return self.inner.commit()
 
-    def handler(self, app_id: str) -> contextlib.AbstractAsyncContextManager[None]:
-        return self.inner.handler(app_id)
+    def handler_runs(self, app_id: str, outcome: str, seconds: Sequence[float]) -> None:
+        self._call("handler_runs", app_id, outcome, seconds)
 
 
 def contained(hooks: Hooks | None) -> Hooks:

@@ -1,16 +1,21 @@
 """One assigned partition: its batches dispatched in order, then its outbox published.
 
 Each partition the worker holds gets a lane, a task of its own, so a partition that waits
-(handler retries, a database outage) never holds up the others or the fetch loop; the runner
-pauses the partition in Kafka while its lane is busy, so the lane is handed one batch at a
-time. A lane is closed when its partition is revoked: it finishes or abandons its batch,
-and after that commits nothing (its fence is stale anyway).
+(handler retries, a database outage) never holds up the others or the fetch loop. Records
+fetched while a batch runs wait in the lane's backlog, and its next batch takes up to a
+batch's worth of them at once. The runner pauses the partition in Kafka only when the backlog
+is full (``BACKLOG_BATCHES`` batches), and the lane resumes it once it has drained to one
+batch: pausing after every batch made a busy partition wait, each time it was resumed, for
+the broker's long poll (``kafka.fetch_max_wait_ms``) of the fetch already in flight for the
+idle ones. A lane is closed when its partition is revoked: it finishes or abandons its
+batch, drops its backlog, and after that commits nothing (its fence is stale anyway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 import structlog
@@ -21,8 +26,9 @@ from worker.config import ProcessingSettings
 from worker.errors import BrokerError, DataError, FencedError, PersistenceError
 from worker.events import RawRecord
 from worker.logs import redact
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence
-from worker.persistence.unit import Snapshot
+from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher
 from worker.pipeline.offsets import OffsetTracker
 from worker.pipeline.outbox import OutboxPublisher
@@ -36,6 +42,8 @@ OUTBOX_RETRY_S = 1.0
 # After a conflict, this many batches start locked: contention on a hot key comes in runs,
 # and a locked batch waits its turn instead of being run again and again.
 LOCKED_BATCHES_AFTER_CONFLICT = 20
+# The backlog a lane holds before the runner pauses its partition, in batches (see above).
+BACKLOG_BATCHES = 4
 # The status shows this much of a failure's message: enough to recognise it, not a dump.
 MAX_ERROR_CHARS = 500
 
@@ -50,17 +58,24 @@ class Lane:
         publisher: OutboxPublisher,
         offsets: OffsetTracker,
         settings: ProcessingSettings,
-        on_idle: Callable[[int], None],
+        on_ready: Callable[[int], None],
         on_failure: Callable[[BaseException], None],
+        combiner: Combiner | None = None,
+        batch_records: int = 500,
     ) -> None:
         self.fence = fence
+        self._combiner = combiner
         self.partition = fence.partition
         self._dispatcher = dispatcher
         self._publisher = publisher
         self._offsets = offsets
         self._settings = settings
-        self._on_idle = on_idle
-        self._inbox: asyncio.Queue[list[RawRecord]] = asyncio.Queue(maxsize=1)
+        self._on_ready = on_ready
+        self._batch_records = batch_records
+        self._backlog: deque[list[RawRecord]] = deque()
+        self._backlogged = 0  # records in the backlog
+        self._arrived = asyncio.Event()
+        self.paused = False  # by the runner, because the backlog is full
         self._closed = asyncio.Event()
         self._outbox_dirty = True  # a new owner first publishes what the last one left
         self.busy = False
@@ -77,10 +92,14 @@ class Lane:
         # A lane that dies would hold its partition paused forever, silently: surface it.
         self.task.add_done_callback(lambda task: None if task.cancelled() or task.exception() is None else on_failure(task.exception()))  # type: ignore[arg-type]
 
-    def submit(self, records: list[RawRecord]) -> None:
-        """Hand the lane its next batch; the runner pauses the partition until it is idle."""
+    def submit(self, records: list[RawRecord]) -> bool:
+        """Add fetched records to the backlog; False when it is full and the partition must pause."""
         self.busy = True
-        self._inbox.put_nowait(records)
+        self._backlog.append(records)
+        self._backlogged += len(records)
+        self._arrived.set()
+        self.paused = self._backlogged >= BACKLOG_BATCHES * self._batch_records
+        return not self.paused
 
     async def close(self, timeout_s: float) -> None:
         """Finish the batch in flight (or abandon it after ``timeout_s``) and stop."""
@@ -99,29 +118,47 @@ class Lane:
                 records = await self._next_batch()
                 if records is not None:
                     await self._process(records)
-                    self.busy, self.attempt = False, 0
-                    self._on_idle(self.partition)
+                    self.busy, self.attempt = bool(self._backlog), 0
                 if self._outbox_dirty and not self._closed.is_set():
                     await self._publish()
             if self._outbox_dirty:  # last chance while still the owner; else the next owner sends
                 await self._publish()
 
     async def _next_batch(self) -> list[RawRecord] | None:
-        waiter = asyncio.ensure_future(self._inbox.get())
-        closed = asyncio.ensure_future(self._closed.wait())
-        done, _ = await asyncio.wait({waiter, closed}, timeout=OUTBOX_RETRY_S, return_when=asyncio.FIRST_COMPLETED)
-        closed.cancel()
-        if waiter in done:
-            return waiter.result()
-        waiter.cancel()
-        return None
+        if not self._backlog:
+            arrived = asyncio.ensure_future(self._arrived.wait())
+            closed = asyncio.ensure_future(self._closed.wait())
+            await asyncio.wait({arrived, closed}, timeout=OUTBOX_RETRY_S, return_when=asyncio.FIRST_COMPLETED)
+            arrived.cancel()
+            closed.cancel()
+            if not self._backlog or self._closed.is_set():
+                return None
+        self._arrived.clear()
+        records = self._take()
+        if self.paused and self._backlogged <= self._batch_records:
+            # Resumed while a batch still waits, so that the fetch (and the broker's long
+            # poll) runs while this one is processed, not after it.
+            self.paused = False
+            self._on_ready(self.partition)
+        return records
+
+    def _take(self) -> list[RawRecord]:
+        # Up to a batch of the oldest records, in offset order, as one batch.
+        records = self._backlog.popleft()
+        while self._backlog and len(records) + len(self._backlog[0]) <= self._batch_records:
+            records = records + self._backlog.popleft()
+        self._backlogged -= len(records)
+        return records
 
     async def _process(self, records: list[RawRecord]) -> None:
         """Dispatch one batch until it commits, is fenced, or the lane is closed."""
 
         async def attempt() -> BatchResult:
             with tracing.span("rc_worker.batch", topic=self.fence.topic, partition=self.partition, records=len(records)):
-                return await self._dispatcher.dispatch(records, self.fence, locked=self._locked_batches > 0, snapshot=self._snapshot)
+                locked = self._locked_batches > 0
+                if self._combiner is not None:
+                    return await self._combiner.dispatch(records, self.fence, snapshot=self._snapshot, locked=locked)
+                return await self._dispatcher.dispatch(records, self.fence, locked=locked, snapshot=self._snapshot)
 
         try:
             result = await until_committed(

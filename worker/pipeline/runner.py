@@ -2,7 +2,7 @@
 
 One member of the consumer group. The loop only fetches and commits: each assigned partition
 has a lane (``lane.py``) that dispatches its batches in order and publishes its outbox, and
-the partition stays paused in Kafka while its lane is busy. So the loop keeps polling (no
+the partition is paused in Kafka while its lane's backlog is full. So the loop keeps polling (no
 ``max.poll.interval.ms`` expiry) however long one partition waits, and Kafka offsets are
 committed only up to what the database has committed. A newly assigned partition is claimed
 in the database first, which fences out its previous owner and tells where its state ends.
@@ -29,6 +29,7 @@ from worker.events import RawRecord
 from worker.kafka import Consumer, Producer, Reader
 from worker.persistence.retention import pruning
 from worker.persistence.store import Store
+from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import Dispatcher, Topics
 from worker.pipeline.hooks import Hooks, contained
 from worker.pipeline.lane import Lane
@@ -47,6 +48,7 @@ class Worker:
         self.settings = settings
         self.hooks = contained(hooks)
         self.store = store or Store.from_settings(settings.persistence)
+        self.store.count_round_trips(self.hooks.database_round_trips)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.http = Http(settings.http)
         kafka = settings.kafka
@@ -61,6 +63,7 @@ class Worker:
             own_user_id=settings.rocketchat.app_user_id,
             directory=self.directory,
         )
+        self.combiner = Combiner(self.dispatcher)
         self.consumer = Consumer(kafka)
         self.producer = Producer(kafka)
         self.reader = Reader(kafka)
@@ -124,8 +127,8 @@ class Worker:
                 self.consumer.pause(partition)
             log.info("records_deferred", partition=partition, first_offset=records[0].offset, count=len(records))
             return
-        self.consumer.pause(partition)
-        lane.submit(records)
+        if not lane.submit(records):
+            self.consumer.pause(partition)
 
     def _resume(self, partition: int) -> None:
         if partition in self.lanes:
@@ -174,7 +177,15 @@ class Worker:
                     self.consumer.seek(partition, claim.next_offset)
             self.consumer.resume(partition)
             self.lanes[partition] = Lane(
-                claim.fence, self.dispatcher, self.publisher, self.offsets, self.settings.processing, self._resume, self._lane_failed
+                claim.fence,
+                self.dispatcher,
+                self.publisher,
+                self.offsets,
+                self.settings.processing,
+                self._resume,
+                self._lane_failed,
+                combiner=self.combiner,
+                batch_records=kafka.max_batch_records,
             )
         log.info(
             "partitions_assigned",

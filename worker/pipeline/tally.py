@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar, cast, overload
+
+_T = TypeVar("_T")
 
 
 @dataclass(slots=True)
@@ -64,3 +67,32 @@ class BatchResult:
             "conflicts": self.conflicts,
             "locked": self.locked,
         }
+
+
+class Summed(Protocol):
+    """What keeps a running :class:`BatchResult` of the batches it has seen (the replay's summary)."""
+
+    total: BatchResult
+
+
+class TotalOf(Generic[_T]):
+    """An attribute that reads one figure of its holder's summed ``total``.
+
+    A summary shows the tally's figures under the names its users know (``events`` for
+    ``processed``) without keeping or summing any of them again.
+    """
+
+    def __init__(self, figure: str, doc: str) -> None:
+        self.figure = figure
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, holder: None, owner: type[Any]) -> TotalOf[_T]: ...
+
+    @overload
+    def __get__(self, holder: Summed, owner: type[Any]) -> _T: ...
+
+    def __get__(self, holder: Summed | None, owner: type[Any]) -> TotalOf[_T] | _T:
+        if holder is None:
+            return self
+        return cast(_T, getattr(holder.total, self.figure))

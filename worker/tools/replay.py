@@ -31,7 +31,9 @@ from worker.errors import BrokerError, ConfigError, PersistenceError, WorkerErro
 from worker.events import RawRecord
 from worker.kafka import Consumer, PartitionReader, group_offsets
 from worker.persistence.admin import prepare
+from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Store
+from worker.pipeline.combine import Combiner
 from worker.pipeline.dispatch import ConflictsExhausted, Dispatcher, Topics
 from worker.pipeline.retry import until_committed
 from worker.pipeline.stall import Stall
@@ -83,6 +85,9 @@ class Replay:
             own_user_id=settings.rocketchat.app_user_id,
             directory=self.directory,
         )
+        # The partitions' batches of one fetch run as one unit, on one snapshot kept from batch
+        # to batch: no conflicts among them, and no re-reading what the last batch wrote.
+        self.combiner = Combiner(self.dispatcher)
         self.summary = ReplaySummary(self.kafka.topic)
         self.progress: Progress | None = None
 
@@ -222,7 +227,7 @@ class Replay:
             # No fence: a replay owns no partition of the live group, and its processed
             # markers already keep two replay processes from applying an event twice.
             result = await until_committed(
-                lambda: self.dispatcher.dispatch(records, None),
+                lambda: self.combiner.dispatch(records, None, snapshot=Snapshot()),
                 self.settings.processing,
                 retry_on=(PersistenceError, ConflictsExhausted),
                 on_retry=lambda exc, attempt: log.warning(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.pipeline.tally import BatchResult
+from worker.pipeline.tally import BatchResult, TotalOf
 
 
 @dataclass
@@ -23,35 +23,12 @@ class ReplaySummary:
         self.records += records
         self.total.add(result)
 
-    @property
-    def events(self) -> int:
-        """Events an app ran on, committed."""
-        return self.total.processed
-
-    @property
-    def duplicates(self) -> int:
-        """Events an app had already processed."""
-        return self.total.duplicates
-
-    @property
-    def skipped(self) -> int:
-        """Events of a type the apps do not handle."""
-        return self.total.skipped
-
-    @property
-    def dead_letters(self) -> int:
-        """Undecodable records, and events an app failed for good (counted per app)."""
-        return self.total.dead_letters
-
-    @property
-    def conflicts(self) -> int:
-        """Version conflicts retried."""
-        return self.total.conflicts
-
-    @property
-    def per_app(self) -> dict[str, int]:
-        """Events processed, by app."""
-        return self.total.per_app
+    events = TotalOf[int]("processed", "Events an app ran on, committed.")
+    duplicates = TotalOf[int]("duplicates", "Events an app had already processed.")
+    skipped = TotalOf[int]("skipped", "Events of a type the apps do not handle.")
+    dead_letters = TotalOf[int]("dead_letters", "Undecodable records, and events an app failed for good (counted per app).")
+    conflicts = TotalOf[int]("conflicts", "Version conflicts retried.")
+    per_app = TotalOf[dict[str, int]]("per_app", "Events processed, by app.")
 
     @property
     def rate(self) -> float:

@@ -2,6 +2,10 @@
 
 The worker runs Alembic on a connection it already holds, so the same code migrates SQLite
 and PostgreSQL and no alembic.ini is needed. ``run`` refuses a schema that is behind.
+
+The revision files in ``versions/`` repeat one another's Alembic header and column
+declarations on purpose, as one kept group of repeated blocks (issue 13): an applied
+revision is frozen history, and code shared between revisions could change it afterwards.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+# A repeated block kept on purpose (issue 13): a migration is frozen history, so its Alembic
+# header and table declarations repeat the other migrations' instead of sharing code that a
+# later change could alter under an already-applied revision.
 revision = ${repr(up_revision)}
 down_revision = ${repr(down_revision)}
 branch_labels = None
