@@ -75,3 +75,22 @@ def test_the_inspection_sees_what_a_command_imports(tmp_path: Path) -> None:
     status, modules = imported_by("db", "upgrade", RC_WORKER_PERSISTENCE__URL=f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
     assert status == 0
     assert {"sqlalchemy", "structlog"} <= modules
+
+
+def test_structlog_imported_after_configure_logs_as_configured() -> None:
+    """logs.configure leaves structlog unimported; whoever imports it later gets the configured chain (JSON, redacted)."""
+    script = (
+        "import sys\n"
+        "from worker import logs\n"
+        "from worker.config import LoggingSettings\n"
+        "logs.configure(LoggingSettings(format='json', level='warning'), secrets=['hunter2'])\n"
+        "assert 'structlog' not in sys.modules\n"
+        "import structlog\n"
+        "structlog.get_logger('t').info('not_shown')\n"
+        "structlog.get_logger('t').warning('late_import', password='hunter2')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    [line] = result.stderr.splitlines()
+    found = json.loads(line)
+    assert (found["event"], found["level"], found["password"]) == ("late_import", "warning", "***")
