@@ -2,10 +2,12 @@
 
 Fills a fresh PostgreSQL database with ``--records`` records of one app (every tenth shares
 a room association, all share misc:all), and a fresh dead-letter topic with ``--dead-letters``
-dead letters (as the worker writes them: rc-dlq-* headers), a tenth of them already in the
-redrive ledger. Then it samples once (which reads the whole dead-letter topic into memory:
-its time is printed too) and requests every page ``--repeat`` times in process (ASGI, the
-rendering included, no socket), printing the median and the worst. Nothing is asserted:
+dead letters (as the worker writes them: rc-dlq-* headers), ``--ledger`` rows in the redrive
+ledger (a tenth of the dead letters by default), and ``--outbox`` outbox rows already
+published (the outbox keeps them) with a backlog of 25 not yet published. Then it samples
+once (which reads the whole dead-letter topic into memory: its time is printed too) and
+requests every page ``--repeat`` times in process (ASGI, the rendering included, no
+socket), printing the median and the worst. Nothing is asserted:
 timings on a shared machine are noisy.
 """
 
@@ -22,13 +24,13 @@ from datetime import UTC, datetime
 
 import httpx
 from pydantic import SecretStr
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 
 from bench.services import create_postgres_database, drop_postgres_database, find_services, migrate, open_store
 from worker import constants
 from worker.config import KafkaSettings, PersistenceSettings, Settings
 from worker.kafka import Outgoing, Producer, create_topics
-from worker.persistence.schema import dlq_redrives, record_associations, records
+from worker.persistence.schema import dlq_redrives, outbox, record_associations, records
 from worker.persistence.store import Store
 from worker.web.app import create_app
 from worker.web.live import Live
@@ -64,7 +66,7 @@ async def fill_records(store: Store, count: int) -> None:
             await conn.execute(insert(record_associations), links)
 
 
-async def fill_dead_letters(kafka: KafkaSettings, store: Store, count: int) -> None:
+async def fill_dead_letters(kafka: KafkaSettings, store: Store, count: int, ledger_rows: int) -> None:
     letters = []
     for n in range(count):
         reason = "value is not JSON" if n % 3 else f"handler failed: RuntimeError: boom {n % 7}"
@@ -83,21 +85,45 @@ async def fill_dead_letters(kafka: KafkaSettings, store: Store, count: int) -> N
     async with Producer(kafka) as producer:
         for start in range(0, count, 2_000):
             await producer.send_many(letters[start : start + 2_000])
-    # A tenth already re-driven: the ledger is read on every dead-letter page.
+    # Some already re-driven. The ledger only grows: rows past the first tenth stand for its
+    # history, the letters the topic's retention dropped long ago. They lie past the topic's
+    # letters here (the bench cannot age a topic); the pages leave them out either way.
     now = datetime.now(UTC)
-    ledger = [
-        {
-            "dlq_topic": kafka.dead_letter_topic,
-            "dlq_partition": 0,
-            "dlq_offset": n,
-            "target": f"topic:{kafka.topic}",
-            "redriven_at": now,
-            "sent_at": now,
-        }
-        for n in range(count // 10)
-    ]
-    async with store.engine.begin() as conn:
-        await conn.execute(insert(dlq_redrives), ledger)
+    for start in range(0, ledger_rows, 5_000):
+        ledger = [
+            {
+                "dlq_topic": kafka.dead_letter_topic,
+                "dlq_partition": 0,
+                "dlq_offset": n,
+                "target": f"topic:{kafka.topic}",
+                "redriven_at": now,
+                "sent_at": now,
+            }
+            for n in range(start, min(ledger_rows, start + 5_000))
+        ]
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(dlq_redrives), ledger)
+
+
+async def fill_outbox(kafka: KafkaSettings, store: Store, count: int) -> None:
+    now = datetime.now(UTC)
+    for start in range(0, count + 25, 5_000):
+        rows = [
+            {
+                "app_id": APP,
+                "source_topic": kafka.topic,
+                "source_partition": n % 6,
+                "topic": kafka.commands_topic,
+                "key": b"room",
+                "value": b'{"specversion": "1.0"}',
+                "headers": "[]",
+                "created_at": now,
+                "published_at": now if n < count else None,
+            }
+            for n in range(start, min(count + 25, start + 5_000))
+        ]
+        async with store.engine.begin() as conn:
+            await conn.execute(insert(outbox), rows)
 
 
 async def measure(settings: Settings, store: Store, repeat: int) -> None:
@@ -138,8 +164,15 @@ async def run(args: argparse.Namespace) -> None:
         try:
             started = time.perf_counter()
             await fill_records(store, args.records)
-            await fill_dead_letters(kafka, store, args.dead_letters)
-            print(f"filled {args.records} records and {args.dead_letters} dead letters in {time.perf_counter() - started:.1f} s")
+            await fill_dead_letters(kafka, store, args.dead_letters, args.dead_letters // 10 if args.ledger is None else args.ledger)
+            await fill_outbox(kafka, store, args.outbox)
+            async with store.engine.connect() as conn:  # statistics, as autovacuum would gather them on a live database
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await conn.execute(text("ANALYZE"))
+            print(
+                f"filled {args.records} records, {args.dead_letters} dead letters and {args.outbox} published outbox rows "
+                f"in {time.perf_counter() - started:.1f} s"
+            )
             await measure(settings, store, args.repeat)
         finally:
             await store.close()
@@ -151,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.web", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--dead-letters", type=int, default=10_000)
+    parser.add_argument("--outbox", type=int, default=100_000)
+    parser.add_argument("--ledger", type=int, default=None, help="redrive ledger rows (default: a tenth of --dead-letters)")
     parser.add_argument("--repeat", type=int, default=10)
     asyncio.run(run(parser.parse_args(argv)))
     return 0

@@ -112,6 +112,7 @@ class TestApplier:
         delete = command(DELETE_MESSAGE, "c/1", {"messageId": "m1", "roomId": "GENERAL", "user": None})
         notify_room = command(NOTIFY_ROOM, "c/2", {"roomId": "GENERAL", "text": "heads up"})
         notify_user = command(NOTIFY_USER, "c/3", {"userId": "u-1", "username": "alice", "text": "psst"})
+        notify_by_id = command(NOTIFY_USER, "c/6", {"userId": "u-1", "text": "by id"})
         values = [
             delete,
             delete,  # a repeat: the message is gone
@@ -121,7 +122,11 @@ class TestApplier:
             notify_user,
             command(DELETE_MESSAGE, "c/4", {"messageId": "m1", "roomId": "OTHER"}),  # gone too: done, not refused
             command(NOTIFY_USER, "c/5", {"userId": "u-9", "username": "nobody", "text": "psst"}),  # refused: unknown user
-            command(NOTIFY_USER, "c/6", {"userId": "u-1", "text": "psst"}),  # refused: no username
+            notify_by_id,  # only the user id: users.info finds the username
+            notify_by_id,
+            command(NOTIFY_USER, "c/7", {"userId": "u-1", "text": "again"}),  # the username comes from the cache
+            command(NOTIFY_USER, "c/8", {"userId": "u-9", "text": "psst"}),  # refused: users.info knows no u-9
+            command(NOTIFY_USER, "c/9", {"text": "psst"}),  # refused: names nobody
         ]
         async with Producer(settings.kafka) as producer:
             await producer.send_many(
@@ -135,16 +140,20 @@ class TestApplier:
         await _run_until(applier, lambda: applier.tally["applied"] + applier.tally["dead_lettered"] >= len(values))
 
         assert fake.deletes == {"m1": 1}
-        assert fake.inserts == {message_id_for("c/2"): 1, message_id_for("c/3"): 1}
+        assert fake.inserts == {message_id_for(c): 1 for c in ("c/2", "c/3", "c/6", "c/7")}
         [direct_room] = fake.direct_rooms
         assert fake.rooms_created == {direct_room: 1}
-        assert fake.messages[message_id_for("c/3")]["rid"] == direct_room
+        assert {fake.messages[message_id_for(c)]["rid"] for c in ("c/3", "c/6", "c/7")} == {direct_room}
+        assert fake.messages[message_id_for("c/6")]["msg"] == "by id"
+        lookups = [(c.params, c.status) for c in fake.calls if c.endpoint == "users.info"]
+        assert lookups == [({"userId": "u-1"}, 200), ({"userId": "u-9"}, 400)]  # u-1 once for three commands: cached
         assert fake.messages[message_id_for("c/2")]["rid"] == "GENERAL"
         assert fake.count("chat.delete", 502) == fake.count("im.create", 503) == 1
         assert applier.tally["retried"] >= 2
 
         letters = [record async for record in read_topic(settings.kafka, dead_letters)]
         refusals = sorted((dict(r.headers)[constants.DLQ_ERROR_TYPE], dict(r.headers)[constants.DLQ_REASON]) for r in letters)
-        assert [error_type for error_type, _ in refusals] == [b"DecodeError", b"RocketChatError"]
-        assert b"data.username" in refusals[0][1]
-        assert b"Invalid user" in refusals[1][1]
+        assert [error_type for error_type, _ in refusals] == [b"DecodeError", b"RocketChatError", b"RocketChatError"]
+        assert b"neither username nor userId" in refusals[0][1]
+        assert [b"Invalid user" in reason for _, reason in refusals[1:]].count(True) == 1
+        assert [b"no user with id 'u-9'" in reason for _, reason in refusals[1:]].count(True) == 1

@@ -10,6 +10,7 @@ import pytest
 
 from tests.fakes.rocketchat import FakeRocketChat
 from worker.apps.modify import CREATE_MESSAGE, DELETE_MESSAGE, NOTIFY_ROOM, NOTIFY_USER, UPDATE_MESSAGE
+from worker.apps.readers import Directory
 from worker.bridge.commands import ID_ALPHABET, ID_LENGTH, REACT_MESSAGE, Command, apply, message_id_for, parse
 from worker.config import RocketChatSettings
 from worker.errors import DecodeError, RocketChatError
@@ -240,23 +241,47 @@ class TestNotifyUser:
         assert fake.count("chat.sendMessage") == 0
 
     @pytest.mark.parametrize("status", [429, 500])
-    async def test_throttled_or_failing_im_create_is_retriable(self, status: int) -> None:
-        """A 429 or 5xx from im.create is retriable; the retry posts once."""
+    @pytest.mark.parametrize("endpoint", ["im.create", "users.info"])
+    async def test_throttled_or_failing_lookups_are_retriable(self, endpoint: str, status: int) -> None:
+        """A 429 or 5xx from users.info or im.create is retriable, nothing is posted meanwhile; the retry posts once."""
         fake = FakeRocketChat()
-        fake.fail_next("im.create", status)
-        command = _command(NOTIFY_USER, {"userId": "u-1", "username": "alice", "text": "psst"})
+        fake.fail_next(endpoint, status)
+        command = _command(NOTIFY_USER, {"userId": "u-1", "text": "psst"})
         async with _client(fake) as client:
             with pytest.raises(RocketChatError) as caught:
                 await apply(client, command)
             assert caught.value.retriable
+            assert fake.count("chat.sendMessage") == 0
             await apply(client, command)
         assert fake.inserts == {message_id_for(command.id): 1}
 
-    async def test_without_username_is_refused_as_data(self) -> None:
-        """A notification of a user id alone cannot reach im.create: the reason names the field."""
+    async def test_a_user_id_alone_is_looked_up_with_users_info(self) -> None:
+        """Without a username, users.info (userId) gives it; the same directory asks once for two commands."""
+        fake = FakeRocketChat()
+        async with _client(fake) as client:
+            users = Directory(client)
+            assert await apply(client, _command(NOTIFY_USER, {"userId": "u-1", "text": "one"}, "src/ev/app/1"), users) == "notified_user"
+            assert await apply(client, _command(NOTIFY_USER, {"userId": "u-1", "text": "two"}, "src/ev/app/2"), users) == "notified_user"
+        [room_id] = fake.direct_rooms
+        assert fake.direct_rooms[room_id]["usernames"] == sorted(["alice", fake.username])
+        assert [c.params for c in fake.calls if c.endpoint == "users.info"] == [{"userId": "u-1"}]
+        assert fake.inserts == {message_id_for("src/ev/app/1"): 1, message_id_for("src/ev/app/2"): 1}
+
+    async def test_an_unknown_user_id_is_refused_for_good(self) -> None:
+        """users.info knows no such user: permanent, and neither im.create nor chat.sendMessage is called."""
+        fake = FakeRocketChat()
+        async with _client(fake) as client:
+            with pytest.raises(RocketChatError, match="no user with id 'u-9'") as caught:
+                await apply(client, _command(NOTIFY_USER, {"userId": "u-9", "text": "psst"}))
+        assert not caught.value.retriable
+        assert fake.count("users.info", 400) == 1
+        assert fake.count("im.create") == fake.count("chat.sendMessage") == 0
+
+    async def test_without_username_or_user_id_is_refused_as_data(self) -> None:
+        """A notification that names nobody is refused as data: the reason names both fields."""
         async with _client(FakeRocketChat()) as client:
-            with pytest.raises(DecodeError, match="username"):
-                await apply(client, _command(NOTIFY_USER, {"userId": "u-1", "text": "psst"}))
+            with pytest.raises(DecodeError, match="neither username nor userId"):
+                await apply(client, _command(NOTIFY_USER, {"text": "psst"}))
 
 
 class TestRefusedCommands:

@@ -9,7 +9,9 @@ second one; text over Message_MaxAllowedSize (5000) is refused; ``chat.update`` 
 cannot access with 400 error-not-allowed; ``chat.delete`` refuses (400) a message it does not
 have or one of another room;
 ``im.create`` answers the direct room of the caller and a user, creating it only the first
-time, and refuses (400) an unknown username; a rate limit per endpoint answers 429 with
+time, and refuses (400) an unknown username; ``users.info`` finds a user by ``userId``, else
+``username``, answers ``{user, success}``, 400 ``User not found.`` for one it does not know and
+400 ``Invalid search query.`` without either; a rate limit per endpoint answers 429 with
 Retry-After and X-RateLimit-* headers.
 
 Use :class:`FakeRocketChat` in-process through ``httpx.ASGITransport(fake.app)``, or serve it
@@ -82,6 +84,7 @@ class FakeRocketChat:
                 Route("/api/v1/chat.getMessage", self._get_message, methods=["GET"]),
                 Route("/api/v1/chat.delete", self._delete, methods=["POST"]),
                 Route("/api/v1/im.create", self._im_create, methods=["POST"]),
+                Route("/api/v1/users.info", self._users_info, methods=["GET"]),
             ]
         )
 
@@ -242,6 +245,34 @@ class FakeRocketChat:
             self.rooms_created[room_id] += 1
         room = {**self.direct_rooms[room_id], "_id": room_id}
         return self._answer(request, "im.create", body, 200, {"room": room, "success": True})
+
+    async def _users_info(self, request: Request) -> JSONResponse:
+        _, refusal = await self._admit(request, "users.info")
+        if refusal is not None:
+            return refusal
+        known = {**self.users, self.username: self.user_id}
+        by_id = {uid: name for name, uid in known.items()}
+        # Rocket.Chat takes userId first, then username; an empty one counts as absent.
+        user_id, username = request.query_params.get("userId"), request.query_params.get("username")
+        if user_id:
+            username = by_id.get(user_id)
+        elif username:
+            user_id = known.get(username)
+        else:
+            return self._answer(request, "users.info", None, 400, {"success": False, "error": "Invalid search query."})
+        if user_id is None or username is None or username not in known:
+            return self._answer(request, "users.info", None, 400, {"success": False, "error": "User not found."})
+        user = {
+            "_id": user_id,
+            "username": username,
+            "name": username.title(),
+            "type": "bot" if user_id == self.user_id else "user",
+            "status": "offline",
+            "active": True,
+            "roles": ["bot"] if user_id == self.user_id else ["user"],
+            "utcOffset": 0,
+        }
+        return self._answer(request, "users.info", None, 200, {"user": user, "success": True})
 
     # -- what every endpoint does first ----------------------------------------------------
 

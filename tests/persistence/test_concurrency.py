@@ -19,7 +19,17 @@ import pytest
 from sqlalchemy import select
 
 from tests.drivers.count_events import APP, ROOM, spawn
-from tests.support import TopicSet, WorkerProcess, counts, expected_counts, make_events, rc_worker, store_for, wait_until
+from tests.support import (
+    TopicSet,
+    WorkerProcess,
+    counts,
+    expected_counts,
+    make_events,
+    rc_worker,
+    store_for,
+    wait_until,
+    write_distribution,
+)
 from worker.kafka import admin
 from worker.persistence.schema import partition_offsets
 from worker.persistence.store import Store
@@ -55,6 +65,19 @@ class TestDuplicatedEvents:
         assert await store.processed_count(APP) == self.EVENTS
 
 
+# Ten milliseconds per event: the run lasts a few seconds however fast the worker gets.
+PACER_SOURCE = """
+import asyncio
+
+from worker import App
+
+
+class Pacer(App):
+    async def execute_post_message_sent(self, message, read, http, persistence, modify):
+        await asyncio.sleep(0.01)
+"""
+
+
 @pytest.mark.kafka
 class TestWorkerKilledBetweenCommits:
     async def test_a_worker_killed_after_its_database_commit_and_restarted_counts_each_event_once(
@@ -64,8 +87,15 @@ class TestWorkerKilledBetweenCommits:
         events = tmp_path / "events.jsonl"
         totals = make_events(events, count=800, rooms=4, seed=17, duplicate_every=40)
         records = sum(1 for line in events.read_text().splitlines() if line.strip())
-        # Small batches: many commits, so the run lasts long enough to be caught mid-way.
-        env = topics.env(database_url, RC_WORKER_KAFKA__MAX_BATCH_RECORDS="20")
+        # Small batches and a handler that takes its time: many commits over a few seconds,
+        # so the run lasts long enough to be caught mid-way.
+        site = write_distribution(tmp_path / "site", "pacer-dist", {"pacer": "pacer_plugin:Pacer"}, {"pacer_plugin": PACER_SOURCE})
+        env = topics.env(
+            database_url,
+            RC_WORKER_KAFKA__MAX_BATCH_RECORDS="20",
+            RC_WORKER_HANDLERS__ENABLED='["message-count", "pacer"]',
+            PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        )
         rc_worker("db", "upgrade", env=env)
         rc_worker("load", str(events), env=env)
         workers = [WorkerProcess(env, tmp_path / f"worker-{i}.log").start() for i in range(2)]

@@ -190,6 +190,65 @@ class TestRocketChatInTheKit:
             assert [r["count"] for r in await harness.data(Association(AssociationModel.USER, "bob"))] == [1]
 
 
+class RecordsAppUser(App):
+    """Stores what the user reader says of the app user, by get_app_user, get_by_id and get_by_username."""
+
+    async def execute_post_message_sent(
+        self, message: Message, read: IRead, http: IHttp, persistence: IPersistence, modify: IModify
+    ) -> None:
+        users = read.get_user_reader()
+        me = await users.get_app_user()
+        if me is None:
+            await persistence.update("app-user", {"me": None}, upsert=True)
+            return
+        by_id = await users.get_by_id(me.id)
+        by_name = await users.get_by_username(me.username) if me.username else None
+        await persistence.update(
+            "app-user",
+            {"me": [me.id, me.username, me.type], "by_id": by_id == me, "by_name": by_name == me},
+            upsert=True,
+        )
+
+
+class TestAppUserInTheKit:
+    async def test_harness_app_user_id_answers_get_app_user_without_a_stub(self) -> None:
+        """Harness(app_user_id=...): get_app_user() and the lookups of that user answer it, no Rocket.Chat needed."""
+        async with Harness(RecordsAppUser, app_user_id="id-alerts", app_username="alerts") as harness:
+            await harness.deliver([message("hi", sender="carol")])
+            assert await harness.data() == [{"me": ["id-alerts", "alerts", "app"], "by_id": True, "by_name": True}]
+
+    async def test_without_an_app_user_get_app_user_is_none(self) -> None:
+        """No app_user_id and no stub: get_app_user() is None, as with no Rocket.Chat configured."""
+        async with Harness(RecordsAppUser) as harness:
+            await harness.deliver([message("hi")])
+            assert await harness.data() == [{"me": None}]
+
+    async def test_mentions_skips_its_own_messages_given_the_app_user_id(self) -> None:
+        """The built-in mentions handler skips the app user's messages: testable with app_user_id alone."""
+        events = [message("@bob deploy done", sender="alerts"), message("@bob hi", sender="carol")]
+        async with Harness(Mentions, app_user_id="id-alerts") as harness:
+            await harness.deliver(events)
+            assert [r["count"] for r in await harness.data(Association(AssociationModel.USER, "bob"))] == [1]
+        async with Harness(Mentions) as without:  # the same events with no app user: both count
+            await without.deliver(events)
+            assert [r["count"] for r in await without.data(Association(AssociationModel.USER, "bob"))] == [2]
+
+    async def test_the_checks_take_the_app_user_too(self) -> None:
+        """assert_idempotent and assert_concurrency_safe run the handler with the same app user."""
+        events = [message("@bob one", room="r1", sender="alerts"), message("@bob two", room="r2", sender="carol")]
+        await assert_idempotent(Mentions, events, app_user_id="id-alerts")
+        await assert_concurrency_safe(Mentions, events, app_user_id="id-alerts", copies=2)
+
+    def test_an_app_user_given_twice_or_half_is_refused(self) -> None:
+        """app_username without app_user_id, or an id that is not the stub's app user, is a clear error."""
+        with pytest.raises(ValueError, match="app_username needs app_user_id"):
+            Harness(RecordsAppUser, app_username="alerts")
+        stub = RocketChatStub(app_user={"id": "bot", "username": "alerts"})
+        with pytest.raises(ValueError, match="not the stub's app user 'bot'"):
+            Harness(RecordsAppUser, rocketchat=stub, app_user_id="id-alerts")
+        Harness(RecordsAppUser, rocketchat=stub, app_user_id="bot")  # the same user in both places is fine
+
+
 def test_message_count_still_passes_both_checks() -> None:
     """A correct handler is not flagged by the new checks (run synchronously through the kit's own loop)."""
     import asyncio

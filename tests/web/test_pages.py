@@ -19,8 +19,9 @@ from sqlalchemy import insert
 from worker.config import Settings, WebSettings
 from worker.events import RawRecord
 from worker.kafka import GroupMember
-from worker.persistence.browse import app_ids, records_page
-from worker.persistence.schema import record_associations, records
+from worker.persistence.admin import redrives
+from worker.persistence.browse import app_ids, outbox_backlog_by_topic, records_page
+from worker.persistence.schema import dlq_redrives, outbox, record_associations, records
 from worker.persistence.store import Store
 from worker.tools.dlq import DeadLetter
 from worker.tools.offsets import PartitionOffsets
@@ -175,6 +176,128 @@ async def test_dead_letters_are_escaped_filtered_and_paged(client_for) -> None:
     assert re.search(r'id="dlq-total">60<', by_app.text)
     assert "handler failed" in by_app.text
     assert "value is not JSON</span>" not in by_app.text
+
+
+def shown_letters(page: str) -> list[str]:
+    """The positions (``P-O``) of the dead letters a page shows, in order."""
+    return re.findall(r'<article class="letter" id="dl-(\d+-\d+)"', page)
+
+
+def ledger_statuses(page: str) -> dict[str, str]:
+    """Per shown dead letter (``P-O``) that the ledger has, what the page says of it."""
+    found = {}
+    for article in page.split('<article class="letter" ')[1:]:
+        position = re.match(r'id="dl-(\d+-\d+)"', article)
+        status = re.search(r'<span class="tag[^"]*status">([^<]+)</span>', article)
+        if position and status:
+            found[position.group(1)] = status.group(1)
+    return found
+
+
+async def claim(store: Store, dlq_topic: str, positions: list[tuple[int, int]], *, sent: bool = True) -> None:
+    """Rows in the redrive ledger, as ``rc-worker dlq redrive`` writes them."""
+    now = datetime.now(UTC)
+    rows = [
+        {
+            "dlq_topic": dlq_topic,
+            "dlq_partition": p,
+            "dlq_offset": o,
+            "target": "topic:events",
+            "redriven_at": now,
+            "sent_at": now if sent else None,
+        }
+        for p, o in positions
+    ]
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(dlq_redrives), rows)
+
+
+async def test_dead_letters_show_the_newest_page_and_the_older_link_pages_on(client_for) -> None:
+    client, live = client_for()
+    live.dead_letters.newest_first = [letter(n % 3, n, "value is not JSON") for n in range(120)]
+    first = await client.get("/dead-letters")
+    assert shown_letters(first.text) == [f"{n % 3}-{n}" for n in range(50)]
+    assert "page 1 of 3" in first.text
+    assert ">newer</a>" not in first.text
+    older = re.search(r'<a href="([^"]+)">older</a>', first.text)
+    assert older, "the first page links to no older page"
+    second = await client.get("/dead-letters" + older.group(1).replace("&amp;", "&"))
+    assert shown_letters(second.text) == [f"{n % 3}-{n}" for n in range(50, 100)]
+    last = await client.get("/dead-letters", params={"page": 3})
+    assert shown_letters(last.text) == [f"{n % 3}-{n}" for n in range(100, 120)]
+    assert ">older</a>" not in last.text
+
+
+async def test_dead_letter_filters_hold_across_pages(client_for) -> None:
+    client, live = client_for()
+    live.dead_letters.newest_first = [
+        letter(0, n, "handler failed: boom" if n % 2 else "value is not JSON", app="mentions" if n % 4 == 1 else None) for n in range(240)
+    ]
+    first = await client.get("/dead-letters", params={"app": "mentions", "reason": "BOOM"})
+    assert re.search(r'id="dlq-total">60<', first.text)
+    assert shown_letters(first.text) == [f"0-{n}" for n in range(1, 200, 4)]
+    older = re.search(r'<a href="([^"]+)">older</a>', first.text)
+    assert older
+    assert "app=mentions" in older.group(1)
+    assert "reason=BOOM" in older.group(1)
+    second = await client.get("/dead-letters" + older.group(1).replace("&amp;", "&"))
+    assert shown_letters(second.text) == [f"0-{n}" for n in range(201, 240, 4)]
+    worker_own = await client.get("/dead-letters", params={"app": "(worker)", "reason": "not json"})
+    assert re.search(r'id="dlq-total">120<', worker_own.text)
+
+
+async def test_dead_letters_show_the_ledger_of_their_page_and_count_what_is_left(client_for, store: Store) -> None:
+    client, live = client_for()
+    topic = live.settings.kafka.dead_letter_topic
+    live.dead_letters.newest_first = [letter(0, n, "value is not JSON") for n in range(120)]
+    await claim(store, topic, [(0, 3), (0, 70)])
+    await claim(store, topic, [(0, 4)], sent=False)
+    await claim(store, "another.dlq", [(0, 5)])
+    await live.ledger.refresh()
+    page = await client.get("/dead-letters")
+    assert re.search(r'id="dlq-pending">117<', page.text)
+    assert ledger_statuses(page.text) == {"0-3": "re-driven to topic:events", "0-4": "claimed, not sent to topic:events"}
+    second = await client.get("/dead-letters", params={"page": 2})
+    assert ledger_statuses(second.text) == {"0-70": "re-driven to topic:events"}
+    overview = await client.get("/")
+    assert live.ledger.size.sent == 2
+    assert '<div class="muted">2 re-driven</div>' in overview.text
+
+
+async def test_the_sampler_reads_the_ledger_of_the_letters_held_only(client_for, store: Store) -> None:
+    _, live = client_for()
+    topic = live.settings.kafka.dead_letter_topic
+    live.dead_letters.newest_first = [letter(0, n, "x") for n in range(109, 99, -1)] + [letter(1, n, "x") for n in range(9, 4, -1)]
+    assert live.dead_letters.spans == {0: (100, 109), 1: (5, 9)}
+    # Rows of letters the topic has dropped (below the first held), past the last held, and of a partition none is held of.
+    await claim(store, topic, [(0, 50), (0, 100), (0, 110), (1, 2), (1, 7), (2, 0)])
+    await live.ledger.refresh()
+    assert live.ledger.claimed == {(0, 100), (1, 7)}
+    assert live.ledger.size.claimed == 2
+    await claim(store, topic, [(0, 105)], sent=False)
+    await live.ledger.refresh()
+    assert live.ledger.claimed == {(0, 100), (0, 105), (1, 7)}
+    assert (live.ledger.size.claimed, live.ledger.size.sent) == (3, 2)
+
+
+async def test_the_ledger_is_read_for_the_asked_positions_only(store: Store) -> None:
+    await claim(store, "t.dlq", [(0, n) for n in range(2_500)] + [(1, 7)])
+    found = await redrives(store, "t.dlq", [(0, 10), (1, 7), (0, 2_499), (2, 1), (0, 10)])
+    assert sorted(found) == [(0, 10), (0, 2_499), (1, 7)]
+    assert len(await redrives(store, "t.dlq", [(0, n) for n in range(0, 2_500, 2)])) == 1_250  # over more than one chunk
+    assert len(await redrives(store, "t.dlq")) == 2_501
+
+
+async def test_the_outbox_backlog_counts_unpublished_rows_per_topic(store: Store) -> None:
+    now = datetime.now(UTC)
+
+    def row(topic: str, published: bool) -> dict[str, object]:
+        return {"topic": topic, "value": b"{}", "headers": "[]", "created_at": now, "published_at": now if published else None}
+
+    rows = [row("cmd", True)] * 30 + [row("cmd", False)] * 3 + [row("events.dlq", False)] * 2 + [row("other", True)] * 5
+    async with store.engine.begin() as conn:
+        await conn.execute(insert(outbox), rows)
+    assert await outbox_backlog_by_topic(store) == {"cmd": 3, "events.dlq": 2}
 
 
 async def test_overview_shows_members_lag_and_counters_from_the_sample(client_for) -> None:

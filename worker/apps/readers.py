@@ -44,12 +44,15 @@ class Directory:
     Args:
         client: the REST client, or None when no ``rocketchat`` section is configured.
         app_user_id: the worker's own user (``rocketchat.user_id``): the app user.
+        app_user: the app user itself, known without asking Rocket.Chat (the test kit's
+            ``Harness(app_user_id=...)``); it sets ``app_user_id``, with or without a client.
 
     """
 
-    def __init__(self, client: RocketChatClient | None = None, *, app_user_id: str | None = None) -> None:
+    def __init__(self, client: RocketChatClient | None = None, *, app_user_id: str | None = None, app_user: User | None = None) -> None:
         self.client = client
-        self.app_user_id = app_user_id if client is not None else None
+        self.app_user = app_user
+        self.app_user_id = app_user.id if app_user is not None else (app_user_id if client is not None else None)
         self._cache: TTLCache[tuple[str, str], Any] = TTLCache(constants.DIRECTORY_CACHE_ENTRIES, constants.DIRECTORY_CACHE_TTL_S)
 
     @classmethod
@@ -62,9 +65,9 @@ class Directory:
         return cls(RocketChatClient(settings), app_user_id=settings.app_user_id or settings.user_id)
 
     @classmethod
-    def over(cls, stub: RocketChatStub) -> Directory:
-        """A directory whose REST calls the stub answers (tests)."""
-        return cls(RocketChatClient(stub.settings, transport=stub.transport), app_user_id=stub.settings.user_id)
+    def over(cls, stub: RocketChatStub, app_user: User | None = None) -> Directory:
+        """A directory whose REST calls the stub answers (tests); ``app_user`` is known without a call."""
+        return cls(RocketChatClient(stub.settings, transport=stub.transport), app_user_id=stub.settings.user_id, app_user=app_user)
 
     async def aclose(self) -> None:
         """Close the REST client's connections."""
@@ -77,6 +80,9 @@ class Directory:
 
     async def user(self, by: str, value: str, what: str) -> User | None:
         """A user by ``userId`` or ``username``, cached under both."""
+        known = self.app_user
+        if known is not None and value == (known.id if by == "userId" else known.username):
+            return known
         user = await self._cached(("user", f"{by}:{value}"), what, lambda client: client.call("GET", "users.info", params={by: value}))
         if user is not None:
             self._cache[("user", f"userId:{user.get('_id')}")] = user

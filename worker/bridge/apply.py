@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import structlog
 
 from worker import constants
+from worker.apps.readers import Directory
 from worker.bridge.commands import apply, parse
 from worker.config import Settings
 from worker.errors import BrokerError, ConfigError, DecodeError, RocketChatError
@@ -47,6 +48,8 @@ class Applier:
         self.consumer = Consumer(kafka.model_copy(update={"topic": self.topic}), group_id=settings.rocketchat.apply_group_id)
         self.producer = Producer(kafka)
         self.client = client or RocketChatClient(settings.rocketchat)
+        # Usernames of notified user ids, cached for every command this member applies.
+        self.users = Directory(self.client, app_user_id=settings.rocketchat.user_id)
         self.fetch_timeout_ms = kafka.fetch_timeout_ms
         self.max_records = kafka.max_batch_records
         self.lanes: dict[int, asyncio.Task[None]] = {}
@@ -105,7 +108,7 @@ class Applier:
         while True:
             try:
                 command = parse(record.value)
-                outcome = await apply(self.client, command)
+                outcome = await apply(self.client, command, self.users)
             except DecodeError as exc:
                 await self._dead_letter(record, exc.reason, "DecodeError")
                 return

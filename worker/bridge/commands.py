@@ -7,7 +7,9 @@ result with ``chat.update``: writing the same merge twice changes nothing more. 
 names ``shouldReact`` explicitly, so a repeat does not take it back. A delete that finds the
 message gone (``chat.getMessage`` has none) counts as done. A notification is a message from
 the worker's user, in the room or in the user's direct room (``im.create``, which answers the
-room that exists), sent like a create under an ``_id`` derived from the command id.
+room that exists), sent like a create under an ``_id`` derived from the command id; a user
+notification that carries only the user's id finds the username with ``users.info`` first
+(kept in the readers' bounded cache, so a busy user costs one lookup per cache lifetime).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from worker.apps.modify import CREATE_MESSAGE, DELETE_MESSAGE, NOTIFY_ROOM, NOTIFY_USER, UPDATE_MESSAGE
+from worker.apps.readers import Directory
 from worker.errors import DecodeError, RocketChatError
 from worker.rocketchat.client import RocketChatClient
 from worker.rocketchat.names import rest_attachment
@@ -90,9 +93,10 @@ class NotifyRoomData(_Data):
 
 
 class NotifyUserData(_Data):
-    """``data`` of a user notification: a direct message from the worker's user, found by username."""
+    """``data`` of a user notification: a direct message from the worker's user, found by username (else by user id)."""
 
-    username: str = Field(min_length=1, description="im.create finds the direct room by username: notify a User, not an id")
+    username: str | None = Field(None, min_length=1, description="im.create finds the direct room by username")
+    user_id: str | None = Field(None, alias="userId", min_length=1, description="looked up with users.info when no username is given")
     text: str = ""
     attachments: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -125,8 +129,11 @@ def parse(value: bytes | None) -> Command:
         raise DecodeError(f"command {'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
-async def apply(client: RocketChatClient, command: Command) -> str:
+async def apply(client: RocketChatClient, command: Command, users: Directory | None = None) -> str:
     """Carry out ``command``; returns what it did, for the log.
+
+    ``users`` answers the usernames of user ids (one per applier, so its cache lasts); without
+    it, one over ``client`` is made for this command.
 
     Raises:
         DecodeError: the command's data is not what its type needs, or the type is unknown.
@@ -137,13 +144,13 @@ async def apply(client: RocketChatClient, command: Command) -> str:
     if applier is None:
         raise DecodeError(f"command type {command.type!r} is unknown; rc-worker apply carries {', '.join(_APPLIERS)}")
     try:
-        return await applier(client, command)
+        return await applier(client, command, users or Directory(client, app_user_id=client.settings.user_id))
     except ValidationError as exc:
         first = exc.errors()[0]
         raise DecodeError(f"{command.type} data.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
 
 
-async def _create(client: RocketChatClient, command: Command) -> str:
+async def _create(client: RocketChatClient, command: Command, _users: Directory) -> str:
     data = CreateData.model_validate(command.data)
     message = _message(data.room_id, data.text, data.attachments)
     if data.thread_id:
@@ -198,7 +205,7 @@ async def _exists(client: RocketChatClient, message_id: str, room_id: str) -> bo
     return bool(found and found.get("rid") == room_id)
 
 
-async def _update(client: RocketChatClient, command: Command) -> str:
+async def _update(client: RocketChatClient, command: Command, _users: Directory) -> str:
     data = UpdateData.model_validate(command.data)
     current = (await client.call("GET", "chat.getMessage", params={"msgId": data.message_id})).get("message") or {}
     room_id = current.get("rid")
@@ -219,14 +226,14 @@ async def _update(client: RocketChatClient, command: Command) -> str:
     return "updated"
 
 
-async def _react(client: RocketChatClient, command: Command) -> str:
+async def _react(client: RocketChatClient, command: Command, _users: Directory) -> str:
     data = ReactData.model_validate(command.data)
     emoji = data.emoji if data.emoji.startswith(":") else f":{data.emoji.strip(':')}:"
     await client.call("POST", "chat.react", json={"messageId": data.message_id, "emoji": emoji, "shouldReact": data.should_react})
     return "reacted" if data.should_react else "unreacted"
 
 
-async def _delete(client: RocketChatClient, command: Command) -> str:
+async def _delete(client: RocketChatClient, command: Command, _users: Directory) -> str:
     data = DeleteData.model_validate(command.data)
     try:
         await client.call("POST", "chat.delete", json={"roomId": data.room_id, "msgId": data.message_id})
@@ -247,24 +254,36 @@ async def _gone(client: RocketChatClient, message_id: str) -> bool:
         return False  # not allowed to read it: no proof it is gone
 
 
-async def _notify_room(client: RocketChatClient, command: Command) -> str:
+async def _notify_room(client: RocketChatClient, command: Command, _users: Directory) -> str:
     data = NotifyRoomData.model_validate(command.data)
     sent = await _send_once(client, command.id, _message(data.room_id, data.text, data.attachments))
     return "notified_room" if sent else "notified_room_before"
 
 
-async def _notify_user(client: RocketChatClient, command: Command) -> str:
+async def _notify_user(client: RocketChatClient, command: Command, users: Directory) -> str:
     data = NotifyUserData.model_validate(command.data)
+    username = data.username or await _username_of(users, data.user_id)
     # im.create answers the direct room that exists, so a repeat opens nothing new.
-    room = (await client.call("POST", "im.create", json={"username": data.username})).get("room") or {}
+    room = (await client.call("POST", "im.create", json={"username": username})).get("room") or {}
     room_id = room.get("rid") or room.get("_id")
     if not room_id:
-        raise RocketChatError(200, f"im.create answered no room for user {data.username!r}")
+        raise RocketChatError(200, f"im.create answered no room for user {username!r}")
     sent = await _send_once(client, command.id, _message(room_id, data.text, data.attachments))
     return "notified_user" if sent else "notified_user_before"
 
 
-_APPLIERS: dict[str, Callable[[RocketChatClient, Command], Awaitable[str]]] = {
+async def _username_of(users: Directory, user_id: str | None) -> str:
+    """The username ``im.create`` needs, of the user ``user_id`` (``users.info``, cached)."""
+    if user_id is None:
+        raise DecodeError(f"{NOTIFY_USER} data has neither username nor userId: it names nobody to notify")
+    user = await users.user("userId", user_id, f"{NOTIFY_USER} of user id {user_id}")
+    if user is None or not user.username:
+        # Permanent: users.info knows no such user (or one without a username); retrying finds none either.
+        raise RocketChatError(400, f"users.info: no user with id {user_id!r} (or it has no username) to notify")
+    return user.username
+
+
+_APPLIERS: dict[str, Callable[[RocketChatClient, Command, Directory], Awaitable[str]]] = {
     CREATE_MESSAGE: _create,
     UPDATE_MESSAGE: _update,
     REACT_MESSAGE: _react,

@@ -11,8 +11,9 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import Row, select, tuple_, update
 
 from worker.errors import PersistenceError
 from worker.persistence import migrations
@@ -87,12 +88,20 @@ async def set_stored_offsets(
     return changed
 
 
-async def redrives(store: Store, dlq_topic: str) -> dict[DlqPosition, Redrive]:
-    """Every dead letter of ``dlq_topic`` that was re-driven (or claimed for it)."""
+async def redrives(store: Store, dlq_topic: str, positions: Sequence[DlqPosition] | None = None) -> dict[DlqPosition, Redrive]:
+    """Every dead letter of ``dlq_topic`` that was re-driven (or claimed for it); with ``positions``, only those.
+
+    The ledger only grows: a page of dead letters asks for its own ``positions`` (primary-key
+    lookups), so its cost does not grow with the ledger.
+    """
     query = select(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic)
+    pair = tuple_(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset)
+    queries = [query] if positions is None else [query.where(pair.in_(chunk)) for chunk in chunks(sorted(set(positions)))]
+    rows: list[Row[Any]] = []
     with translate("reading the redrive ledger"):
         async with store.engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
+            for each in queries:
+                rows += (await conn.execute(each)).all()
     return {(row.dlq_partition, row.dlq_offset): Redrive(row.target, row.redriven_at, row.sent_at) for row in rows}
 
 

@@ -8,9 +8,10 @@ are translated.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, false, func, or_, select
 
 from worker.persistence.schema import dlq_redrives, outbox, partition_offsets, record_associations, records
 from worker.persistence.sql import stored, translate
@@ -105,9 +106,39 @@ async def outbox_backlog_by_topic(store: Store) -> dict[str, int]:
             return {row[0]: int(row[1]) for row in await conn.execute(query)}
 
 
-async def redriven_count(store: Store, dlq_topic: str) -> int:
-    """How many dead letters of ``dlq_topic`` the redrive ledger has sent back."""
-    query = select(func.count()).select_from(dlq_redrives).where(dlq_redrives.c.dlq_topic == dlq_topic, dlq_redrives.c.sent_at.is_not(None))
+@dataclass(frozen=True, slots=True)
+class LedgerSize:
+    """How many dead letters of a topic the redrive ledger has claimed, and how many of those it sent."""
+
+    claimed: int
+    sent: int
+
+
+def _within(dlq_topic: str, spans: Mapping[int, tuple[int, int]]) -> ColumnElement[bool]:
+    """The ledger's rows of ``dlq_topic`` within ``spans`` (partition -> first and last offset): primary-key ranges."""
+    ranges = [
+        and_(dlq_redrives.c.dlq_partition == p, dlq_redrives.c.dlq_offset.between(first, last))
+        for p, (first, last) in sorted(spans.items())
+    ]
+    return and_(dlq_redrives.c.dlq_topic == dlq_topic, or_(false(), *ranges))
+
+
+async def ledger_size(store: Store, dlq_topic: str, spans: Mapping[int, tuple[int, int]]) -> LedgerSize:
+    """The redrive ledger's counts for ``dlq_topic`` within ``spans`` (partition -> first and last offset)."""
+    if not spans:
+        return LedgerSize(0, 0)
+    query = select(func.count(), func.count(dlq_redrives.c.sent_at)).where(_within(dlq_topic, spans))
     with translate("counting re-driven dead letters"):
         async with store.engine.connect() as conn:
-            return int(await conn.scalar(query) or 0)
+            claimed, sent = (await conn.execute(query)).one()
+    return LedgerSize(int(claimed or 0), int(sent or 0))
+
+
+async def ledger_positions(store: Store, dlq_topic: str, spans: Mapping[int, tuple[int, int]]) -> set[tuple[int, int]]:
+    """The (partition, offset) of every dead letter of ``dlq_topic`` within ``spans`` that the redrive ledger has claimed."""
+    if not spans:
+        return set()
+    query = select(dlq_redrives.c.dlq_partition, dlq_redrives.c.dlq_offset).where(_within(dlq_topic, spans))
+    with translate("reading the redrive ledger"):
+        async with store.engine.connect() as conn:
+            return {(row[0], row[1]) for row in await conn.execute(query)}

@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 from worker.limits import (
@@ -114,6 +115,8 @@ outbox = Table(
     Column("attempt_offset", BigInteger, nullable=True),
     Column("published_at", DateTime(timezone=True), nullable=True),
     Index("ix_outbox_unpublished", "source_topic", "source_partition", "published_at", "id"),
+    # Published rows stay: the backlog per topic (the status pages) is counted over this partial index alone.
+    Index("ix_outbox_backlog", "topic", postgresql_where=text("published_at IS NULL"), sqlite_where=text("published_at IS NULL")),
 )
 
 # Dead letters sent back by `rc-worker dlq redrive`: claimed before sending, so none is

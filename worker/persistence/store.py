@@ -103,13 +103,6 @@ class Store(_Loads):
         self._versions_statement = select(key_versions.c.key, key_versions.c.version).where(
             key_versions.c.app_id == bindparam("app_id"), key_versions.c.key.in_(bindparam("keys", expanding=True))
         )
-        # Lock a version row, creating it (version 0) if absent, and return its version, in
-        # one statement: a no-op update takes the row lock as FOR UPDATE would, and also
-        # waits for a concurrent insert of the same key instead of missing it.
-        lock = self._insert(key_versions)
-        self._lock_statement = lock.on_conflict_do_update(
-            index_elements=[key_versions.c.app_id, key_versions.c.key], set_={"version": key_versions.c.version}
-        ).returning(key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
         self._processed_statement = select(processed_events.c.event_id).where(
             processed_events.c.app_id == bindparam("app_id"),
             processed_events.c.source == bindparam("source"),
@@ -192,7 +185,7 @@ class Store(_Loads):
             # In key order, as every commit takes them, so lockers queue rather than deadlock.
             if keys:
                 wanted = [{"app_id": app_id, "key": key, "version": 0} for app_id, key in sorted(keys)]
-                versions.update({(row.app_id, row.key): row.version for row in await conn.execute(self._lock_statement, wanted)})
+                versions.update({(row.app_id, row.key): row.version for row in await conn.execute(self._writes.lock_statement, wanted)})
             return versions
         by_app: dict[str, list[str]] = {}
         for app_id, key in sorted(keys):

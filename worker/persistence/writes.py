@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from itertools import groupby
 from typing import Any
 
 import orjson
@@ -46,7 +45,7 @@ class UnitWrites:
 
     def __init__(self, is_sqlite: bool) -> None:
         self.is_sqlite = is_sqlite
-        self._statements = self._version_statements()
+        self.lock_statement, self._bump_statement = self._version_statements()
         self._marker_statement = dialect_insert(is_sqlite, processed_events).on_conflict_do_nothing().returning(processed_events.c.event_id)
 
     async def apply(
@@ -68,33 +67,32 @@ class UnitWrites:
         return new_versions
 
     async def _check_and_bump(self, conn: AsyncConnection, unit: UnitOfWork) -> dict[Key, int]:
-        """Compare-and-set every key read, bump every key written, in one global order."""
+        """Lock every key read or written in one global order, check those read, bump those written.
 
-        def kind(key: Key) -> str:
-            if key in unit.written:
-                return "cas" if key in unit.seen else "bump"
-            return "check"
-
-        new_versions: dict[Key, int] = {}
-        for which, run in groupby(sorted(unit.seen.keys() | unit.written), key=kind):
-            keys = list(run)
-            if which == "bump":
-                rows = [{"app_id": app, "key": key, "version": 1} for app, key in keys]
-            else:
-                delta = 1 if which == "cas" else 0
-                rows = [{"app_id": app, "key": key, "version": unit.seen[(app, key)] + delta} for app, key in keys]
-            # executemany: SQLAlchemy sends these as multi-row statements ("insertmanyvalues")
-            # compiled once and cached, instead of compiling a new VALUES list every batch.
-            result = await conn.execute(self._statements[which], rows)
-            returned = {(row.app_id, row.key): row.version for row in result}
-            if len(returned) != len(keys):
-                changed = sorted(set(keys) - returned.keys())
-                raise VersionConflict(
-                    f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}",
-                    keys=frozenset(changed),
-                )
-            new_versions.update(returned)
-        return new_versions
+        Two statements whatever the keys: the first locks (creating absent ones at version
+        0) and returns them all, so the checks are made here; the second bumps the written
+        ones, already locked. One statement per run of keys of the same kind, as it was,
+        cost a round trip per run, and a unit's keys of different kinds interleave.
+        """
+        keys = sorted(unit.seen.keys() | unit.written)
+        if not keys:
+            return {}
+        # executemany: SQLAlchemy sends these as multi-row statements ("insertmanyvalues")
+        # compiled once and cached, instead of compiling a new VALUES list every batch. On
+        # PostgreSQL the rows are taken in VALUES order: every commit locks in key order.
+        result = await conn.execute(self.lock_statement, [{"app_id": app, "key": key, "version": 0} for app, key in keys])
+        versions = {(row.app_id, row.key): row.version for row in result}
+        changed = sorted(key for key, seen in unit.seen.items() if versions[key] != seen)
+        if changed:
+            raise VersionConflict(
+                f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}",
+                keys=frozenset(changed),
+            )
+        written = sorted(unit.written)
+        if written:
+            bumped = await conn.execute(self._bump_statement, [{"app_id": app, "key": key, "version": 1} for app, key in written])
+            versions.update({(row.app_id, row.key): row.version for row in bumped})
+        return versions
 
     async def _write_records(self, conn: AsyncConnection, unit: UnitOfWork, new_versions: dict[Key, int]) -> None:
         inserts: list[dict[str, Any]] = []
@@ -205,24 +203,18 @@ class UnitWrites:
                 f"one of partitions {partitions} of {first.topic} was claimed by another worker (a stale generation); dropping this work"
             )
 
-    def _version_statements(self) -> dict[str, Any]:
-        """The three upserts of ``key_versions``, by what the unit did with the key."""
+    def _version_statements(self) -> tuple[Any, Any]:
+        """Two upserts of ``key_versions``: lock-and-read, and bump."""
         returning = (key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
         index = [key_versions.c.app_id, key_versions.c.key]
-        statements: dict[str, Any] = {}
-        for which, delta in (("check", 0), ("cas", 1)):
-            # Insert-or-update in one statement: an absent row is version 0, so "nothing there
-            # yet" is checked like any other version, and a concurrent insert fails the WHERE.
-            insert = dialect_insert(self.is_sqlite, key_versions)
-            statements[which] = insert.on_conflict_do_update(
-                index_elements=index,
-                set_={"version": insert.excluded.version},
-                where=key_versions.c.version == insert.excluded.version - delta,
-            ).returning(*returning)
-        # Keys written without being read (a blind create): nothing to check, only to bump,
-        # so that units which did read them see the change.
-        insert = dialect_insert(self.is_sqlite, key_versions)
-        statements["bump"] = insert.on_conflict_do_update(index_elements=index, set_={"version": key_versions.c.version + 1}).returning(
+        # Lock a version row, creating it (version 0) if absent, and return its version, in
+        # one statement: a no-op update takes the row lock as FOR UPDATE would, and also
+        # waits for a concurrent insert of the same key instead of missing it. An absent
+        # row is version 0, so "nothing there yet" is checked like any other version.
+        lock = dialect_insert(self.is_sqlite, key_versions)
+        lock_statement = lock.on_conflict_do_update(index_elements=index, set_={"version": key_versions.c.version}).returning(*returning)
+        bump = dialect_insert(self.is_sqlite, key_versions)
+        bump_statement = bump.on_conflict_do_update(index_elements=index, set_={"version": key_versions.c.version + 1}).returning(
             *returning
         )
-        return statements
+        return lock_statement, bump_statement

@@ -16,7 +16,7 @@ from typing import Any
 from worker.apps.contract import App
 from worker.rocketchat.stub import RocketChatStub
 from worker.testing.builders import Events, file_records
-from worker.testing.harness import AppSpec, run_concurrently, run_scenario
+from worker.testing.harness import AppSpec, app_user_of, run_concurrently, run_scenario
 from worker.testing.state import State, event_id_of, format_section
 from worker.tools.dump import FileRecord
 
@@ -59,6 +59,8 @@ async def assert_idempotent(
     ignore_fields: Iterable[str] = (),
     strict: bool = False,
     rocketchat: RocketChatStub | None = None,
+    app_user_id: str | None = None,
+    app_username: str | None = None,
 ) -> IdempotencyReport:
     """Check that repeated handler runs change nothing, and report the http calls they repeat.
 
@@ -81,6 +83,8 @@ async def assert_idempotent(
         strict: fail when a repeated run repeats an http call that changes something
             (POST, PUT, PATCH, DELETE), even if the state is the same.
         rocketchat: a stub answering the readers' REST calls (see :class:`Harness`).
+        app_user_id: the app user's id (see :class:`Harness`).
+        app_username: the app user's username.
 
     Returns:
         What the check saw: the http calls a repeated run repeated.
@@ -93,7 +97,7 @@ async def assert_idempotent(
             ``strict``, an http call was repeated.
 
     """
-    spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat)
+    spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat, app_user_of(app_user_id, app_username, rocketchat))
     items = file_records(events)
     once = await run_scenario(spec, [items])
     _require_no_failures(spec, once.state, len(items))
@@ -123,6 +127,8 @@ async def assert_concurrency_safe(
     app_id: str | None = None,
     ignore_fields: Iterable[str] = (),
     rocketchat: RocketChatStub | None = None,
+    app_user_id: str | None = None,
+    app_username: str | None = None,
 ) -> None:
     """Check that ``copies`` instances running at once leave the state one instance leaves.
 
@@ -140,6 +146,8 @@ async def assert_concurrency_safe(
         app_id: the id to run it under.
         ignore_fields: top-level record fields to leave out of the comparison.
         rocketchat: a stub answering the readers' REST calls (see :class:`Harness`).
+        app_user_id: the app user's id (see :class:`Harness`).
+        app_username: the app user's username.
 
     Raises:
         ValueError: fewer than 2 copies, or the events are all of one room, so nothing
@@ -151,7 +159,7 @@ async def assert_concurrency_safe(
     """
     if copies < 2:
         raise ValueError("copies must be at least 2 for anything to run concurrently")
-    spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat)
+    spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat, app_user_of(app_user_id, app_username, rocketchat))
     items = file_records(events)
     lanes = _spread(items, copies)
     if sum(1 for lane in lanes if lane) < 2:

@@ -26,7 +26,7 @@ from worker.apps.http import Http
 from worker.apps.readers import Directory
 from worker.config import HttpSettings, PersistenceSettings, ProcessingSettings
 from worker.errors import PluginError, VersionConflict
-from worker.events import RawRecord
+from worker.events import RawRecord, User
 from worker.persistence.associations import Association
 from worker.persistence.store import Fence, Store
 from worker.pipeline.dispatch import Dispatcher, Topics
@@ -71,6 +71,11 @@ class Harness:
         rocketchat: a :class:`~worker.testing.RocketChatStub` that answers the user, room
             and message readers' REST calls (and names the app user); without it, they
             answer what the event carries and raise ``RocketChatUnavailable`` otherwise.
+        app_user_id: the worker's own Rocket.Chat user (``rocketchat.user_id`` in
+            production): ``read.get_user_reader().get_app_user()`` answers it, as do
+            ``get_by_id`` and ``get_by_username`` for it, with no stub needed. Without it
+            (and without a stub) ``get_app_user()`` is None, as with no Rocket.Chat configured.
+        app_username: the app user's username (a handler that compares usernames needs it).
 
     Raises:
         PluginError: the app is not installed, not a usable App, or its settings are invalid.
@@ -87,8 +92,10 @@ class Harness:
         processing: ProcessingSettings | None = None,
         http: HttpSettings | None = None,
         rocketchat: RocketChatStub | None = None,
+        app_user_id: str | None = None,
+        app_username: str | None = None,
     ) -> None:
-        self._spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat)
+        self._spec = AppSpec.resolve(app, app_id, settings or {}, rocketchat, app_user_of(app_user_id, app_username, rocketchat))
         self._spec.new_app()  # fail here, not at the first event, if the app cannot be set up
         self._directory = Path(directory) if directory is not None else None
         self._processing = processing or TEST_PROCESSING
@@ -224,6 +231,25 @@ async def _run(app: type[App] | str, events: Events, settings: Mapping[str, Any]
         return await harness.state()
 
 
+def app_user_of(app_user_id: str | None, app_username: str | None, rocketchat: RocketChatStub | None) -> User | None:
+    """The app user a test gives (``app_user_id``, ``app_username``), checked against the stub's.
+
+    Raises:
+        ValueError: only a username is given, or the id is not the stub's app user.
+
+    """
+    if app_user_id is None:
+        if app_username is not None:
+            raise ValueError("app_username needs app_user_id: give the app user's id too")
+        return None
+    if rocketchat is not None and rocketchat.settings.user_id != app_user_id:
+        raise ValueError(
+            f"app_user_id {app_user_id!r} is not the stub's app user {rocketchat.settings.user_id!r}: "
+            "name the app user in one place, RocketChatStub(app_user=...) or app_user_id"
+        )
+    return User(id=app_user_id, username=app_username, type="app")
+
+
 @dataclass(frozen=True, slots=True)
 class AppSpec:
     """The app a check runs: its class, id and settings; each scenario makes fresh instances."""
@@ -232,10 +258,16 @@ class AppSpec:
     app_id: str
     settings: Mapping[str, Any]
     rocketchat: RocketChatStub | None = None
+    app_user: User | None = None
 
     @classmethod
     def resolve(
-        cls, app: type[App] | str, app_id: str | None, settings: Mapping[str, Any], rocketchat: RocketChatStub | None = None
+        cls,
+        app: type[App] | str,
+        app_id: str | None,
+        settings: Mapping[str, Any],
+        rocketchat: RocketChatStub | None = None,
+        app_user: User | None = None,
     ) -> AppSpec:
         """The app given as a class or as an installed plugin's id."""
         if isinstance(app, str):
@@ -244,9 +276,15 @@ class AppSpec:
                 raise PluginError(
                     f"no installed app has the id {app!r} (installed: {', '.join(available) or 'none'}); pass the App class instead"
                 )
-            return cls(plugins.load_class(available[app]), app_id or app, dict(settings), rocketchat)
+            return cls(plugins.load_class(available[app]), app_id or app, dict(settings), rocketchat, app_user)
         plugins.check_class(app, app_id or app.__name__)
-        return cls(app, app_id or _default_id(app), dict(settings), rocketchat)
+        return cls(app, app_id or _default_id(app), dict(settings), rocketchat, app_user)
+
+    def directory(self) -> Directory:
+        """The readers' directory a lane of this app gets: over the stub if any, knowing the app user if given."""
+        if self.rocketchat is not None:
+            return Directory.over(self.rocketchat, self.app_user)
+        return Directory(app_user=self.app_user)
 
     def new_app(self) -> App:
         """A fresh instance with the settings."""
@@ -280,8 +318,9 @@ class _Share:
         claims = await store.claim(GROUP, TOPIC, [partition], owner=f"worker.testing:{partition}:{uuid.uuid4().hex[:8]}")
         recording = _Recording()
         http = Http(http_settings, transport=recording)
-        directory = Directory.over(spec.rocketchat) if spec.rocketchat is not None else Directory()
-        dispatcher = Dispatcher([app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks, directory=directory)
+        dispatcher = Dispatcher(
+            [app], store, http, Topics(DEAD_LETTER_TOPIC, COMMANDS_TOPIC), processing, hooks, directory=spec.directory()
+        )
         share = cls(store, app, dispatcher, claims[partition].fence, http, url)
         share.http_calls = recording.calls
         return share

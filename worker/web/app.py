@@ -95,7 +95,7 @@ class Pages:
             "overview.html",
             rates=self.live.events_per_second(),
             reasons=self.live.dead_letters.counts("reason").most_common(20),
-            redriven=await queries.redriven_count(self.store, self.settings.kafka.dead_letter_topic),
+            redriven=self.live.ledger.size.sent,
             dead_letters=len(self.live.dead_letters.newest_first),
             apps=_app_counters(sample.members),
             backlog=await queries.outbox_backlog_by_topic(self.store),
@@ -120,18 +120,19 @@ class Pages:
         return self.render(request, "partitions.html", rows=rows)
 
     async def dead_letters(self, request: Request) -> Response:
-        """The dead letters, newest first, filtered and paged."""
+        """The dead letters, newest first, filtered and paged; the ledger is asked about the shown page only."""
         app, reason = request.query_params.get("app") or None, request.query_params.get("reason") or None
         page = _int(request.query_params.get("page"), 1, minimum=1)
-        chosen = queries.select_dead_letters(self.live.dead_letters.newest_first, app, reason)
+        chosen = queries.select_dead_letters(self.live.dead_letters.of_app(app), None, reason)
         shown = chosen[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
-        ledger = await redrives(self.store, self.settings.kafka.dead_letter_topic)
+        ledger = await redrives(self.store, self.settings.kafka.dead_letter_topic, [d.position for d in shown])
+        claimed = self.live.ledger.claimed
         return self.render(
             request,
             "dead_letters.html",
             letters=[(letter, ledger.get(letter.position)) for letter in shown],
             total=len(chosen),
-            pending=sum(1 for d in chosen if d.position not in ledger and d.truncated is None),
+            pending=sum(1 for d in chosen if d.position not in claimed and d.truncated is None),
             page=page,
             pages=max(1, -(-len(chosen) // PAGE_SIZE)),
             app=app or "",
@@ -153,6 +154,8 @@ class Pages:
         dry_run = fields.get("confirm") != "yes"
         result = await queries.redrive(self.settings, self.store, letters, dry_run=dry_run)
         if not dry_run:
+            # The next page counts what is left to re-drive from the ledger: show this redrive at once.
+            await self.live.ledger.refresh()
             log.info("web_redrive", sent=len(result.sent), skipped=len(result.skipped), truncated=len(result.truncated))
         return self.render(request, "redrive.html", result=result, dry_run=dry_run, fields=fields)
 

@@ -2,7 +2,8 @@
 
 Every ``web.sample_interval_s`` one task reads the topic's offsets and the group's committed
 ones, describes the consumer group, asks each running worker for its status (the URL each
-registered in ``worker_members``), and tails the dead-letter topic into an index in memory.
+registered in ``worker_members``), tails the dead-letter topic into an index in memory, and
+notes which dead letters the redrive ledger has claimed.
 Pages render from the latest sample, so they answer in milliseconds and no page waits for a
 broker; the events/s chart is the difference between samples over the last 15 minutes, so it
 needs no Prometheus.
@@ -26,6 +27,7 @@ import structlog
 from worker.config import KafkaSettings, Settings
 from worker.errors import WorkerError
 from worker.kafka import GroupMember, PartitionReader, describe_group_members, group_offsets, topic_partitions
+from worker.persistence import browse
 from worker.persistence import members as member_rows
 from worker.persistence.store import Store
 from worker.tools.common import CONNECT_TIMEOUT_S, Span, read_spans
@@ -97,15 +99,47 @@ class Sample:
 
 
 class DeadLetterIndex:
-    """The dead-letter topic in memory, tailed: each refresh reads only what is new."""
+    """The dead-letter topic in memory, tailed: each refresh reads only what is new.
+
+    What the pages look up per request (a position, an app's letters, the counts per app and
+    reason) is indexed once per refresh, so a request costs the page it shows, not the topic.
+    """
 
     def __init__(self, kafka: KafkaSettings) -> None:
         self._kafka = kafka.model_copy(update={"topic": kafka.dead_letter_topic})
         self._default_topic = kafka.topic
         self._next: dict[int, int] = {}
         self._letters: list[DeadLetter] = []
-        self.newest_first: list[DeadLetter] = []
+        self._newest_first: list[DeadLetter] = []
+        self._by_position: dict[tuple[int, int], DeadLetter] = {}
+        self._by_app: dict[str, list[DeadLetter]] = {}
+        self._reasons: Counter[str] = Counter()
+        self.spans: dict[int, tuple[int, int]] = {}  # per partition, the first and last offset held: the ledger is read there
         self.lock = asyncio.Lock()
+
+    @property
+    def newest_first(self) -> list[DeadLetter]:
+        """Every dead letter held, newest first."""
+        return self._newest_first
+
+    @newest_first.setter
+    def newest_first(self, letters: Sequence[DeadLetter]) -> None:
+        self._letters = list(letters)[::-1]
+        self._reindex()
+
+    def _reindex(self) -> None:
+        self._newest_first = self._letters[::-1]
+        self._by_position = {d.position: d for d in self._letters}
+        by_app: dict[str, list[DeadLetter]] = {}
+        for letter in self._newest_first:
+            by_app.setdefault(letter.app or "(worker)", []).append(letter)
+        self._by_app = by_app
+        self._reasons = Counter(d.reason for d in self._letters)
+        spans: dict[int, tuple[int, int]] = {}
+        for letter in self._letters:
+            first, last = spans.get(letter.partition, (letter.offset, letter.offset))
+            spans[letter.partition] = (min(first, letter.offset), max(last, letter.offset))
+        self.spans = spans
 
     async def refresh(self) -> None:
         """Read the records added since the last refresh."""
@@ -123,17 +157,49 @@ class DeadLetterIndex:
                     self._letters.append(parse(record, self._default_topic))
             self._next.update({p: span.end for p, span in spans.items()})
             self._letters = sorted(self._letters, key=lambda d: (d.original.timestamp_ms, d.partition, d.offset))[-MAX_DEAD_LETTERS:]
-            self.newest_first = self._letters[::-1]
+            self._reindex()
 
     def find(self, partition: int, offset: int) -> DeadLetter | None:
         """The dead letter at ``partition``/``offset`` of the dead-letter topic."""
-        return next((d for d in self._letters if d.position == (partition, offset)), None)
+        return self._by_position.get((partition, offset))
+
+    def of_app(self, app: str | None) -> list[DeadLetter]:
+        """The dead letters of ``app`` (``(worker)`` for the worker's own), newest first; every one for None."""
+        return self._newest_first if app is None else self._by_app.get(app, [])
 
     def counts(self, key: str) -> Counter[str]:
         """How many dead letters there are per ``reason`` or per ``app``."""
         if key == "app":
-            return Counter(d.app or "(worker)" for d in self._letters)
-        return Counter(d.reason for d in self._letters)
+            return Counter({app: len(letters) for app, letters in self._by_app.items()})
+        return self._reasons
+
+
+class RedriveLedger:
+    """Which of the dead letters held the redrive ledger has claimed, as of the last sample.
+
+    The pages count the dead letters not re-driven yet from this set. The ledger only grows
+    (rows are added, then stamped once sent) and keeps the rows of letters the topic has long
+    dropped: only its primary-key ranges between the first and last letter held in each
+    partition are read, so the cost follows the letters held, not the ledger's history. Its
+    two counts there tell whether anything changed: the positions are read again only then,
+    by the sampler (and after a re-drive from the pages), never per request.
+    """
+
+    def __init__(self, store: Store, dlq_topic: str, letters: DeadLetterIndex) -> None:
+        self._store = store
+        self._dlq_topic = dlq_topic
+        self._letters = letters
+        self._spans: dict[int, tuple[int, int]] = {}
+        self.size = browse.LedgerSize(0, 0)
+        self.claimed: set[tuple[int, int]] = set()
+
+    async def refresh(self) -> None:
+        """Count the ledger's rows of the letters held; read their positions again if that moved."""
+        spans = dict(self._letters.spans)
+        size = await browse.ledger_size(self._store, self._dlq_topic, spans)
+        if size != self.size or spans != self._spans:
+            self.claimed = await browse.ledger_positions(self._store, self._dlq_topic, spans)
+            self.size, self._spans = size, spans
 
 
 class Live:
@@ -145,6 +211,7 @@ class Live:
         self.sample = Sample(datetime.now(UTC), errors=["not sampled yet"])
         self.rates: deque[tuple[float, int, int]] = deque()  # (time, sum of log ends, sum of committed)
         self.dead_letters = DeadLetterIndex(settings.kafka)
+        self.ledger = RedriveLedger(store, settings.kafka.dead_letter_topic, self.dead_letters)
         self._http = httpx.AsyncClient(timeout=STATUS_TIMEOUT_S)
 
     @contextlib.asynccontextmanager
@@ -176,6 +243,7 @@ class Live:
             member_rows.recent(self.store, self.settings.kafka.group_id, self.settings.kafka.topic, 30.0), errors, "members"
         )
         await self._guard(self.dead_letters.refresh(), errors, "dead letters")
+        await self._guard(self.ledger.refresh(), errors, "redrive ledger")
         state, kafka_members = group if group is not None else ("?", [])
         views = await self._members(kafka_members, rows or [])
         now = time.time()

@@ -21,7 +21,6 @@ from worker.persistence.browse import (
     claims,
     outbox_backlog_by_topic,
     records_page,
-    redriven_count,
 )
 from worker.persistence.store import Store
 from worker.tools.common import CONNECT_TIMEOUT_S, parse_time
@@ -40,7 +39,6 @@ __all__ = [
     "outbox_backlog_by_topic",
     "records_page",
     "redrive",
-    "redriven_count",
     "select_dead_letters",
 ]
 
@@ -64,7 +62,7 @@ def chosen_for_redrive(index: DeadLetterIndex, fields: Mapping[str, str]) -> lis
             raise ConfigError(f"position {position!r} is not PARTITION/OFFSET")
         found = index.find(int(partition), int(offset))
         return [found] if found is not None else []
-    return select_dead_letters(index.newest_first, fields.get("app") or None, fields.get("reason") or None)
+    return select_dead_letters(index.of_app(fields.get("app") or None), None, fields.get("reason") or None)
 
 
 async def redrive(settings: Settings, store: Store, letters: Sequence[DeadLetter], *, dry_run: bool) -> RedriveResult:
