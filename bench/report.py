@@ -204,3 +204,15 @@ def save(path: Path, config: dict[str, Any], results: list[Result]) -> None:
 def median(values: list[float]) -> float:
     """The median of ``values`` (the ceiling is measured a few times)."""
     return statistics.median(values)
+
+
+# Issue 19: `rc-worker --help`, `check-config` and `handlers` start and exit within this.
+STARTUP_TARGET_S = 0.25
+
+
+def startup_text(found: dict[str, float], runs: int) -> str:
+    """One line per command: its median start-to-exit time, and whether it meets the target."""
+    lines = [f"start-up, median wall time to exit of {runs} fresh process(es) (issue 19: under {STARTUP_TARGET_S:.2f} s):"]
+    for command, ms in found.items():
+        lines.append(f"  {'met   ' if ms < STARTUP_TARGET_S * 1000 else 'MISSED'}  {command}: {ms / 1000:.3f} s")
+    return "\n".join(lines)

@@ -13,7 +13,8 @@ import pytest
 
 from bench.dataset import TOTAL, Layout
 from bench.profile import summarise
-from bench.report import CEILING, NAIVE, Result, table
+from bench.replay import startup_ms
+from bench.report import CEILING, NAIVE, Result, startup_text, table
 from tests.support import ROOT
 
 QUICK_SCENARIOS = (NAIVE, "rc-worker SQLite x1", "rc-worker PostgreSQL x1")
@@ -108,3 +109,17 @@ class TestProfileSummary:
         summary = summarise(collapsed, top=1).splitlines()
         assert "75% waiting" in summary[0]
         assert summary[3] == "  100.0%  f (worker/a.py)"
+
+
+class TestStartup:
+    def test_each_quick_command_gets_a_median_time(self) -> None:
+        """The three commands of issue 19 are run (they must exit 0) and each gets a positive time."""
+        found = startup_ms(runs=1)
+        assert list(found) == ["rc-worker --help", "rc-worker check-config", "rc-worker handlers"]
+        assert all(ms > 0 for ms in found.values())
+
+    def test_the_text_says_met_or_missed_against_the_target(self) -> None:
+        text = startup_text({"rc-worker --help": 40.0, "rc-worker handlers": 300.0}, runs=10)
+        assert "of 10 fresh process(es) (issue 19: under 0.25 s)" in text
+        assert "  met     rc-worker --help: 0.040 s" in text
+        assert "  MISSED  rc-worker handlers: 0.300 s" in text

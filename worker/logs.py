@@ -9,6 +9,8 @@ error messages.
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import logging
 import re
 import sys
@@ -16,12 +18,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
-from typing import Any, TextIO, cast
+from importlib.machinery import ModuleSpec
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TextIO, cast
 from urllib.parse import unquote, urlsplit
 
-import structlog
-
 from worker.config import LoggingSettings, Settings
+
+if TYPE_CHECKING:
+    import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -209,13 +214,26 @@ def configure(settings: LoggingSettings, secrets: Iterable[str] = (), level: str
     """
     redactor.use(secrets)
     numeric_level = _LEVELS[level or settings.level]
+    # structlog is configured as soon as something imports it: importing it here would cost
+    # the commands that never log (check-config, handlers) its import, and rich's with it.
+    after_import("structlog", lambda: _configure_structlog(as_json(settings), numeric_level))
+    # aiokafka and SQLAlchemy log through the standard library; keep their warnings visible.
+    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=_stream, format="%(name)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        if _library_filter not in handler.filters:
+            handler.addFilter(_library_filter)
+
+
+def _configure_structlog(json_lines: bool, numeric_level: int) -> None:
+    import structlog
+
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         add_current_event,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = structlog.processors.JSONRenderer() if as_json(settings) else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderer: Any = structlog.processors.JSONRenderer() if json_lines else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     structlog.configure(
         processors=[
             *shared,
@@ -228,14 +246,57 @@ def configure(settings: LoggingSettings, secrets: Iterable[str] = (), level: str
         logger_factory=structlog.PrintLoggerFactory(file=_stream),
         cache_logger_on_first_use=True,
     )
-    # aiokafka and SQLAlchemy log through the standard library; keep their warnings visible.
-    logging.basicConfig(level=max(numeric_level, logging.WARNING), stream=_stream, format="%(name)s %(levelname)s %(message)s")
-    for handler in logging.getLogger().handlers:
-        if _library_filter not in handler.filters:
-            handler.addFilter(_library_filter)
 
 
 def get_logger(name: str, **context: Any) -> structlog.stdlib.BoundLogger:
     """A logger bound to ``name`` and any extra context."""
+    import structlog
+
     logger: structlog.stdlib.BoundLogger = structlog.get_logger(name).bind(**context)
     return logger
+
+
+def after_import(name: str, then: Callable[[], None]) -> None:
+    """Call ``then`` now if module ``name`` is imported, else right after whoever imports it first does.
+
+    A later call for the same module replaces an earlier one still waiting.
+    """
+    for finder in [f for f in sys.meta_path if isinstance(f, _AfterImport) and f.name == name]:
+        sys.meta_path.remove(finder)
+    if name in sys.modules:
+        then()
+    else:
+        sys.meta_path.insert(0, _AfterImport(name, then))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds ``name`` through the other finders, and has its loader call ``then`` once it has run the module."""
+
+    def __init__(self, name: str, then: Callable[[], None]) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None) -> ModuleSpec | None:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)  # once, and out of the way of the lookup below
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ThenLoader(spec.loader, self.then)
+        return spec
+
+
+class _ThenLoader(importlib.abc.Loader):
+    """Loads as ``loader`` does, then calls ``then``; anything else is asked of ``loader``."""
+
+    def __init__(self, loader: importlib.abc.Loader, then: Callable[[], None]) -> None:
+        self.loader, self.then = loader, then
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        self.then()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)

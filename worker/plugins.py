@@ -54,12 +54,16 @@ def distribution(entry_point: EntryPoint) -> tuple[str, str]:
     return (dist.name, dist.version) if dist else ("?", "?")
 
 
-def load_apps(enabled: Sequence[str], settings: Mapping[str, Mapping[str, Any]]) -> list[App]:
+def load_apps(
+    enabled: Sequence[str], settings: Mapping[str, Mapping[str, Any]], available: Mapping[str, EntryPoint] | None = None
+) -> list[App]:
     """Instantiate and bind the enabled apps, in the configured order.
 
     Args:
         enabled: ``handlers.enabled``: app ids, in the order they run.
         settings: ``handlers.settings``: each app's settings by app id.
+        available: what :func:`installed` returned, when the caller has it already (reading
+            every distribution's entry points again costs milliseconds each time).
 
     Raises:
         PluginError: an app is not installed or registered twice, cannot be imported, is not
@@ -67,7 +71,7 @@ def load_apps(enabled: Sequence[str], settings: Mapping[str, Mapping[str, Any]])
             message names the app, the config key and the fix.
 
     """
-    available = installed()
+    available = installed() if available is None else available
     stray = sorted(set(settings) - set(available))
     if stray:
         raise PluginError(

@@ -11,7 +11,6 @@ import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, Protocol
 
-import structlog
 from pydantic import BaseModel, ConfigDict
 
 from worker.apps.accessors import (
@@ -25,7 +24,6 @@ from worker.apps.accessors import (
     IUserRead,
 )
 from worker.apps.getter import Getter
-from worker.apps.readers import Directory
 from worker.events import INTERFACES, Message, MessageDeleteContext
 
 
@@ -72,7 +70,18 @@ class App:
 
     id: str = ""
     settings: Any = None
-    log: Any = structlog.get_logger("app")
+
+    @functools.cached_property
+    def log(self) -> Any:
+        """A structlog logger bound to ``app=<id>``, made on first use.
+
+        Made late so that listing or checking apps (rc-worker handlers, check-config) does not
+        import structlog, whose import pulls in rich when that is installed.
+        """
+        import structlog
+
+        logger = structlog.get_logger("app")
+        return logger.bind(app=self.id) if self.id else logger
 
     def bind(self, app_id: str, settings: BaseModel | Mapping[str, Any]) -> None:
         """Called once by the runtime, before the first event: sets ``id``, ``settings``, ``log``.
@@ -82,7 +91,7 @@ class App:
         """
         self.id = app_id
         self.settings = frozen_settings(type(self).settings_model, settings)
-        self.log = structlog.get_logger("app").bind(app=app_id)
+        self.__dict__.pop("log", None)  # made again, bound to the id, on first use
 
     # A repeated shape kept on purpose (issue 13), one kept group with App's check_/execute_ pairs
     # (contract.py), the readers' get_by_* (readers.py) and the persistence accessors (persistence.py):
@@ -236,6 +245,10 @@ class Read:
         self._persistence = persistence
         self._environment = EnvironmentReader(settings)
         if chat is None:
+            # Imported here: the readers bring httpx, which the commands that only list or check
+            # apps (rc-worker handlers, check-config) should not pay for at start-up.
+            from worker.apps.readers import Directory
+
             chat = Directory().for_message(None)
         self._users, self._rooms, self._messages = chat.users, chat.rooms, chat.messages
 

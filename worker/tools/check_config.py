@@ -13,9 +13,9 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import yaml
@@ -24,6 +24,9 @@ from pydantic import BaseModel, SecretStr
 from worker.config import ENV_DELIMITER, ENV_PREFIX, Settings, default_config_path
 from worker.errors import PluginError
 from worker.logs import SECRET_NAME  # values under keys named like this are redacted even when not SecretStr
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 REDACTED = "***"
 # Kafka's own rule for topic names.
@@ -39,8 +42,9 @@ async def check_config_command(settings: Settings, args: argparse.Namespace) -> 
     overrides = sorted(name for name in os.environ if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG")
     sys.stdout.write(f"# effective configuration; file: {source or 'none (defaults)'}\n")
     sys.stdout.write(f"# overridden by: {', '.join(overrides) or 'no RC_WORKER_* variable'}\n")
-    sys.stdout.write(yaml.safe_dump(effective(settings), sort_keys=False, allow_unicode=True))
-    found = problems(settings)
+    available = _installed()
+    sys.stdout.write(yaml.safe_dump(effective(settings, available), sort_keys=False, allow_unicode=True))
+    found = problems(settings, available)
     if found:
         print(f"rc-worker: the configuration has {len(found)} problem(s):", file=sys.stderr)
         for problem in found:
@@ -50,15 +54,18 @@ async def check_config_command(settings: Settings, args: argparse.Namespace) -> 
     return 0
 
 
-def effective(settings: Settings) -> dict[str, Any]:
-    """Every key with its value, secrets redacted, app settings validated with their defaults."""
+def effective(settings: Settings, available: Mapping[str, EntryPoint] | None = None) -> dict[str, Any]:
+    """Every key with its value, secrets redacted, app settings validated with their defaults.
+
+    ``available`` is the installed plugins when already found (None: look them up).
+    """
     data: dict[str, Any] = _redact(settings.model_dump(mode="python"))
     data["persistence"]["url"] = redact_url(settings.persistence.url.get_secret_value())
     apps: dict[str, Any] = {}
     for app_id in settings.handlers.enabled:
         given = settings.handlers.settings.get(app_id, {})
         try:
-            apps[app_id] = _redact(dict(_load_app(app_id, given).settings))
+            apps[app_id] = _redact(dict(_load_app(app_id, given, available).settings))
         except PluginError:
             if given:  # shown as given; problems() says what is wrong
                 apps[app_id] = _redact(given)
@@ -86,16 +93,29 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{rendered}" if rendered else "")
 
 
-def problems(settings: Settings) -> list[str]:
-    """Everything that would stop or mislead a worker with these settings, one line each."""
-    return [*_plugin_problems(settings), *_consistency_problems(settings)]
+def problems(settings: Settings, available: Mapping[str, EntryPoint] | None = None) -> list[str]:
+    """Everything that would stop or mislead a worker with these settings, one line each.
+
+    ``available`` is the installed plugins when already found (None: look them up).
+    """
+    return [*_plugin_problems(settings, available), *_consistency_problems(settings)]
 
 
-def _plugin_problems(settings: Settings) -> Iterator[str]:
+def _installed() -> Mapping[str, EntryPoint] | None:
+    """The installed plugins, looked up once for the whole command; None when that fails (reported later)."""
     from worker.plugins import installed
 
     try:
-        available = installed()
+        return installed()
+    except PluginError:
+        return None
+
+
+def _plugin_problems(settings: Settings, available: Mapping[str, EntryPoint] | None) -> Iterator[str]:
+    from worker.plugins import installed
+
+    try:
+        available = installed() if available is None else available
     except PluginError as exc:
         yield str(exc)
         return
@@ -106,7 +126,7 @@ def _plugin_problems(settings: Settings) -> Iterator[str]:
         yield f"handlers.settings.{app_id}: app {app_id!r} is installed but not in handlers.enabled; enable it or remove the section"
     for app_id in settings.handlers.enabled:
         try:
-            _load_app(app_id, settings.handlers.settings.get(app_id, {}))
+            _load_app(app_id, settings.handlers.settings.get(app_id, {}), available)
         except PluginError as exc:
             yield str(exc)
 
@@ -147,10 +167,10 @@ def _consistency_problems(settings: Settings) -> Iterator[str]:
         yield f"persistence.url cannot be parsed: {type(exc).__name__}"
 
 
-def _load_app(app_id: str, given: dict[str, Any]) -> Any:
+def _load_app(app_id: str, given: dict[str, Any], available: Mapping[str, EntryPoint] | None) -> Any:
     from worker.plugins import load_apps
 
-    return load_apps([app_id], {app_id: given} if given else {})[0]
+    return load_apps([app_id], {app_id: given} if given else {}, available)[0]
 
 
 def _redact(value: Any, key: str = "") -> Any:

@@ -17,14 +17,11 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Literal
 
-import structlog
-
 from worker import logs
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-log = structlog.get_logger("worker.progress")
 
 Display = Literal["bar", "log", "off"]
 
@@ -175,4 +172,4 @@ class Progress:
             fields["partitions"] = {str(p): [self.partition_done[p], t] for p, t in sorted(self.partition_totals.items())}
         if finished is not None:
             fields["finished"] = finished
-        log.info("progress", **fields)
+        logs.get_logger("worker.progress").info("progress", **fields)
