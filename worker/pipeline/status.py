@@ -22,7 +22,7 @@ class LaneStatus:
 
     partition: int
     generation: int
-    paused: bool  # held in Kafka: the runner pauses a partition while its lane has a batch
+    paused: bool  # held in Kafka: the runner pauses a partition while its lane's backlog is full
     busy: bool  # a batch in flight
     attempt: int  # failed attempts of the batch in flight (0: none, or it committed)
     last_error: str | None  # "Type: message" of the last failed attempt, secrets redacted
