@@ -28,7 +28,7 @@ from worker.config import ProcessingSettings
 from worker.errors import DataError, DecodeError, InvalidDataError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord
 from worker.logs import current_event
-from worker.persistence.keys import Key, Marker
+from worker.persistence.keys import ROOM_PREFIX, Key, Marker
 from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import UnitOfWork
@@ -310,7 +310,7 @@ class Dispatcher:
         # event (see UnitOfWork.prefetch); learned, so an app that never reads a room costs nothing.
         if not self.room_readers:
             return
-        rooms = sorted({f"room:{item.message.room.id}" for item in items if isinstance(item, Event) and item.message is not None})
+        rooms = sorted({ROOM_PREFIX + item.message.room.id for item in items if isinstance(item, Event) and item.message is not None})
         for app_id in sorted(self.room_readers):
             try:
                 await unit.prefetch(app_id, rooms)
