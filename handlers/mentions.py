@@ -10,8 +10,10 @@ The worked example of docs/writing-a-handler.md. For each message it:
   them those with ``misc:unread-mentions``;
 - removes the sender's own record for the room: posting in a room means having read it.
 
-Messages sent by the app user (the worker's own Rocket.Chat account, when one is configured)
-are skipped: the worker's own notifications must not count as anyone's mentions.
+Messages sent by the app user (the worker's own Rocket.Chat account) are skipped: the
+worker's own notifications must not count as anyone's mentions. With no Rocket.Chat
+configured (the default) the user reader cannot say who that is, and every message counts;
+the runner's loop guard (``rocketchat.app_user_id``) drops the worker's own before any app.
 
 Every write is read-modify-write through the unit of work, so repeated runs and concurrent
 workers leave exactly the state one run in order leaves.
@@ -24,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from worker import App, Association, AssociationModel, IHttp, IModify, IPersistence, IRead, Message
+from worker import App, Association, AssociationModel, IHttp, IModify, IPersistence, IRead, Message, RocketChatUnavailable
 
 UNREAD = Association(AssociationModel.MISC, "unread-mentions")
 # Rocket.Chat usernames: letters, digits, dots, dashes, underscores. The lookbehind keeps
@@ -63,7 +65,10 @@ class Mentions(App):
         reset_on_post = read.get_environment_reader().get_settings().get_value_by_id("reset_on_post")
         if not (reset_on_post or "@" in (message.text or "")):
             return False
-        app_user = await read.get_user_reader().get_app_user()
+        try:
+            app_user = await read.get_user_reader().get_app_user()
+        except RocketChatUnavailable:
+            return True  # no Rocket.Chat configured: nothing to compare with (the loop guard has run already)
         return app_user is None or app_user.id != message.sender.id
 
     async def execute_post_message_sent(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     )
     from worker.apps.contract import App
     from worker.apps.http import HttpResponse
-    from worker.errors import DeadLetterNow, HttpError, WorkerError
+    from worker.errors import DeadLetterNow, HttpError, RocketChatUnavailable, WorkerError
     from worker.events import Message, MessageDeleteContext, Room, User
     from worker.persistence.associations import Association, AssociationModel
 
@@ -55,6 +55,7 @@ __all__ = [
     "MessageBuilder",
     "MessageDeleteContext",
     "Record",
+    "RocketChatUnavailable",
     "Room",
     "User",
     "WorkerError",
@@ -81,7 +82,7 @@ _MODULES = {
         "Record",
     ),
     "worker.apps.http": ("HttpResponse",),
-    "worker.errors": ("DeadLetterNow", "HttpError", "WorkerError"),
+    "worker.errors": ("DeadLetterNow", "HttpError", "RocketChatUnavailable", "WorkerError"),
     "worker.events": ("Message", "MessageDeleteContext", "Room", "User"),
     "worker.persistence.associations": ("Association", "AssociationModel"),
 }

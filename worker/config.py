@@ -172,7 +172,12 @@ class RocketChatSettings(_Section):
     auth_token: SecretStr = Field(SecretStr(""), description="X-Auth-Token (a personal access token) of that account")
     timeout_s: float = Field(10.0, gt=0, le=300, description="per REST call, connect to last byte")
     app_user_id: str | None = Field(
-        None, min_length=1, description="messages this user sent skip handlers (the loop guard) unless one sets handles_own_messages"
+        None,
+        min_length=1,
+        description=(
+            "messages this user sent skip handlers (the loop guard) unless one sets handles_own_messages; "
+            "it is the user get_app_user() answers, with or without user_id and auth_token"
+        ),
     )
     apply_group_id: str = Field("rc-apps-worker-apply", min_length=1, description="consumer group of rc-worker apply")
     dead_letter_topic: str | None = Field(None, min_length=1, description="refused commands go here; default <commands_topic>.dlq")

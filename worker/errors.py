@@ -22,7 +22,7 @@ these. The tree::
         ├── HttpError             an http accessor call failed
         ├── CommandTooLargeError  a command staged through modify is over MAX_COMMAND_BYTES
         ├── UnawaitedCallError    a handler run ended with an accessor call it never awaited
-        ├── RocketChatUnavailable a reader needs Rocket.Chat's REST API and none is configured
+        ├── RocketChatUnavailable a reader needs Rocket.Chat's REST API and no connection is configured
         └── DeadLetterNow         the handler asks to dead-letter this event without retries
 
 ``retriable`` says whether doing the same thing again may succeed, so the dispatcher can
@@ -157,7 +157,12 @@ class UnawaitedCallError(AppError, retriable=False):
 
 
 class RocketChatUnavailable(AppError, retriable=False):
-    """Raised when a user, room or message reader needs Rocket.Chat's REST API and no ``rocketchat`` section is configured."""
+    """Raised when a user, room or message reader needs Rocket.Chat's REST API and no ``rocketchat`` connection is configured.
+
+    The message names the reader call and the keys that fix it. ``get_app_user()`` raises it
+    only when nothing names the app user either (``rocketchat.app_user_id``, the test kit's
+    ``Harness(app_user_id=...)``). Not retriable: the configuration does not change between runs.
+    """
 
 
 class DeadLetterNow(AppError, retriable=False):

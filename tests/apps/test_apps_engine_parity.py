@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -10,8 +11,8 @@ import pytest
 from pydantic import SecretStr
 
 from tests.support import ROOT
-from worker import App, Association, AssociationModel, Message
-from worker.apps.readers import Directory
+from worker import App, Association, AssociationModel, Message, User
+from worker.apps.readers import Directory, Readers
 from worker.config import RocketChatSettings
 from worker.errors import RocketChatError, RocketChatUnavailable
 from worker.events import MessageDeleteContext
@@ -57,15 +58,23 @@ class TestUserReader:
         assert (await users.get_by_id("id-alice")).username == "alice"  # type: ignore[union-attr]
         assert (await users.get_by_username("alice")).id == "id-alice"  # type: ignore[union-attr]
 
-    async def test_another_user_without_rocket_chat_raises_naming_the_settings(self) -> None:
-        """Reading a user the event does not carry needs REST: the error names the call and the keys to set."""
-        users = Directory().for_message(_event_message()).users
-        with pytest.raises(RocketChatUnavailable, match=r"get_by_username\('bob'\) needs Rocket.Chat's REST API.*rocketchat\.url"):
-            await users.get_by_username("bob")
+    async def test_the_app_user_from_rocketchat_app_user_id_alone(self) -> None:
+        """rocketchat.app_user_id without credentials: get_app_user (and get_by_id of it) answer that id, with no REST client."""
+        directory = Directory.from_settings(RocketChatSettings(app_user_id="id-alerts"))
+        assert directory.client is None
+        users = directory.for_message(_event_message()).users
+        app_user = await users.get_app_user()
+        assert app_user is not None
+        assert (app_user.id, app_user.username, app_user.type) == ("id-alerts", None, "app")
+        assert await users.get_by_id("id-alerts") == app_user
+        with pytest.raises(RocketChatUnavailable, match=r"get_by_username\('bob'\)"):
+            await users.get_by_username("bob")  # any other user still needs Rocket.Chat
 
-    async def test_no_app_user_without_rocket_chat(self) -> None:
-        """get_app_user is None (the Apps-Engine's undefined) when the worker has no Rocket.Chat account."""
-        assert await Directory().for_message(_event_message()).users.get_app_user() is None
+    async def test_the_app_user_id_wins_over_half_set_credentials(self) -> None:
+        """A user_id without auth_token is no connection, and rocketchat.app_user_id still names the app user."""
+        half = RocketChatSettings(user_id="bot", app_user_id="id-alerts")
+        users = Directory.from_settings(half).for_message(_event_message()).users
+        assert (await users.get_app_user()) == User(id="id-alerts", type="app")
 
     async def test_the_app_user_is_the_configured_user(self, directory: Directory, fake: RocketChatStub) -> None:
         """get_app_user reads users.info for rocketchat.user_id."""
@@ -97,6 +106,48 @@ class TestUserReader:
             await failing.for_message(_event_message()).users.get_by_id("u-bob")
         assert (raised.value.status, raised.value.retriable) == (503, True)
         await failing.aclose()
+
+
+# Every reader call that the event cannot answer, made with no Rocket.Chat connection.
+WITHOUT_ROCKET_CHAT: list[tuple[str, Callable[[Readers], Awaitable[object]]]] = [
+    ("read.get_user_reader().get_app_user()", lambda chat: chat.users.get_app_user()),
+    ("read.get_user_reader().get_by_id('u-bob')", lambda chat: chat.users.get_by_id("u-bob")),
+    ("read.get_user_reader().get_by_username('bob')", lambda chat: chat.users.get_by_username("bob")),
+    ("read.get_room_reader().get_by_id('r-ops')", lambda chat: chat.rooms.get_by_id("r-ops")),
+    ("read.get_room_reader().get_by_name('ops')", lambda chat: chat.rooms.get_by_name("ops")),
+    ("read.get_room_reader().get_members('r-ops')", lambda chat: chat.rooms.get_members("r-ops")),
+    ("read.get_room_reader().get_members('general')", lambda chat: chat.rooms.get_members("general")),
+    ("read.get_message_reader().get_by_id('m-old')", lambda chat: chat.messages.get_by_id("m-old")),
+]
+
+
+class TestWithoutRocketChat:
+    @pytest.mark.parametrize(("call", "read"), WITHOUT_ROCKET_CHAT, ids=[call for call, _ in WITHOUT_ROCKET_CHAT])
+    async def test_each_reader_raises_one_clear_error(self, call: str, read: Callable[[Readers], Awaitable[object]]) -> None:
+        """The default config (no rocketchat section): RocketChatUnavailable naming the call, the cause and the keys that fix it."""
+        chat = Directory.from_settings(RocketChatSettings()).for_message(_event_message())
+        with pytest.raises(RocketChatUnavailable) as raised:
+            await read(chat)
+        text = str(raised.value)
+        assert text.startswith(f"{call} needs Rocket.Chat's REST API, and no Rocket.Chat connection is configured: ")
+        for fix in ("rocketchat.url", "rocketchat.user_id", "rocketchat.auth_token", "RocketChatStub"):
+            assert fix in text
+        assert raised.value.retriable is False
+
+    async def test_the_app_users_error_names_its_own_fixes(self) -> None:
+        """get_app_user alone can also be answered by rocketchat.app_user_id, or Harness(app_user_id=...) in tests."""
+        with pytest.raises(RocketChatUnavailable) as raised:
+            await Directory().for_message(None).users.get_app_user()
+        assert "rocketchat.app_user_id" in str(raised.value)
+        assert "Harness(app_user_id=...)" in str(raised.value)
+
+    async def test_the_event_still_answers_itself(self) -> None:
+        """What the event carries needs no connection: the sender, the room, the message."""
+        own = _event_message()
+        chat = Directory.from_settings(RocketChatSettings()).for_message(own)
+        assert (await chat.users.get_by_username("alice")) == own.sender
+        assert (await chat.rooms.get_by_id("general")) == own.room
+        assert (await chat.messages.get_by_id(own.id)) is own
 
 
 class TestRoomAndMessageReaders:

@@ -11,6 +11,12 @@ from pydantic import BaseModel
 from handlers.mentions import Mentions
 from handlers.message_count import MessageCount
 from worker import App, Association, AssociationModel, DeadLetterNow, IHttp, IModify, IPersistence, IRead, Message
+from worker.apps.contract import Read
+from worker.apps.http import Http
+from worker.apps.readers import Directory
+from worker.config import HttpSettings, RocketChatSettings
+from worker.errors import RocketChatUnavailable
+from worker.plugins import instantiate
 from worker.rocketchat.stub import RocketChatStub
 from worker.testing import Harness, HttpStub, StubRequest, assert_concurrency_safe, assert_idempotent, message
 
@@ -217,11 +223,16 @@ class TestAppUserInTheKit:
             await harness.deliver([message("hi", sender="carol")])
             assert await harness.data() == [{"me": ["id-alerts", "alerts", "app"], "by_id": True, "by_name": True}]
 
-    async def test_without_an_app_user_get_app_user_is_none(self) -> None:
-        """No app_user_id and no stub: get_app_user() is None, as with no Rocket.Chat configured."""
+    async def test_without_an_app_user_get_app_user_raises_the_clear_error(self) -> None:
+        """No app_user_id and no stub, as with no Rocket.Chat configured: the run fails at once, the reason naming the call and the fixes."""
         async with Harness(RecordsAppUser) as harness:
-            await harness.deliver([message("hi")])
-            assert await harness.data() == [{"me": None}]
+            delivery = await harness.deliver([message("hi")], check=False)
+            [letter] = await harness.dead_letters()
+        assert (delivery.processed, delivery.dead_lettered) == (0, 1)
+        assert letter.error_type == "RocketChatUnavailable"
+        assert "read.get_user_reader().get_app_user() needs Rocket.Chat's REST API" in letter.reason
+        assert "rocketchat.app_user_id" in letter.reason
+        assert "Harness(app_user_id=...)" in letter.reason
 
     async def test_mentions_skips_its_own_messages_given_the_app_user_id(self) -> None:
         """The built-in mentions handler skips the app user's messages: testable with app_user_id alone."""
@@ -232,6 +243,16 @@ class TestAppUserInTheKit:
         async with Harness(Mentions) as without:  # the same events with no app user: both count
             await without.deliver(events)
             assert [r["count"] for r in await without.data(Association(AssociationModel.USER, "bob"))] == [2]
+
+    async def test_mentions_counts_in_the_default_config(self) -> None:
+        """No rocketchat section: get_app_user raises, and mentions takes the message (the runner's loop guard drops its own)."""
+        own = Message.model_validate(message("@bob deploy done", sender="alerts"))
+        chat = Directory.from_settings(RocketChatSettings()).for_message(own)
+        with pytest.raises(RocketChatUnavailable):
+            await chat.users.get_app_user()
+        mentions = instantiate(Mentions, "mentions", {})
+        read = Read(None, mentions.settings, chat)  # type: ignore[arg-type]  # check_ reads no records
+        assert await mentions.check_post_message_sent(own, read, Http(HttpSettings()))
 
     async def test_the_checks_take_the_app_user_too(self) -> None:
         """assert_idempotent and assert_concurrency_safe run the handler with the same app user."""

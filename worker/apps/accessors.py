@@ -133,7 +133,11 @@ class IUserRead(Protocol):
     """
 
     async def get_app_user(self) -> User | None:
-        """The worker's own Rocket.Chat user (``rocketchat.user_id``); None when no Rocket.Chat is configured."""
+        """The worker's own Rocket.Chat user (``rocketchat.app_user_id``, else ``rocketchat.user_id``), or None if Rocket.Chat has none.
+
+        ``rocketchat.app_user_id`` alone, with no connection, gives a User of that id (type
+        ``app``, no username). With neither, it raises ``RocketChatUnavailable``.
+        """
         ...
 
     async def get_by_id(self, user_id: str) -> User | None:

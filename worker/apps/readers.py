@@ -4,7 +4,8 @@ An event carries its message, the sender and the room; a reader answers from tho
 Anything else is asked of Rocket.Chat's REST API through the ``rocketchat`` section's client
 and kept in one bounded cache per worker (``constants.DIRECTORY_CACHE_*``), shared by every
 app and event, so that a busy room does not cost a REST call per event. Without that
-section, such reads raise :class:`~worker.errors.RocketChatUnavailable`.
+section, such reads raise :class:`~worker.errors.RocketChatUnavailable`; so does
+``get_app_user()``, unless ``rocketchat.app_user_id`` (or the test kit) names the app user.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ _T = TypeVar("_T")
 _K = TypeVar("_K", User, Room)
 # A Directory lookup: (REST key, value, what is being read) -> the user or room, or None.
 _Ask = Callable[[str, str, str], Awaitable[_K | None]]
-_FIX = (
+_CONNECT = (
     "set rocketchat.url, rocketchat.user_id and rocketchat.auth_token in config.yaml (or RC_WORKER_ROCKETCHAT__URL, "
     "RC_WORKER_ROCKETCHAT__USER_ID, RC_WORKER_ROCKETCHAT__AUTH_TOKEN)"
+)
+_FIX = f"{_CONNECT}; in tests, give the harness a RocketChatStub (Harness(app, rocketchat=RocketChatStub(...)))"
+_FIX_APP_USER = (
+    f"{_CONNECT}, or for the app user alone rocketchat.app_user_id (RC_WORKER_ROCKETCHAT__APP_USER_ID); "
+    "in tests, Harness(app_user_id=...) or a RocketChatStub (Harness(app, rocketchat=RocketChatStub(...)))"
 )
 # Rocket.Chat answers an unknown id or name with 400 (users.info, rooms.info, chat.getMessage) or 404.
 _NOT_FOUND = {400, 404}
@@ -43,9 +49,10 @@ class Directory:
 
     Args:
         client: the REST client, or None when no ``rocketchat`` section is configured.
-        app_user_id: the worker's own user (``rocketchat.user_id``): the app user.
+        app_user_id: the app user's id, looked up over REST (needs a client).
         app_user: the app user itself, known without asking Rocket.Chat (the test kit's
-            ``Harness(app_user_id=...)``); it sets ``app_user_id``, with or without a client.
+            ``Harness(app_user_id=...)``, or ``rocketchat.app_user_id`` with no connection);
+            it sets ``app_user_id``, with or without a client.
 
     """
 
@@ -57,9 +64,10 @@ class Directory:
 
     @classmethod
     def from_settings(cls, settings: RocketChatSettings) -> Directory:
-        """A directory over the configured Rocket.Chat, or answering from events only when it is not."""
+        """A directory over the configured Rocket.Chat, or answering from events (and the app user's id, if set) when it is not."""
         if not settings.configured:
-            return cls()
+            # rocketchat.app_user_id alone (the loop guard's) still names the app user: only its id is known.
+            return cls(app_user=User(id=settings.app_user_id, type="app") if settings.app_user_id else None)
         # The app user is the account the worker is known by: rocketchat.app_user_id (the loop
         # guard's), else the one it calls the REST API as.
         return cls(RocketChatClient(settings), app_user_id=settings.app_user_id or settings.user_id)
@@ -136,8 +144,13 @@ class Directory:
 
     async def _call(self, what: str, call: Callable[[RocketChatClient], Awaitable[_T]]) -> _T:
         if self.client is None:
-            raise RocketChatUnavailable(f"{what} needs Rocket.Chat's REST API, and none is configured: {_FIX}")
+            raise unavailable(what, _FIX)
         return await call(self.client)
+
+
+def unavailable(what: str, fix: str) -> RocketChatUnavailable:
+    """The error of a reader call ``what`` that needs Rocket.Chat with no connection configured, and how to fix that."""
+    return RocketChatUnavailable(f"{what} needs Rocket.Chat's REST API, and no Rocket.Chat connection is configured: {fix}")
 
 
 class Readers:
@@ -174,9 +187,14 @@ class UserReader(_EventFirst):
     _name = "get_user_reader"
 
     async def get_app_user(self) -> User | None:
-        """The worker's own Rocket.Chat user (``rocketchat.user_id``); None when no Rocket.Chat is configured."""
+        """The worker's own Rocket.Chat user (``rocketchat.app_user_id``, else ``rocketchat.user_id``), or None if Rocket.Chat has none.
+
+        Raises:
+            RocketChatUnavailable: no Rocket.Chat connection is configured and nothing names the app user.
+
+        """
         if self._directory.app_user_id is None:
-            return None
+            raise unavailable(f"read.{self._name}().get_app_user()", _FIX_APP_USER)
         return await self.get_by_id(self._directory.app_user_id)
 
     # A repeated shape kept on purpose (issue 13), one kept group with App's check_/execute_ pairs
@@ -214,11 +232,11 @@ class RoomReader(_EventFirst):
 
     async def get_members(self, room_id: str) -> list[User]:
         """The room's members; an unknown room has none."""
-        what = f"read.{self._name}().get_members({room_id!r})"
-        room = await self.get_by_id(room_id)
+        call = f"get_members({room_id!r})"
+        room = await self._lookup(self._room(), "roomId", room_id, call, self._directory.room)
         if room is None:
             return []
-        return await self._directory.members(room, what)
+        return await self._directory.members(room, f"read.{self._name}().{call}")
 
 
 class MessageReader(_EventFirst):

@@ -70,10 +70,11 @@ class Harness:
         rocketchat: a :class:`~worker.testing.RocketChatStub` that answers the user, room
             and message readers' REST calls (and names the app user); without it, they
             answer what the event carries and raise ``RocketChatUnavailable`` otherwise.
-        app_user_id: the worker's own Rocket.Chat user (``rocketchat.user_id`` in
+        app_user_id: the worker's own Rocket.Chat user (``rocketchat.app_user_id`` in
             production): ``read.get_user_reader().get_app_user()`` answers it, as do
             ``get_by_id`` and ``get_by_username`` for it, with no stub needed. Without it
-            (and without a stub) ``get_app_user()`` is None, as with no Rocket.Chat configured.
+            (and without a stub) ``get_app_user()`` raises ``RocketChatUnavailable``, as
+            with no Rocket.Chat configured.
         app_username: the app user's username (a handler that compares usernames needs it).
 
     Raises:
