@@ -246,6 +246,15 @@ class TestObserver:
         assert sample(observer, "rc_worker_assigned_partitions") == 1
         assert sample(observer, "rc_worker_rebalances_total") == 2
 
+    def test_a_lag_measured_across_a_revoke_exports_only_the_partitions_still_held(self, observer: Observer) -> None:
+        """A measurement that began before a rebalance does not bring back the series the revoke removed."""
+        observer.assigned({0, 1, 2, 3})
+        observer.revoked({0, 1, 2, 3})
+        observer.assigned({0, 2})
+        observer.measured_lag("t", {0: 0, 1: 4, 2: 3, 3: 0})  # taken while 0-3 were still this worker's
+        exported = {p: observer.metrics.registry.get_sample_value("rc_worker_consumer_lag", {"topic": "t", "partition": p}) for p in "0123"}
+        assert exported == {"0": 0, "1": None, "2": 3, "3": None}
+
 
 # -- the HTTP endpoint, for real on a free port -------------------------------------------------
 

@@ -242,8 +242,15 @@ class Observer(Hooks):
         return totals
 
     def measured_lag(self, topic: str, lag: Mapping[int, int]) -> None:
-        """Export the lag just measured, per partition."""
+        """Export the lag just measured, per partition this worker still holds.
+
+        A measurement awaits the broker, so a rebalance can revoke partitions while it runs:
+        exporting those would leave series that no later revoke removes, and the group's lag
+        would show partitions twice.
+        """
         for partition, records in lag.items():
+            if partition not in self.partitions:
+                continue
             series = (topic, str(partition))
             self.metrics.lag.labels(*series).set(records)
             self._lag_series.add(series)
