@@ -21,6 +21,7 @@ from worker.errors import CommandTooLargeError
 from worker.events import Event, Message, Room, User
 from worker.persistence.records import OutboxMessage
 from worker.persistence.unit import UnitOfWork
+from worker.persistence.values import compact
 
 #: CloudEvents types of the commands, in the contract's reverse-DNS style.
 UPDATE_MESSAGE = "chat.rocket.message.update"
@@ -62,7 +63,7 @@ class _Stager:
             "data": data,
         }
         headers = (("content-type", constants.STRUCTURED_CONTENT_TYPE.encode()),)
-        value = orjson.dumps(envelope)
+        value = compact(orjson.dumps(envelope))
         encoded_key = key.encode() if key else None
         size = len(value) + len(encoded_key or b"")
         if size > constants.MAX_COMMAND_BYTES:
