@@ -3,7 +3,7 @@
 A worker allocates several container objects per event (the decoded message, the unit's
 entries, the tracked calls), nearly all freed by reference counting within the batch. With
 CPython's default threshold of 700 allocations the cyclic collector ran every few events
-and walked the young objects each time: a third of a message-count event's CPU. Raising the
+and walked the young objects each time: a sixth of a message-count event's CPU. Raising the
 first threshold lets it run every few batches instead; freezing what start-up built
 (modules, classes, the apps) keeps the full collections that still run from walking it.
 """
