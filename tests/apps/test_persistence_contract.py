@@ -60,6 +60,29 @@ class TestUnawaitedCalls:
             assert sorted(r.id for r in await harness.records()) == ["a", "b"]
 
 
+class TestTrackedCalls:
+    async def test_a_one_association_call_is_one_call_handed_out(self, store: Store) -> None:
+        """read_by_association, update_by_association, remove_by_association: one tracked call each, all awaited."""
+        unit = UnitOfWork(store)
+        reader, writer = PersistenceReader(unit, APP), PersistenceWriter(unit, APP)
+        await writer.create_with_association({"n": 1}, ROOM)
+        assert await reader.read_by_association(ROOM) == [{"n": 1}]
+        assert len(await writer.update_by_association(ROOM, {"n": 2})) == 1
+        assert await writer.remove_by_association(ROOM) == [{"n": 2}]
+        assert [call.awaited for call in unit.handed_out] == [True] * 4
+        assert unit.take_unawaited() == []
+
+    async def test_a_call_closed_before_its_await_never_runs_and_counts_as_not_awaited(self, store: Store) -> None:
+        """Closing an unstarted call (as a cancelled gather does) leaves nothing done, and the call is named as unawaited."""
+        unit = UnitOfWork(store)
+        call = PersistenceWriter(unit, APP).update("counter", {"count": 1}, upsert=True)
+        call.close()
+        with pytest.raises(RuntimeError, match=r"persistence\.update\('counter', .* was closed before it was awaited"):
+            await call
+        assert unit.take_unawaited() == ["persistence.update('counter', {'count': 1}, upsert=True)"]
+        assert await PersistenceReader(unit, APP).read("counter") is None
+
+
 class TestResultOrder:
     async def test_association_reads_are_ordered_by_record_id(self, store: Store) -> None:
         """Stored and newly created records come back in one order: by record id."""

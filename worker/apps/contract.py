@@ -239,18 +239,31 @@ class EnvironmentReader:
 class Read:
     """The ``read`` accessor: persistence reads, the environment, and Rocket.Chat's users, rooms and messages."""
 
-    __slots__ = ("_environment", "_messages", "_persistence", "_rooms", "_users")
+    __slots__ = ("_chat", "_environment", "_messages", "_persistence", "_rooms", "_settings", "_users")
 
     def __init__(self, persistence: IPersistenceRead, settings: BaseModel | Mapping[str, Any], chat: ChatReaders | None = None) -> None:
         self._persistence = persistence
-        self._environment = EnvironmentReader(settings)
-        if chat is None:
-            # Imported here: the readers bring httpx, which the commands that only list or check
-            # apps (rc-worker handlers, check-config) should not pay for at start-up.
-            from worker.apps.readers import Directory
+        self._settings = settings
+        self._chat = chat
+        # Made on first use (see Getter): a handler run reads one or two of them, if any.
+        self._environment: EnvironmentReader | None = None
+        self._users: IUserRead | None = None
+        self._rooms: IRoomRead | None = None
+        self._messages: IMessageRead | None = None
 
-            chat = Directory().for_message(None)
-        self._users, self._rooms, self._messages = chat.users, chat.rooms, chat.messages
+    def _build(self, attribute: str) -> Any:
+        if attribute == "_environment":
+            made: Any = EnvironmentReader(self._settings)
+        else:
+            if self._chat is None:
+                # Imported here: the readers bring httpx, which the commands that only list or
+                # check apps (rc-worker handlers, check-config) should not pay for at start-up.
+                from worker.apps.readers import Directory
+
+                self._chat = Directory().for_message(None)
+            made = getattr(self._chat, attribute.removeprefix("_"))
+        setattr(self, attribute, made)
+        return made
 
     get_persistence_reader = Getter[IPersistenceRead]("_persistence", "Reads of this app's records.")
     get_environment_reader = Getter["EnvironmentReader"]("_environment", "This app's settings.")

@@ -21,6 +21,7 @@ from worker.errors import CommandTooLargeError
 from worker.events import Event, Message, Room, User
 from worker.persistence.records import OutboxMessage
 from worker.persistence.unit import UnitOfWork
+from worker.persistence.values import compact
 
 #: CloudEvents types of the commands, in the contract's reverse-DNS style.
 UPDATE_MESSAGE = "chat.rocket.message.update"
@@ -62,7 +63,7 @@ class _Stager:
             "data": data,
         }
         headers = (("content-type", constants.STRUCTURED_CONTENT_TYPE.encode()),)
-        value = orjson.dumps(envelope)
+        value = compact(orjson.dumps(envelope))
         encoded_key = key.encode() if key else None
         size = len(value) + len(encoded_key or b"")
         if size > constants.MAX_COMMAND_BYTES:
@@ -204,16 +205,31 @@ class MessageDeleter(_Stager):
 class Modify:
     """The ``modify`` accessor of one handler run on one event."""
 
-    __slots__ = ("_creator", "_deleter", "_notifier", "_updater")
+    __slots__ = ("_app_id", "_counter", "_creator", "_deleter", "_event", "_notifier", "_topic", "_unit", "_updater")
 
     def __init__(self, unit: UnitOfWork, app_id: str, event: Event, topic: str) -> None:
-        counter = [0]  # one numbering for every command of the run: ids follow staging order
-        self._updater = MessageUpdater(unit, app_id, event, topic, counter)
-        self._creator = MessageCreator(unit, app_id, event, topic, counter)
-        self._notifier = Notifier(unit, app_id, event, topic, counter)
-        self._deleter = MessageDeleter(unit, app_id, event, topic, counter)
+        self._unit, self._app_id, self._event, self._topic = unit, app_id, event, topic
+        self._counter = [0]  # one numbering for every command of the run: ids follow staging order
+        # Made on first use (see Getter): most handler runs stage nothing.
+        self._updater: MessageUpdater | None = None
+        self._creator: MessageCreator | None = None
+        self._notifier: Notifier | None = None
+        self._deleter: MessageDeleter | None = None
+
+    def _build(self, attribute: str) -> _Stager:
+        made = _STAGERS[attribute](self._unit, self._app_id, self._event, self._topic, self._counter)
+        setattr(self, attribute, made)
+        return made
 
     get_notifier = Getter[Notifier]("_notifier", "Notify users and rooms.")
     get_deleter = Getter[MessageDeleter]("_deleter", "Delete messages.")
     get_updater = Getter[MessageUpdater]("_updater", "Change existing messages.")
     get_creator = Getter[MessageCreator]("_creator", "Create new messages.")
+
+
+_STAGERS: dict[str, type[_Stager]] = {
+    "_updater": MessageUpdater,
+    "_creator": MessageCreator,
+    "_notifier": Notifier,
+    "_deleter": MessageDeleter,
+}

@@ -28,34 +28,39 @@ class TrackedCall(Coroutine[Any, Any, _T]):
     A real coroutine to asyncio (``gather``, ``create_task`` and ``wait_for`` take it), but
     the work is only created on the first await, so a call never awaited has done nothing
     and leaves no "never awaited" warning behind: the dispatcher's error says it instead.
+    It holds the call's parts rather than closures over them: several calls per event.
     """
 
-    __slots__ = ("_coroutine", "_label", "_name", "_start", "awaited")
+    __slots__ = ("_accessor", "_args", "_closed", "_coroutine", "_kwargs", "_method", "_name", "awaited")
 
-    def __init__(self, unit: UnitOfWork, label: Callable[[], str], start: Callable[[], Coroutine[Any, Any, _T]]) -> None:
+    def __init__(
+        self,
+        accessor: _Accessor,
+        method: Callable[..., Coroutine[Any, Any, _T]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self._accessor, self._method, self._args, self._kwargs = accessor, method, args, kwargs
         # The call as the error shows it, made only if asked for: describing every call's
         # arguments was a sixth of a handler run's cost, and nearly every call is awaited.
-        self._label: Callable[[], str] | None = label
         self._name: str | None = None
-        self.awaited = False
-        self._start: Callable[[], Coroutine[Any, Any, _T]] | None = start
+        self.awaited = self._closed = False
         self._coroutine: Coroutine[Any, Any, _T] | None = None
-        unit.hand_out(self)
+        accessor._unit.hand_out(self)
 
     @property
     def name(self) -> str:
         """The call as written, for instance ``persistence.create({'n': 1})``."""
         if self._name is None:
-            self._name = self._label() if self._label is not None else "?"
-            self._label = None
+            self._name = f"{self._accessor._prefix}.{self._method.__name__}({_describe(self._args, self._kwargs)})"
         return self._name
 
     def _started(self) -> Coroutine[Any, Any, _T]:
         if self._coroutine is None:
-            if self._start is None:
+            if self._closed:
                 raise RuntimeError(f"{self.name} was closed before it was awaited")
             self.awaited = True
-            self._coroutine, self._start = self._start(), None
+            self._coroutine = self._method(self._accessor, *self._args, **self._kwargs)
         return self._coroutine
 
     def __await__(self) -> Generator[Any, None, _T]:
@@ -73,7 +78,7 @@ class TrackedCall(Coroutine[Any, Any, _T]):
         """Part of the coroutine protocol; closing an unstarted call leaves it unawaited."""
         if self._coroutine is not None:
             self._coroutine.close()
-        self._start = None
+        self._closed = True
 
 
 class _Accessor:
@@ -87,9 +92,7 @@ class _Accessor:
 
 def _tracked(method: Callable[Concatenate[_A, _P], Coroutine[Any, Any, _T]]) -> Callable[Concatenate[_A, _P], Coroutine[Any, Any, _T]]:
     def call(self: _A, /, *args: _P.args, **kwargs: _P.kwargs) -> Coroutine[Any, Any, _T]:
-        return TrackedCall(
-            self._unit, lambda: f"{self._prefix}.{method.__name__}({_describe(args, kwargs)})", lambda: method(self, *args, **kwargs)
-        )
+        return TrackedCall(self, method, args, kwargs)
 
     functools.update_wrapper(call, method)
     return call
@@ -110,6 +113,10 @@ def _short(value: Any) -> str:
 
 def _record(stored: StoredRecord) -> Record:
     return Record(stored.id, decode_data(stored.data), stored.version, tuple(Association.parse(a) for a in stored.associations))
+
+
+def _data(stored: Sequence[StoredRecord]) -> list[dict[str, Any]]:
+    return [decode_data(record.data) for record in stored]
 
 
 def _associations(associations: Sequence[Association]) -> list[Association]:
@@ -141,13 +148,12 @@ class PersistenceReader(_Accessor):
     @_tracked
     async def read_by_association(self, association: Association) -> list[dict[str, Any]]:
         """The data of every record having ``association``."""
-        return await self.read_by_associations([association])
+        return _data(await self._unit.read_by_associations(self._app_id, [association]))
 
     @_tracked
     async def read_by_associations(self, associations: Sequence[Association]) -> list[dict[str, Any]]:
         """The data of every record having all of ``associations``."""
-        found = await self._unit.read_by_associations(self._app_id, _associations(associations))
-        return [decode_data(stored.data) for stored in found]
+        return _data(await self._unit.read_by_associations(self._app_id, _associations(associations)))
 
     @_tracked
     async def read_record(self, record_id: str) -> Record | None:
@@ -158,7 +164,7 @@ class PersistenceReader(_Accessor):
     @_tracked
     async def read_records_by_association(self, association: Association) -> list[Record]:
         """Every record having ``association``, versioned."""
-        return await self.read_records_by_associations([association])
+        return [_record(s) for s in await self._unit.read_by_associations(self._app_id, [association])]
 
     @_tracked
     async def read_records_by_associations(self, associations: Sequence[Association]) -> list[Record]:
@@ -205,15 +211,14 @@ class PersistenceWriter(_Accessor):
     @_tracked
     async def remove(self, record_id: str) -> list[dict[str, Any]]:
         """Remove a record; returns the data removed."""
-        return [decode_data(s.data) for s in await self._unit.remove(self._app_id, record_id)]
+        return _data(await self._unit.remove(self._app_id, record_id))
 
     @_tracked
     async def remove_by_association(self, association: Association) -> list[dict[str, Any]]:
         """Remove every record having ``association``; returns the data removed."""
-        return await self.remove_by_associations([association])
+        return _data(await self._unit.remove_by_associations(self._app_id, [association]))
 
     @_tracked
     async def remove_by_associations(self, associations: Sequence[Association]) -> list[dict[str, Any]]:
         """Remove every record having all ``associations``; returns the data removed."""
-        removed = await self._unit.remove_by_associations(self._app_id, _associations(associations))
-        return [decode_data(s.data) for s in removed]
+        return _data(await self._unit.remove_by_associations(self._app_id, _associations(associations)))

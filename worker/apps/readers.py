@@ -154,14 +154,36 @@ def unavailable(what: str, fix: str) -> RocketChatUnavailable:
 
 
 class Readers:
-    """The user, room and message readers of one handler run."""
+    """The user, room and message readers of one handler run, each made when first asked for."""
 
-    __slots__ = ("messages", "rooms", "users")
+    __slots__ = ("_directory", "_message", "_messages", "_rooms", "_users")
 
     def __init__(self, directory: Directory, message: Message | None) -> None:
-        self.users = UserReader(directory, message)
-        self.rooms = RoomReader(directory, message)
-        self.messages = MessageReader(directory, message)
+        self._directory, self._message = directory, message
+        self._users: UserReader | None = None
+        self._rooms: RoomReader | None = None
+        self._messages: MessageReader | None = None
+
+    @property
+    def users(self) -> UserReader:
+        """``read.get_user_reader()``."""
+        if self._users is None:
+            self._users = UserReader(self._directory, self._message)
+        return self._users
+
+    @property
+    def rooms(self) -> RoomReader:
+        """``read.get_room_reader()``."""
+        if self._rooms is None:
+            self._rooms = RoomReader(self._directory, self._message)
+        return self._rooms
+
+    @property
+    def messages(self) -> MessageReader:
+        """``read.get_message_reader()``."""
+        if self._messages is None:
+            self._messages = MessageReader(self._directory, self._message)
+        return self._messages
 
 
 class _EventFirst:

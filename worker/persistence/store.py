@@ -91,6 +91,13 @@ class _Loads:
         return await self._load(keys, by_any_association(app_id, associations))
 
 
+# sqlite3 keeps this many prepared statements per connection (its default is 128). An
+# expanding IN compiles to one statement per list length, so a long run fills a large cache
+# with statements used once, each holding native memory: RSS grew by 150 MB over 400,000
+# events with 128, and stays flat with this.
+SQLITE_CACHED_STATEMENTS = 16
+
+
 class Store(_Loads):
     """One database, shared by every worker process of the group."""
 
@@ -115,7 +122,13 @@ class Store(_Loads):
         """Create the engine for the configured URL, with the backend's connection settings."""
         url = make_url(settings.url.get_secret_value())
         if url.get_backend_name() == "sqlite":
-            engine = create_async_engine(url, echo=settings.echo, pool_size=settings.pool_size, max_overflow=0)
+            engine = create_async_engine(
+                url,
+                echo=settings.echo,
+                pool_size=settings.pool_size,
+                max_overflow=0,
+                connect_args={"cached_statements": SQLITE_CACHED_STATEMENTS},
+            )
             configure_sqlite(engine, settings.busy_timeout_ms)
         else:
             engine = create_async_engine(

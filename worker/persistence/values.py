@@ -56,7 +56,18 @@ def encode_data(data: Mapping[str, Any], app_id: str = "?") -> bytes:
         problem = limits.non_finite(data)
         if problem is not None:
             raise InvalidDataError(f"app {app_id!r}: record data is not JSON-serialisable: {problem} (JSON has no NaN or Infinity)")
-    return encoded
+    return compact(encoded)
+
+
+# orjson's output has a capacity of at least 4 KiB, whatever its length: a counter's 12
+# bytes of JSON kept in a snapshot or a unit would hold 4 KiB each. Below this size a
+# copy of exactly its length is cheaper than the slack it frees.
+COMPACT_BELOW = 16 * 1024
+
+
+def compact(encoded: bytes) -> bytes:
+    """``encoded`` in a buffer of its own length, to be kept (see COMPACT_BELOW)."""
+    return memoryview(encoded).tobytes() if len(encoded) < COMPACT_BELOW else encoded
 
 
 def decode_data(data: bytes) -> dict[str, Any]:

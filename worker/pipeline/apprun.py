@@ -195,11 +195,12 @@ class BatchRun:
             around.settings.handler_timeout_s,
         )
         modify = Modify(self.unit, app.id, event, around.topics.commands)
-        if event.interface == "post_message_deleted":
+        interface = event.interface
+        if interface == "post_message_deleted":
             context = event.delete_context()
             if await bounded(app.check_post_message_deleted(message, read, http, context), limit):
                 await bounded(app.execute_post_message_deleted(message, read, http, persistence, modify, context), limit)
-        elif event.interface == "post_message_updated":
+        elif interface == "post_message_updated":
             if await bounded(app.check_post_message_updated(message, read, http), limit):
                 await bounded(app.execute_post_message_updated(message, read, http, persistence, modify), limit)
         elif await bounded(app.check_post_message_sent(message, read, http), limit):

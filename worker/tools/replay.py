@@ -297,6 +297,9 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     if args.workers > 1:
         summary = await Workers(settings, args, start, to_time_ms).run(args.workers)
     else:
+        from worker.collector import tune_for_throughput
+
+        tune_for_throughput()
         store = state_store(args.state)
         try:
             summary = await Replay(settings, apps, store, topic=args.topic, start=start, to_time_ms=to_time_ms, group=args.group).run()

@@ -12,6 +12,7 @@ from worker.config import Settings
 
 async def command(settings: Settings, _args: argparse.Namespace) -> int:
     """``rc-worker run``: run until SIGTERM/SIGINT, then drain within processing.shutdown_timeout_s."""
+    from worker.collector import tune_for_throughput
     from worker.observability import observe, serve
     from worker.pipeline.runner import Worker
     from worker.plugins import load_apps
@@ -36,6 +37,7 @@ async def command(settings: Settings, _args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    tune_for_throughput()
     try:
         async with serve(settings.observability, worker.status, pages=pages):
             await worker.run()
