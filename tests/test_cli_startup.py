@@ -70,6 +70,16 @@ def test_help_does_not_even_load_the_settings() -> None:
     assert {"pydantic", "pydantic_settings", "yaml", "asyncio"} & modules == set()
 
 
+def test_pydantic_settings_is_imported_only_when_a_variable_overrides_a_key() -> None:
+    """Without RC_WORKER_* variables (RC_WORKER_CONFIG aside) the file is validated by pydantic alone."""
+    status, modules = imported_by("check-config")
+    assert status == 0
+    assert "pydantic_settings" not in modules
+    status, modules = imported_by("check-config", RC_WORKER_KAFKA__TOPIC="from-variable")
+    assert status == 0
+    assert "pydantic_settings" in modules
+
+
 def test_the_inspection_sees_what_a_command_imports(tmp_path: Path) -> None:
     """Not blind: a command that works on the database imports SQLAlchemy, and logs through structlog."""
     status, modules = imported_by("db", "upgrade", RC_WORKER_PERSISTENCE__URL=f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
