@@ -247,7 +247,17 @@ def _table(parser: argparse.ArgumentParser) -> dict[tuple[str, str | None], tupl
     return table
 
 
-# (command, action) -> (module, coroutine function(settings, args) -> exit status). Each command's
-# parser names its function (set_defaults(runs="module:function"), imported only when it runs);
-# this table is read back from the parser, so the two cannot disagree.
-COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = _table(_parser())
+if TYPE_CHECKING:
+    # (command, action) -> (module, coroutine function(settings, args) -> exit status). Each command's
+    # parser names its function (set_defaults(runs="module:function"), imported only when it runs);
+    # this table is read back from the parser, so the two cannot disagree.
+    COMMANDS: dict[tuple[str, str | None], tuple[str, str]]
+
+
+def __getattr__(name: str) -> Any:
+    # COMMANDS is made on first use (PEP 562): building every parser at import would cost each
+    # command a second build of the parser main() makes anyway.
+    if name == "COMMANDS":
+        table = globals()["COMMANDS"] = _table(_parser())
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
