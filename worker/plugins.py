@@ -285,6 +285,10 @@ def _names(available: Mapping[str, EntryPoint]) -> str:
 
 
 def _required_parameters(app_class: type[App]) -> list[str]:
+    if type(app_class).__call__ is type.__call__ and app_class.__init__ is object.__init__ and app_class.__new__ is object.__new__:
+        # Most apps define no constructor: nothing is required, and inspect would parse
+        # object's text signature (compiling tokenize's patterns) to say so.
+        return []
     try:
         signature = inspect.signature(app_class)
     except (TypeError, ValueError):  # builtins without a signature take no arguments we know of
