@@ -7,6 +7,7 @@ other commands use, which is checked here in a fresh interpreter, by its ``sys.m
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
+from worker.cli import _run
 
 # Runs the command as `python -m worker` does, then lists every module the interpreter holds.
 _SCRIPT = """
@@ -28,8 +30,10 @@ except SystemExit as exc:
 print("\\n" + json.dumps({"status": status, "modules": sorted(sys.modules)}))
 """
 
-# Kafka, database, HTTP and web libraries, and structlog (whose import pulls in rich when installed).
+# Kafka, database, HTTP and web libraries, structlog (whose import pulls in rich when installed),
+# and asyncio: these commands await nothing, so they run without an event loop.
 HEAVY = (
+    "asyncio",
     "aiokafka",
     "sqlalchemy",
     "alembic",
@@ -70,11 +74,36 @@ def test_help_does_not_even_load_the_settings() -> None:
     assert {"pydantic", "pydantic_settings", "yaml", "asyncio"} & modules == set()
 
 
+def test_pydantic_settings_is_imported_only_when_a_variable_overrides_a_key() -> None:
+    """Without RC_WORKER_* variables (RC_WORKER_CONFIG aside) the file is validated by pydantic alone."""
+    status, modules = imported_by("check-config")
+    assert status == 0
+    assert "pydantic_settings" not in modules
+    status, modules = imported_by("check-config", RC_WORKER_KAFKA__TOPIC="from-variable")
+    assert status == 0
+    assert "pydantic_settings" in modules
+
+
 def test_the_inspection_sees_what_a_command_imports(tmp_path: Path) -> None:
     """Not blind: a command that works on the database imports SQLAlchemy, and logs through structlog."""
     status, modules = imported_by("db", "upgrade", RC_WORKER_PERSISTENCE__URL=f"sqlite+aiosqlite:///{tmp_path / 'state.db'}")
     assert status == 0
-    assert {"sqlalchemy", "structlog"} <= modules
+    assert {"sqlalchemy", "structlog", "asyncio"} <= modules
+
+
+def test_a_command_run_without_the_loop_that_awaits_fails_loudly() -> None:
+    """A command marked loop=False that comes to await something is a bug, never a command half run in silence."""
+
+    async def finishes() -> int:
+        return 3
+
+    async def awaits() -> int:
+        await asyncio.sleep(0)
+        return 0
+
+    assert _run(finishes(), loop=False) == 3
+    with pytest.raises(RuntimeError, match="needs the event loop"):
+        _run(awaits(), loop=False)
 
 
 def test_structlog_imported_after_configure_logs_as_configured() -> None:

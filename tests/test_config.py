@@ -79,6 +79,21 @@ class TestSources:
         assert handlers.enabled == ("b-app", "a-app")  # the configured order is the run order
         assert handlers.settings == {"a-app": {"limit": 3}}
 
+    def test_a_file_read_with_or_without_variables_gives_the_same_settings(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A variable that sets a key to the file's value changes nothing: one model, one validation, either way."""
+        document = {"kafka": {"topic": "file-topic", "security": {"protocol": "SSL"}}, "handlers": {"enabled": ["mentions"]}}
+        path = write_config(tmp_path, document)
+        without = load_settings(path)
+        monkeypatch.setenv("RC_WORKER_KAFKA__TOPIC", "file-topic")
+        with_variable = load_settings(path)
+        assert type(with_variable) is type(without) is Settings
+        assert with_variable == without == Settings(**document)
+
+    def test_a_variable_in_lower_case_overrides_too(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Names are matched regardless of case, as pydantic-settings always matched them."""
+        monkeypatch.setenv("rc_worker_kafka__topic", "lower-topic")
+        assert load_settings().kafka.topic == "lower-topic"
+
     def test_repository_config_documents_every_key(self) -> None:
         """config.yaml holds every key of the settings model, and only those."""
 

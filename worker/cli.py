@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
     handlers = commands.add_parser("handlers", help="list the installed handler plugins: ids, versions, settings, enabled")
     handlers.add_argument("--json", action="store_true", help="one JSON document instead of text")
-    handlers.set_defaults(runs="worker.plugins:handlers_command")
+    handlers.set_defaults(runs="worker.plugins:handlers_command", loop=False)
     new_handler = commands.add_parser("new-handler", help="create a handler plugin package, ready to install and test")
     new_handler.add_argument("name", help="the app id, lower-case words joined by dashes, e.g. link-counter")
     new_handler.add_argument("--dir", type=Path, help="where to create it (default: ./NAME)")
@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate and print the effective configuration, secrets redacted")
     check.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config file (as the global --config)")
     check.add_argument("--reference", action="store_true", help="print every key, its variable and default as a Markdown table")
-    check.set_defaults(runs="worker.tools.check_config:check_config_command")
+    check.set_defaults(runs="worker.tools.check_config:check_config_command", loop=False)
     for command in _leaves(parser):
         output_flags(command)
     return parser
@@ -196,9 +196,7 @@ def _configure_output(settings: Settings, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rc-worker`` console script."""
     args = _parser().parse_args(argv)
-    # Imported once the arguments are read: `--help` and a usage error need no settings, logs or asyncio.
-    import asyncio
-
+    # Imported once the arguments are read: `--help` and a usage error need no settings or logs.
     from worker import logs
     from worker.config import load_settings
 
@@ -209,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Each command's module is imported only when it runs: `rc-worker --help` and
         # check-config start without Kafka, database or HTTP clients.
         handler: Handler = getattr(importlib.import_module(module), function)
-        return asyncio.run(handler(settings, args))
+        return _run(handler(settings, args), loop=getattr(args, "loop", True))
     except (ConfigError, PluginError) as exc:
         print(f"rc-worker: {logs.redact(str(exc))}", file=sys.stderr)
         return 2
@@ -223,6 +221,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 Handler = Callable[["Settings", argparse.Namespace], Coroutine[Any, Any, int]]
 
 
+def _run(command: Coroutine[Any, Any, int], *, loop: bool) -> int:
+    """Run a command's coroutine to its exit status: in an event loop, or stepped once when it awaits nothing."""
+    if loop:
+        import asyncio
+
+        return asyncio.run(command)
+    # check-config and handlers (set_defaults(loop=False)) await nothing, so one step finishes
+    # them; importing asyncio and starting a loop would be a sixth of their start-up.
+    try:
+        command.send(None)
+    except StopIteration as finished:
+        return int(finished.value)
+    command.close()
+    raise RuntimeError("a command marked loop=False awaited something: it needs the event loop")
+
+
 def _table(parser: argparse.ArgumentParser) -> dict[tuple[str, str | None], tuple[str, str]]:
     """(command, action) -> (module, function) of every command, as its parser's ``runs`` default names them."""
     table: dict[tuple[str, str | None], tuple[str, str]] = {}
@@ -233,7 +247,17 @@ def _table(parser: argparse.ArgumentParser) -> dict[tuple[str, str | None], tupl
     return table
 
 
-# (command, action) -> (module, coroutine function(settings, args) -> exit status). Each command's
-# parser names its function (set_defaults(runs="module:function"), imported only when it runs);
-# this table is read back from the parser, so the two cannot disagree.
-COMMANDS: dict[tuple[str, str | None], tuple[str, str]] = _table(_parser())
+if TYPE_CHECKING:
+    # (command, action) -> (module, coroutine function(settings, args) -> exit status). Each command's
+    # parser names its function (set_defaults(runs="module:function"), imported only when it runs);
+    # this table is read back from the parser, so the two cannot disagree.
+    COMMANDS: dict[tuple[str, str | None], tuple[str, str]]
+
+
+def __getattr__(name: str) -> Any:
+    # COMMANDS is made on first use (PEP 562): building every parser at import would cost each
+    # command a second build of the parser main() makes anyway.
+    if name == "COMMANDS":
+        table = globals()["COMMANDS"] = _table(_parser())
+        return table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

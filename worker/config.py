@@ -7,18 +7,21 @@ stops start-up with a ConfigError that names the key, what was given and what is
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from worker import constants
 from worker.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
 
 ENV_PREFIX = "RC_WORKER_"
 ENV_DELIMITER = "__"
@@ -196,16 +199,17 @@ class RocketChatSettings(_Section):
         return None if value == "" else value
 
 
-class Settings(BaseSettings):
-    """The whole configuration; build it with :func:`load_settings`."""
+class Settings(BaseModel):
+    """The whole configuration; build it with :func:`load_settings`.
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter=ENV_DELIMITER,
-        extra="forbid",
-        frozen=True,
-        defer_build=True,
-    )
+    ``Settings(**values)`` takes the RC_WORKER_* variables over ``values``, as load_settings
+    takes them over the file's.
+    """
+
+    # validate_default as BaseSettings has it, so a Settings validates the same either way.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, validate_default=True)
+    # False in the pydantic-settings model below, which has read the variables already.
+    _reads_environment: ClassVar[bool] = True
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     persistence: PersistenceSettings = Field(default_factory=PersistenceSettings)
@@ -218,18 +222,12 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     rocketchat: RocketChatSettings = Field(default_factory=RocketChatSettings)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment first, then the file's values (passed in as init arguments)."""
-        # The file's values arrive as init arguments; the environment overrides them.
-        return (env_settings, init_settings)
+    def __init__(self, **values: Any) -> None:
+        if type(self)._reads_environment and _overridden():
+            # Its sections come out validated; validating them again here takes them as they are.
+            merged = _environment_model()(**values)
+            values = {name: getattr(merged, name) for name in merged.model_fields_set}
+        super().__init__(**values)
 
 
 def default_config_path() -> Path | None:
@@ -267,7 +265,7 @@ def load_settings(path: Path | None = None) -> Settings:
         return Settings(**document)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, path)) from exc
-    except SettingsError as exc:
+    except _json_error() as exc:
         # Raised before validation when a list or mapping variable is not JSON; pydantic-settings
         # names the section only, so find the variable ourselves.
         broken = "".join(
@@ -277,6 +275,46 @@ def load_settings(path: Path | None = None) -> Settings:
             f"invalid configuration: {broken or f'{exc}; '}lists and mappings in {ENV_PREFIX}* variables are JSON, "
             f"e.g. {ENV_PREFIX}HANDLERS__ENABLED='[\"message-count\"]'"
         ) from exc
+
+
+def _json_error() -> type[Exception]:
+    """pydantic-settings' error for a variable that is not JSON; imported only once loading has failed."""
+    from pydantic_settings import SettingsError
+
+    return SettingsError
+
+
+def _overridden() -> bool:
+    """Whether a variable may override a key (pydantic-settings matches the names in any case)."""
+    config = f"{ENV_PREFIX}CONFIG"
+    return any(name.upper().startswith(ENV_PREFIX) and name.upper() != config for name in os.environ)
+
+
+@functools.cache
+def _environment_model() -> type[BaseSettings]:
+    """Settings as a pydantic-settings model: made, and pydantic-settings imported, only when a variable is set."""
+    # Importing pydantic-settings and building this model cost every command tens of milliseconds
+    # of start-up, for variables most runs (and every check of a config.yaml) do not set.
+    from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+    class EnvironmentSettings(BaseSettings, Settings):
+        # The title keeps validation errors saying "for Settings", as they did.
+        model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, title="Settings")
+        _reads_environment: ClassVar[bool] = False
+
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            # The file's values arrive as init arguments; the environment overrides them.
+            return (env_settings, init_settings)
+
+    return EnvironmentSettings
 
 
 def _json_variables_broken() -> list[tuple[str, str, str]]:

@@ -56,7 +56,9 @@ Id = Annotated[str, Field(strict=True, min_length=1)]
 
 class _Model(BaseModel):
     # Fields the contract does not list are kept (model_extra) and passed to handlers untouched.
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+    # Validators are built on the first event: check-config and handlers import these models
+    # (through the App contract) but never validate one.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True, defer_build=True)
 
 
 class Room(_Model):
@@ -177,7 +179,7 @@ class Event:
 
 
 class _Envelope(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, defer_build=True)
 
     specversion: Id
     type: Id

@@ -10,11 +10,12 @@ settings) is found here, at start-up, and reported as a PluginError that names t
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import Distribution, EntryPoint, entry_points
 from typing import Any
 
 import orjson
@@ -36,7 +37,7 @@ def installed() -> dict[str, EntryPoint]:
 
     """
     found: dict[str, EntryPoint] = {}
-    for entry_point in entry_points(group=constants.HANDLER_ENTRY_POINT_GROUP):
+    for entry_point in _entry_points(tuple(sys.path)):
         other = found.get(entry_point.name)
         if other is not None and distribution(other)[0] != distribution(entry_point)[0]:
             raise PluginError(
@@ -51,7 +52,24 @@ def installed() -> dict[str, EntryPoint]:
 def distribution(entry_point: EntryPoint) -> tuple[str, str]:
     """The name and version of the distribution that registers ``entry_point`` ("?" when not known)."""
     dist = entry_point.dist
-    return (dist.name, dist.version) if dist else ("?", "?")
+    return _name_and_version(dist) if dist else ("?", "?")
+
+
+@functools.lru_cache(maxsize=16)
+def _entry_points(path: tuple[str, ...]) -> tuple[EntryPoint, ...]:
+    """The group's entry points as found on ``path`` (sys.path), read once per path.
+
+    Reading them opens every installed distribution's metadata; keyed on sys.path, a
+    distribution put on the path later (tests, a plugin directory) is still found.
+    """
+    return tuple(entry_points(group=constants.HANDLER_ENTRY_POINT_GROUP))
+
+
+@functools.lru_cache(maxsize=64)
+def _name_and_version(dist: Distribution) -> tuple[str, str]:
+    # dist.name and dist.version each parse the whole METADATA file (a README included); once is enough.
+    metadata = dist.metadata
+    return metadata["Name"], metadata["Version"]
 
 
 def load_apps(
@@ -267,6 +285,10 @@ def _names(available: Mapping[str, EntryPoint]) -> str:
 
 
 def _required_parameters(app_class: type[App]) -> list[str]:
+    if type(app_class).__call__ is type.__call__ and app_class.__init__ is object.__init__ and app_class.__new__ is object.__new__:
+        # Most apps define no constructor: nothing is required, and inspect would parse
+        # object's text signature (compiling tokenize's patterns) to say so.
+        return []
     try:
         signature = inspect.signature(app_class)
     except (TypeError, ValueError):  # builtins without a signature take no arguments we know of

@@ -8,7 +8,6 @@ translated here, and only here, into :class:`~worker.errors.HttpError`.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -127,6 +126,10 @@ class Http:
         send_headers = dict(headers or {})
         if json is not None:
             send_headers.setdefault("content-type", "application/json")
+        # Imported here, not with the module: the App contract imports this module, and
+        # check-config and handlers (which load the apps but run nothing) start without asyncio.
+        import asyncio
+
         try:
             async with asyncio.timeout(limit_s):
                 return await self._send(method, url, send_headers, params, body, limit_s)
