@@ -271,3 +271,27 @@ async def test_a_batch_in_many_new_rooms_costs_as_many_round_trips_as_one_in_few
     few = await round_trips(1, 2)
     assert await round_trips(3, 40) == few
     assert (await counts(store))["misc:message-count"] == 43
+
+
+async def test_a_first_batch_in_many_new_rooms_costs_as_many_round_trips_as_one_in_few(store: Store) -> None:
+    """Before the dispatcher has learned that message-count reads rooms, its first room read reads all of the batch's rooms."""
+    claims = await fences(store, [0, 1, 2])
+    # The global counter exists before either batch, so both update it rather than one creating it.
+    await dispatcher(store, instantiate(MessageCount, "message-count", {})).dispatch(
+        [record(2, 0, "warm-up")], claims[2], snapshot=Snapshot()
+    )
+    counted: list[int] = []
+    store.count_round_trips(counted.append)
+
+    async def round_trips(partition: int, rooms: int) -> int:
+        count = dispatcher(store, instantiate(MessageCount, "message-count", {}))  # nothing learned yet
+        counted.clear()
+        records = [record(partition, n, f"first-{partition}-{n}") for n in range(rooms)]
+        result = await count.dispatch(records, claims[partition], snapshot=Snapshot())
+        assert result.processed == rooms
+        assert count.room_readers == {"message-count"}
+        return sum(counted)
+
+    few = await round_trips(0, 2)
+    assert await round_trips(1, 40) == few
+    assert (await counts(store))["misc:message-count"] == 43
