@@ -17,7 +17,7 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import orjson
 import structlog
@@ -132,10 +132,9 @@ class Replay:
         reader.assign({p: spans[p].start for p in remaining})
         stall = _Stall(self.kafka.topic)
         while remaining:
-            fetched = await reader.fetch(remaining, self.kafka.fetch_timeout_ms, self._fetch_records(len(remaining)))
+            fetched = await gather(reader, remaining, self.kafka.fetch_timeout_ms, self.kafka.max_batch_records)
             batches = _within(fetched, remaining)
-            for batch in _rounds(batches, self.kafka.max_batch_records):
-                await self._dispatch_all(batch)
+            await self._dispatch_all(batches)
             for partition in list(remaining):
                 if await reader.position(partition) >= remaining[partition]:
                     del remaining[partition]
@@ -199,12 +198,11 @@ class Replay:
         worked: set[int] = set()
         stall = _Stall(self.kafka.topic)
         while any(positions[p] < ends[p] for p in ends):
-            fetched = await consumer.fetch(self.kafka.fetch_timeout_ms, self._fetch_records(len(consumer.assignment())))
+            fetched = await consumer.fetch(self.kafka.fetch_timeout_ms, self.kafka.max_batch_records)
             async with lock:
                 owned = {p: ends[p] for p in fetched if p in ends}
                 batches = _within(fetched, owned)
-                for batch in _rounds(batches, self.kafka.max_batch_records):
-                    await self._dispatch_all(batch)
+                await self._dispatch_all(batches)
                 for partition in owned:
                     positions[partition] = min(fetched[partition][-1].offset + 1, ends[partition])
                     if positions[partition] >= ends[partition]:
@@ -213,12 +211,6 @@ class Replay:
                 worked.update(batches)
                 self.summary.partitions = len(worked)
                 stall.check(bool(batches), {p: ends[p] for p in ends if positions[p] < ends[p]})
-
-    def _fetch_records(self, partitions: int) -> int:
-        # Up to a batch per partition at a time, as a live worker's lanes hold while a unit
-        # runs: a fetch of one batch in all, split over the partitions, made units of a few
-        # hundred events, and a replay ran slower per event than one worker on the topic.
-        return self.kafka.max_batch_records * max(1, partitions)
 
     async def _dispatch_all(self, batches: dict[int, list[RawRecord]]) -> None:
         """Dispatch each partition's batch, partitions concurrently as the live worker does."""
@@ -274,20 +266,25 @@ class _Stall:
             )
 
 
+async def gather(reader: PartitionReader, partitions: Collection[int], timeout_ms: int, batch: int) -> dict[int, list[RawRecord]]:
+    """Up to a batch of each partition's records: what the first to have some brings, then what the others hold already.
+
+    One fetch of ``batch`` records in all drained one partition at a time (the consumer's
+    buffer holds far more than a batch of each), so every unit was one partition's batch,
+    smaller than a live worker's, and the replay ran slower per event than one worker. The
+    further fetches do not wait: they take what the consumer has buffered.
+    """
+    fetched = await reader.fetch(partitions, timeout_ms, batch)
+    for partition in partitions:
+        if partition not in fetched:
+            fetched.update(await reader.fetch([partition], 0, batch))
+    return fetched
+
+
 def _within(fetched: dict[int, list[RawRecord]], ends: dict[int, int]) -> dict[int, list[RawRecord]]:
     """The fetched records of the partitions in ``ends``, each cut at its end offset."""
     batches = {p: [r for r in records if r.offset < ends[p]] for p, records in fetched.items() if p in ends}
     return {p: records for p, records in batches.items() if records}
-
-
-def _rounds(batches: dict[int, list[RawRecord]], size: int) -> Iterator[dict[int, list[RawRecord]]]:
-    """The batches cut into rounds of at most ``size`` records per partition, in offset order.
-
-    Each round is dispatched (as one unit) before the next, so a partition's records are
-    applied in order, and no batch is larger than a live worker's.
-    """
-    for start in range(0, max((len(records) for records in batches.values()), default=0), size):
-        yield {p: records[start : start + size] for p, records in batches.items() if len(records) > start}
 
 
 def _pinned(committed: tuple[int, str] | None) -> tuple[int, int] | None:
