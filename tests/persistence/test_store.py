@@ -11,12 +11,14 @@ from typing import Any
 
 import orjson
 import pytest
+from sqlalchemy import event, select
 
 from worker.apps.accessors import Record
 from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.errors import FencedError, InvalidDataError, RecordNotFoundError, VersionConflict
 from worker.persistence.associations import Association, AssociationModel
 from worker.persistence.keys import guard_key
+from worker.persistence.schema import key_versions
 from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, Store
 from worker.persistence.unit import UnitOfWork
@@ -71,6 +73,13 @@ async def create(store: Store, data: dict[str, Any], *associations: Association,
     """Commit one new record; returns its id."""
     record_id: str = await run(store, lambda _r, w: w.create_with_associations(data, list(associations)), app)
     return record_id
+
+
+async def key_versions_of(store: Store, app: str = APP) -> dict[str, int]:
+    """Every version row of ``app``, by key, as the database holds them."""
+    async with store.engine.connect() as conn:
+        rows = await conn.execute(select(key_versions.c.key, key_versions.c.version).where(key_versions.c.app_id == app))
+        return {row.key: row.version for row in rows}
 
 
 async def commit_marker(store: Store, marker: tuple[str, str, str]) -> None:
@@ -1072,6 +1081,29 @@ class TestRoundTrips:
         one = await commit_creating(1, "a")
         assert one > 0
         assert await commit_creating(50, "b") == one
+
+    async def test_a_commit_checks_and_bumps_every_key_in_one_version_statement(self, store: Store) -> None:
+        """Keys read and keys written are locked, checked and bumped together: one statement, not one to lock and one to bump."""
+        read_only = await create(store, {"n": 1}, ROOM)
+        written = await create(store, {"n": 2}, TOTAL)
+        before = await key_versions_of(store)
+        statements: list[str] = []
+
+        def seen(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
+            statements.append(statement)
+
+        unit = UnitOfWork(store)
+        assert await unit.read_by_associations(APP, [ROOM])
+        await unit.update_by_associations(APP, [TOTAL], {"n": 3}, upsert=False)
+        event.listen(store.engine.sync_engine, "before_cursor_execute", seen)
+        try:
+            await store.commit(unit)
+        finally:
+            event.remove(store.engine.sync_engine, "before_cursor_execute", seen)
+        assert len([s for s in statements if "key_versions" in s]) == 1
+        after = await key_versions_of(store)
+        assert after[f"id:{read_only}"] == before[f"id:{read_only}"]
+        assert after[f"id:{written}"] == before[f"id:{written}"] + 1
 
     async def test_a_prefetch_reads_many_rooms_in_one_round_trip_and_answers_their_queries(self, store: Store) -> None:
         """After one read of fifty rooms, what a handler asks of each room (alone, or with a user) costs nothing more."""

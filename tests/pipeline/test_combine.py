@@ -140,6 +140,22 @@ class TestCombiner:
         assert (await counts(store))["misc:message-count"] == 12
         assert await store.stored_offsets(GROUP, TOPIC) == {0: 4, 1: 4, 2: 4}
 
+    async def test_batches_handed_in_by_tasks_started_together_run_as_one_unit(self, store: Store) -> None:
+        """The first to start waits a step for the others, rather than taking the turn alone and leaving them a second unit."""
+        claims = await fences(store, [0, 1, 2])
+        combiner = Combiner(dispatcher(store, instantiate(MessageCount, "message-count", {})))
+        units: list[int] = []
+        together = combiner.dispatcher.dispatch_together
+
+        async def counted(parts: Any, *args: Any) -> Any:
+            units.append(len(parts))
+            return await together(parts, *args)
+
+        combiner.dispatcher.dispatch_together = counted  # type: ignore[method-assign]
+        await asyncio.gather(*(combiner.dispatch(batch(p, 0, 2), claims[p], snapshot=Snapshot()) for p in range(3)))
+        assert units == [3]
+        assert (await counts(store))["misc:message-count"] == 6
+
     async def test_each_failure_of_a_handler_that_left_the_unit_is_reported_once(self, store: Store) -> None:
         """The failure in the shared unit and the one in its lone run each reach handler_failed, with their attempt."""
 
@@ -254,4 +270,28 @@ async def test_a_batch_in_many_new_rooms_costs_as_many_round_trips_as_one_in_few
 
     few = await round_trips(1, 2)
     assert await round_trips(3, 40) == few
+    assert (await counts(store))["misc:message-count"] == 43
+
+
+async def test_a_first_batch_in_many_new_rooms_costs_as_many_round_trips_as_one_in_few(store: Store) -> None:
+    """Before the dispatcher has learned that message-count reads rooms, its first room read reads all of the batch's rooms."""
+    claims = await fences(store, [0, 1, 2])
+    # The global counter exists before either batch, so both update it rather than one creating it.
+    await dispatcher(store, instantiate(MessageCount, "message-count", {})).dispatch(
+        [record(2, 0, "warm-up")], claims[2], snapshot=Snapshot()
+    )
+    counted: list[int] = []
+    store.count_round_trips(counted.append)
+
+    async def round_trips(partition: int, rooms: int) -> int:
+        count = dispatcher(store, instantiate(MessageCount, "message-count", {}))  # nothing learned yet
+        counted.clear()
+        records = [record(partition, n, f"first-{partition}-{n}") for n in range(rooms)]
+        result = await count.dispatch(records, claims[partition], snapshot=Snapshot())
+        assert result.processed == rooms
+        assert count.room_readers == {"message-count"}
+        return sum(counted)
+
+    few = await round_trips(0, 2)
+    assert await round_trips(1, 40) == few
     assert (await counts(store))["misc:message-count"] == 43

@@ -10,6 +10,7 @@ database directly: misses go through the :class:`Loader` the store provides.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,10 @@ class UnitOfWork:
     # Apps that read all of a room's records (directly, or to answer a query in the room):
     # the dispatcher prefetches the rooms of their next batch (see prefetch).
     room_readers: set[str] = field(default_factory=set)
+    # The rooms of this unit's events (set by the dispatcher), and the apps they were read
+    # ahead for: an app's first read of one of them reads them all (see _load_query).
+    rooms_ahead: frozenset[str] = frozenset()
+    read_ahead: set[str] = field(default_factory=set)
     _indexes: dict[tuple[str, tuple[str, ...]], dict[str, list[StoredRecord]]] = field(default_factory=dict)
     staged: dict[RecordRef, StoredRecord | None] = field(default_factory=dict)
     created: set[RecordRef] = field(default_factory=set)
@@ -150,6 +155,14 @@ class UnitOfWork:
 
     async def _load_query(self, query: tuple[str, tuple[str, ...]]) -> None:
         app_id, wanted = query
+        if len(wanted) == 1 and wanted[0] in self.rooms_ahead and app_id not in self.read_ahead:
+            # The app reads rooms, and the dispatcher had not learned it yet (a worker's or a
+            # replay's first unit): read all of the unit's rooms now rather than one per event.
+            self.room_readers.add(app_id)
+            with contextlib.suppress(InvalidDataError):  # another room's id: this read is fine alone
+                await self.prefetch(app_id, sorted(self.rooms_ahead))
+            if query in self.queries:
+                return
         key = guard_key(app_id, wanted)
         versions, rows = await self._guard(self.loader.load_by_associations(self._unseen([key]), app_id, wanted))
         self._remember(versions, rows, app_id)
@@ -165,6 +178,7 @@ class UnitOfWork:
         of its records first: the reads are checked at commit like any other. A batch of
         events in many rooms then costs one read, not one per room seen for the first time.
         """
+        self.read_ahead.add(app_id)
         missing = [a for a in associations if (app_id, (a,)) not in self.queries and not self._adopt_query((app_id, (a,)))]
         if not missing:
             return

@@ -68,31 +68,32 @@ class UnitWrites:
         return new_versions
 
     async def _check_and_bump(self, conn: AsyncConnection, unit: UnitOfWork) -> dict[Key, int]:
-        """Lock every key read or written in one global order, check those read, bump those written.
+        """Lock every key read or written in one global order, bump those written, check those read.
 
-        Two statements whatever the keys: the first locks (creating absent ones at version
-        0) and returns them all, so the checks are made here; the second bumps the written
-        ones, already locked. One statement per run of keys of the same kind, as it was,
-        cost a round trip per run, and a unit's keys of different kinds interleave.
+        One statement whatever the keys: each row is upserted with its increment (1 if
+        written, else 0), which locks it, creates an absent one, and returns its version
+        after the bump; a key read is unchanged if that version, less its increment, is the
+        one read. A conflict raises, and the transaction's rollback undoes the bumps. Locking
+        first and bumping in a second statement cost a round trip more per unit (on SQLite
+        through aiosqlite, four thread hops); one statement per run of keys of the same kind,
+        before that, cost one per run.
         """
-        keys = sorted(unit.seen.keys() | unit.written)
+        written = unit.written
+        keys = sorted(unit.seen.keys() | written)
         if not keys:
             return {}
         # executemany: SQLAlchemy sends these as multi-row statements ("insertmanyvalues")
         # compiled once and cached, instead of compiling a new VALUES list every batch. On
         # PostgreSQL the rows are taken in VALUES order: every commit locks in key order.
-        result = await conn.execute(self.lock_statement, [{"app_id": app, "key": key, "version": 0} for app, key in keys])
+        rows = [{"app_id": app, "key": key, "version": int((app, key) in written)} for app, key in keys]
+        result = await conn.execute(self._bump_statement, rows)
         versions = {(row.app_id, row.key): row.version for row in result}
-        changed = sorted(key for key, seen in unit.seen.items() if versions[key] != seen)
+        changed = sorted(key for key, seen in unit.seen.items() if versions[key] - (key in written) != seen)
         if changed:
             raise VersionConflict(
                 f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}",
                 keys=frozenset(changed),
             )
-        written = sorted(unit.written)
-        if written:
-            bumped = await conn.execute(self._bump_statement, [{"app_id": app, "key": key, "version": 1} for app, key in written])
-            versions.update({(row.app_id, row.key): row.version for row in bumped})
         return versions
 
     async def _write_records(self, conn: AsyncConnection, unit: UnitOfWork, new_versions: dict[Key, int]) -> None:
@@ -205,7 +206,7 @@ class UnitWrites:
             )
 
     def _version_statements(self) -> tuple[Any, Any]:
-        """Two upserts of ``key_versions``: lock-and-read, and bump."""
+        """Two upserts of ``key_versions``: lock-and-read (the locked session's), and lock-bump-and-read (a commit's)."""
         returning = (key_versions.c.app_id, key_versions.c.key, key_versions.c.version)
         index = [key_versions.c.app_id, key_versions.c.key]
         # Lock a version row, creating it (version 0) if absent, and return its version, in
@@ -214,8 +215,10 @@ class UnitWrites:
         # row is version 0, so "nothing there yet" is checked like any other version.
         lock = dialect_insert(self.is_sqlite, key_versions)
         lock_statement = lock.on_conflict_do_update(index_elements=index, set_={"version": key_versions.c.version}).returning(*returning)
+        # Lock, create and bump in one: the inserted version is the increment (0 or 1), and
+        # an existing row adds it, so a key read but not written is locked and left as it is.
         bump = dialect_insert(self.is_sqlite, key_versions)
-        bump_statement = bump.on_conflict_do_update(index_elements=index, set_={"version": key_versions.c.version + 1}).returning(
-            *returning
-        )
+        bump_statement = bump.on_conflict_do_update(
+            index_elements=index, set_={"version": key_versions.c.version + bump.excluded.version}
+        ).returning(*returning)
         return lock_statement, bump_statement

@@ -62,6 +62,10 @@ class Combiner:
         """
         request = _Request(Part(records, fence))
         self._waiting.append(request)
+        # One step of the loop before taking the turn: the lanes one fetch woke (a replay's
+        # tasks, created together) hand theirs in first. Without it, the first to run found
+        # the turn free and ran its batch alone, and the rest waited to run as a second unit.
+        await asyncio.sleep(0)
         async with self._turn:
             if not request.future.done():
                 taken, self._waiting = self._waiting, []

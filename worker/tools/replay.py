@@ -17,7 +17,7 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 
 import orjson
 import structlog
@@ -132,7 +132,7 @@ class Replay:
         reader.assign({p: spans[p].start for p in remaining})
         stall = _Stall(self.kafka.topic)
         while remaining:
-            fetched = await reader.fetch(remaining, self.kafka.fetch_timeout_ms, self.kafka.max_batch_records)
+            fetched = await gather(reader, remaining, self.kafka.fetch_timeout_ms, self.kafka.max_batch_records)
             batches = _within(fetched, remaining)
             await self._dispatch_all(batches)
             for partition in list(remaining):
@@ -264,6 +264,21 @@ class _Stall:
                 f"no records of {self.topic} arrived for {STALL_TIMEOUT_S:g}s though partitions {sorted(remaining)} "
                 "have not reached their end; is the broker healthy, or were records deleted meanwhile?"
             )
+
+
+async def gather(reader: PartitionReader, partitions: Collection[int], timeout_ms: int, batch: int) -> dict[int, list[RawRecord]]:
+    """Up to a batch of each partition's records: what the first to have some brings, then what the others hold already.
+
+    One fetch of ``batch`` records in all drained one partition at a time (the consumer's
+    buffer holds far more than a batch of each), so every unit was one partition's batch,
+    smaller than a live worker's, and the replay ran slower per event than one worker. The
+    further fetches do not wait: they take what the consumer has buffered.
+    """
+    fetched = await reader.fetch(partitions, timeout_ms, batch)
+    for partition in partitions:
+        if partition not in fetched:
+            fetched.update(await reader.fetch([partition], 0, batch))
+    return fetched
 
 
 def _within(fetched: dict[int, list[RawRecord]], ends: dict[int, int]) -> dict[int, list[RawRecord]]:
