@@ -40,6 +40,8 @@ MENTIONS = "mentions"
 POLL_S = 0.05
 # The worker's counter of database round trips (statements, BEGIN and COMMIT) on /metrics.
 ROUND_TRIPS_METRIC = "rc_worker_db_round_trips_total"
+# Units of work committed: each commit is one, however many partitions' batches it holds.
+UNITS_METRIC = 'rc_worker_commit_duration_seconds_count{outcome="committed"}'
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -217,6 +219,7 @@ class Progress:
     first_cpu_s: float | None = None
     done_cpu_s: float | None = None
     round_trips: float | None = None  # the workers' database round trips when the poll ended
+    units: float | None = None  # the workers' units of work committed when the poll ended
 
     def rate(self) -> float | None:
         """Events/s from the first poll that saw progress to the last poll."""
@@ -276,6 +279,7 @@ async def wait_for_count(
             progress.done_at, progress.done_count, progress.capped = now, count, count < total
             progress.done_cpu_s = workers_cpu_s(workers)
             progress.round_trips = await asyncio.to_thread(workers_metric, workers, ROUND_TRIPS_METRIC)
+            progress.units = await asyncio.to_thread(workers_metric, workers, UNITS_METRIC)
             return progress
         if count != last:
             last_change, last = now, count
@@ -410,13 +414,18 @@ def batch_stats(workers: list[WorkerProcess], event: str = "batch_committed") ->
 
 
 def cost(progress: Progress, workers: list[WorkerProcess]) -> dict[str, Any]:
-    """CPU per event, and database round trips per unit of work (a committed batch), if the workers count them."""
-    batches = batch_stats(workers)["batches"]
-    trips = progress.round_trips
+    """CPU per event, and database round trips per unit of work committed, if the workers count them.
+
+    A unit holds the batches of every partition its worker handed in together, so the
+    committed batches (one log line each) are not the units: they overstate them and
+    understate the round trips each unit costs.
+    """
+    trips, units = progress.round_trips, progress.units
     return {
         "cpu_us_per_event": progress.cpu_us_per_event(),
         "round_trips": trips,
-        "round_trips_per_unit": trips / batches if trips is not None and batches else None,
+        "units": units,
+        "round_trips_per_unit": trips / units if trips is not None and units else None,
     }
 
 

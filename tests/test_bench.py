@@ -63,6 +63,15 @@ class TestQuickRun:
         for name in QUICK_SCENARIOS:
             assert results[name]["x_ceiling"] == pytest.approx(results[name]["rate"] / ceiling)
 
+    def test_counts_round_trips_per_unit_of_work_committed_not_per_batch(self, quick_run: dict[str, Any]) -> None:
+        """RT/unit divides by the units the workers committed, which may each hold several partitions' batches."""
+        results = {r["scenario"]: r for r in quick_run["json"]["results"]}
+        for name in ("rc-worker SQLite x1", "rc-worker PostgreSQL x1"):
+            extra = results[name]["extra"]
+            assert extra["units"] > 0
+            assert extra["units"] <= extra["batches"]
+            assert extra["round_trips_per_unit"] == pytest.approx(extra["round_trips"] / extra["units"])
+
 
 class TestTable:
     def test_lost_counts_fail_the_scenario(self) -> None:
