@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -72,18 +72,21 @@ class WorkerProcess:
             return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
         return None
 
-    def metric(self, name: str) -> float | None:
-        """The value of ``name`` on the worker's /metrics (summed over labels), if it serves it."""
+    def metrics(self, names: Sequence[str]) -> dict[str, float | None]:
+        """Each of ``names`` on one read of the worker's /metrics (summed over labels), or None where it serves none."""
+        found: dict[str, float | None] = dict.fromkeys(names)
         listening = self.log_lines("observability_listening")
         if not listening:
-            return None
+            return found
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{listening[-1]['port']}/metrics", timeout=5) as response:
-                text = response.read().decode()
+                lines = response.read().decode().splitlines()
         except OSError:
-            return None
-        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{"))]
-        return sum(values) if values else None
+            return found
+        for name in names:
+            values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((name + " ", name + "{"))]
+            found[name] = sum(values) if values else None
+        return found
 
     def log_lines(self, event: str | None = None) -> list[dict[str, Any]]:
         """The JSON log lines (optionally only those named ``event``)."""
@@ -241,10 +244,14 @@ def workers_cpu_s(workers: list[WorkerProcess]) -> float | None:
     return None if any(t is None for t in times) else sum(t for t in times if t is not None)
 
 
-def workers_metric(workers: list[WorkerProcess], name: str) -> float | None:
-    """``name`` summed over every worker's /metrics; None unless every worker serves it."""
-    values = [w.metric(name) for w in workers]
-    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+def workers_metrics(workers: list[WorkerProcess], names: Sequence[str]) -> dict[str, float | None]:
+    """Each of ``names`` summed over every worker's /metrics, read once per worker; None unless every worker serves it."""
+    read = [w.metrics(names) for w in workers]
+    totals: dict[str, float | None] = {}
+    for name in names:
+        values = [found[name] for found in read]
+        totals[name] = None if any(v is None for v in values) else sum(v for v in values if v is not None)
+    return totals
 
 
 async def wait_for_count(
@@ -278,8 +285,9 @@ async def wait_for_count(
         if count >= total or (progress.first_at and now - progress.first_at >= cap_s):
             progress.done_at, progress.done_count, progress.capped = now, count, count < total
             progress.done_cpu_s = workers_cpu_s(workers)
-            progress.round_trips = await asyncio.to_thread(workers_metric, workers, ROUND_TRIPS_METRIC)
-            progress.units = await asyncio.to_thread(workers_metric, workers, UNITS_METRIC)
+            # One read of each worker's counters, so the round trips and the units are of the same moment.
+            counted = await asyncio.to_thread(workers_metrics, workers, (ROUND_TRIPS_METRIC, UNITS_METRIC))
+            progress.round_trips, progress.units = counted[ROUND_TRIPS_METRIC], counted[UNITS_METRIC]
             return progress
         if count != last:
             last_change, last = now, count

@@ -309,8 +309,12 @@ class Dispatcher:
         # One read for the rooms of the whole batch instead of one per room on its first
         # event (see UnitOfWork.prefetch); learned, so an app that never reads a room costs
         # nothing. An app not learned yet reads them all at its first room read in the unit.
-        rooms = sorted({ROOM_PREFIX + item.message.room.id for item in items if isinstance(item, Event) and item.message is not None})
-        unit.rooms_ahead = frozenset(rooms)  # for an app not yet known to read rooms
+        unit.rooms_ahead = frozenset(
+            ROOM_PREFIX + item.message.room.id for item in items if isinstance(item, Event) and item.message is not None
+        )
+        if not self.room_readers:
+            return
+        rooms = sorted(unit.rooms_ahead)
         for app_id in sorted(self.room_readers):
             try:
                 await unit.prefetch(app_id, rooms)
