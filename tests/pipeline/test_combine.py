@@ -231,6 +231,116 @@ class TestHotKeys:
         assert [(r.locked, r.conflicts) for r in results.values()] == [(True, 0)]
         assert (await counts(store))["misc:message-count"] == 7
 
+    @pytest.mark.postgres
+    async def test_apps_without_a_hot_key_run_before_the_locks_so_other_workers_count_meanwhile(self, postgres_url: str) -> None:
+        """While the other apps run, another worker commits to the hot counter without waiting; the hot app then reads it, locked."""
+        from tests.support import store_for
+
+        async with store_for(postgres_url) as store, store_for(postgres_url) as other:
+            claims = await fences(store, [0])
+            elsewhere = dispatcher(other, instantiate(MessageCount, "message-count", {}))
+            runs: list[str] = []
+
+            class Meanwhile(App):
+                async def execute_post_message_sent(self, message: Message, read: Any, http: Any, persistence: Any, modify: Any) -> None:
+                    runs.append(f"meanwhile {message.id}")
+                    # Another worker's unit commits (optimistically, with a lock timeout) now.
+                    await asyncio.wait_for(elsewhere.dispatch([record(5, len(runs), "room-5")], None), 30)
+
+            class Counting(MessageCount):
+                async def execute_post_message_sent(self, message: Message, read: Any, http: Any, persistence: Any, modify: Any) -> None:
+                    runs.append(f"count {message.id}")
+                    await super().execute_post_message_sent(message, read, http, persistence, modify)
+
+            count = dispatcher(store, instantiate(Counting, "message-count", {}), instantiate(Meanwhile, "meanwhile", {}))
+            hot = {("message-count", "as:misc:message-count")}
+            results = await count.dispatch_together([Part(batch(0, 0, 2), claims[0])], Snapshot(), hot)
+            assert [(r.processed, r.locked, r.conflicts) for r in results.values()] == [(2, True, 0)]
+            assert runs == ["meanwhile m-0-0", "meanwhile m-0-1", "count m-0-0", "count m-0-1"]
+            assert (await counts(store))["misc:message-count"] == 4  # two of its own, two of the other worker's
+            assert results[0].outcomes == Counter({("message-count", "processed"): 2, ("meanwhile", "processed"): 2})
+
+    @pytest.mark.postgres
+    async def test_the_hot_keys_are_locked_in_one_statement_with_what_the_other_apps_read_and_wrote(
+        self, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Mentions' app-global keys are taken in key order with the hot counter, not after it: no worker holds one while waiting for the other."""
+        from tests.support import store_for
+        from worker.persistence.store import LockedSession
+
+        statements: list[list[tuple[str, str]]] = []
+        lock = LockedSession.lock
+
+        async def recorded(session: LockedSession, keys: Any) -> dict[tuple[str, str], int]:
+            statements.append(sorted(set(keys)))
+            return await lock(session, keys)
+
+        monkeypatch.setattr(LockedSession, "lock", recorded)
+        async with store_for(postgres_url) as store:
+            claims = await fences(store, [0])
+            count = dispatcher(store, instantiate(MessageCount, "message-count", {}), instantiate(Mentions, "mentions", {}))
+            hot = {("message-count", "as:misc:message-count")}
+            results = await count.dispatch_together([Part(batch(0, 0, 2, text="hi @bob"), claims[0])], Snapshot(), hot)
+            assert [(r.processed, r.conflicts) for r in results.values()] == [(2, 0)]
+            first = statements[0]
+            assert ("message-count", "as:misc:message-count") in first
+            assert {("mentions", "as:misc:unread-mentions"), ("mentions", "as:user:bob")} <= set(first)
+
+    @pytest.mark.postgres
+    async def test_a_unit_run_in_two_passes_stages_its_commands_in_event_order(self, postgres_url: str) -> None:
+        """The hot app's commands and the others' interleave per event, in app order, as in one pass."""
+        from tests.support import store_for
+
+        class Tagging(MessageCount):
+            async def execute_post_message_sent(self, message: Message, read: Any, http: Any, persistence: Any, modify: Any) -> None:
+                await super().execute_post_message_sent(message, read, http, persistence, modify)
+                updater = modify.get_updater()
+                await updater.finish(updater.message(message.id).add_custom_field("counted", True))
+
+        async with store_for(postgres_url) as store:
+            claims = await fences(store, [0])
+            count = dispatcher(
+                store,
+                instantiate(Tagging, "message-count", {}),
+                instantiate(Mentions, "mentions", {"reset_on_post": False}),
+            )
+            hot = {("message-count", "as:misc:message-count")}
+            results = await count.dispatch_together([Part(batch(0, 0, 3, text="hi @bob"), claims[0])], Snapshot(), hot)
+            assert [r.staged_outbox for r in results.values()] == [6]
+            pending = await store.pending_outbox(TOPIC, 0, 10)
+            assert [orjson.loads(p.message.value)["id"] for p in pending] == [
+                f"//t/e-0-{n}/{app}/0" for n in range(3) for app in ("message-count", "mentions")
+            ]
+
+    @pytest.mark.postgres
+    async def test_a_hot_app_that_must_wait_takes_its_partition_out_of_the_unit_whole(self, postgres_url: str) -> None:
+        """The other apps already ran past its event, so the partition runs again alone; the rest commits and nothing doubles."""
+        from tests.support import store_for
+
+        class FlakyCount(MessageCount):
+            failed = False
+
+            async def execute_post_message_sent(self, message: Message, read: Any, http: Any, persistence: Any, modify: Any) -> None:
+                if message.id == "m-1-1" and not FlakyCount.failed:
+                    FlakyCount.failed = True
+                    raise ValueError("not yet")
+                await super().execute_post_message_sent(message, read, http, persistence, modify)
+
+        async with store_for(postgres_url) as store:
+            claims = await fences(store, [0, 1])
+            combiner = Combiner(
+                dispatcher(store, instantiate(FlakyCount, "message-count", {}), instantiate(Mentions, "mentions", {"reset_on_post": False}))
+            )
+            combiner.hot.add(("message-count", "as:misc:message-count"))
+            results = await asyncio.gather(
+                *(combiner.dispatch(batch(p, 0, 3, text="hi @bob"), claims[p], snapshot=Snapshot()) for p in (0, 1))
+            )
+            assert [(r.next_offset, r.processed) for r in results] == [(3, 3), (3, 3)]
+            assert await counts(store) == {"misc:message-count": 6, "room:room-0": 3, "room:room-1": 3}
+            unread = [orjson.loads(r.data) for r in await store.app_records("mentions")]
+            assert sorted(u["count"] for u in unread) == [3, 3]
+            assert await store.stored_offsets(GROUP, TOPIC) == {0: 3, 1: 3}
+
     async def test_on_sqlite_hot_keys_never_hold_the_database_while_handlers_run(self, sqlite_url: str) -> None:
         """Locking a key on SQLite locks the whole file: a handler's own write elsewhere must not wait on it."""
         from tests.support import store_for

@@ -13,8 +13,9 @@ unit (``dispatch_together``, driven by ``combine``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import structlog
@@ -29,8 +30,9 @@ from worker.errors import DataError, DecodeError, InvalidDataError, VersionConfl
 from worker.events import Event, RawRecord
 from worker.logs import current_event
 from worker.persistence.keys import ROOM_PREFIX, Key, Marker
+from worker.persistence.records import OutboxMessage
 from worker.persistence.snapshot import Snapshot
-from worker.persistence.store import Fence, Store
+from worker.persistence.store import Fence, LockedSession, Store
 from worker.persistence.unit import UnitOfWork
 from worker.pipeline.apprun import Backoff, BatchRun, HandlerFailures, Surroundings, Topics
 from worker.pipeline.dead_letters import dead_letter
@@ -41,6 +43,14 @@ from worker.pipeline.tally import BatchResult
 
 log = structlog.get_logger("worker.dispatch")
 _R = TypeVar("_R")
+
+
+@dataclass(frozen=True, slots=True)
+class Passes:
+    """A locked unit's two passes over its events: the apps ``later`` run after ``between`` has locked the hot keys."""
+
+    later: frozenset[str]  # the apps that own a hot key
+    between: Callable[[], Awaitable[None]]
 
 
 class ConflictsExhausted(WorkerError):
@@ -76,6 +86,7 @@ class Dispatcher:
         # Apps seen reading all of a room's records: their next batches' rooms are read ahead.
         self.room_readers: set[str] = set()
         self._taking: dict[str, list[App]] = {}  # the apps that take each event type, asked once
+        self._ranks: dict[str, int] | None = None  # each app's place in ``apps``
 
     async def dispatch(
         self,
@@ -187,14 +198,11 @@ class Dispatcher:
         snapshot: Snapshot,
         locked: bool,
         advances: Callable[[], Advances],
-        hot: Collection[Key] = (),
     ) -> tuple[_R, UnitOfWork]:
         """Run ``run`` in a fresh unit and commit it with the offsets ``advances`` gives after the run.
 
-        Optimistic, or ``locked`` (see below); locked with ``hot`` keys, those are locked first.
+        Optimistic, or ``locked`` (see below); with hot keys, see ``_attempt_hot``.
         """
-        if locked and hot and not self.store.is_sqlite:
-            return await self._attempt_hot(run, snapshot, advances, hot)
         unit = UnitOfWork(self.store, snapshot)
         result = await run(unit)
         if not locked:
@@ -216,19 +224,40 @@ class Dispatcher:
         return result, unit
 
     async def _attempt_hot(
-        self, run: Callable[[UnitOfWork], Awaitable[_R]], snapshot: Snapshot, advances: Callable[[], Advances], hot: Collection[Key]
+        self, run: Callable[[UnitOfWork, Passes], Awaitable[_R]], snapshot: Snapshot, advances: Callable[[], Advances], hot: Collection[Key]
     ) -> tuple[_R, UnitOfWork]:
-        # Keys that other workers keep changing (an app-global counter) are locked before the
-        # run, in one statement in key order: the handlers then run once, never again because
-        # a hot key changed under them. Lockers of the same hot keys queue on them, so the
-        # keys each takes later cannot deadlock with another's.
-        async with self.store.session() as session:
-            current = await session.lock(sorted(hot))
-            snapshot.forget([key for key in hot if snapshot.versions.get(key) != current[key]])
-            unit = UnitOfWork(session, snapshot)
-            result = await run(unit)
+        # Keys that other workers keep changing (an app-global counter) are locked, in one
+        # statement in key order, before the apps that own them run: those run once, never
+        # again because a hot key changed under them. Lockers of the same hot keys queue on
+        # them, so the keys each takes later cannot deadlock with another's. The other apps
+        # run first, before the locks: the workers take turns only for the hot apps' runs
+        # and the commit, not for the whole unit.
+        async with contextlib.AsyncExitStack() as stack:
+            unit = UnitOfWork(self.store, snapshot)
+            sessions: list[LockedSession] = []
+
+            async def take_locks() -> None:
+                if sessions:
+                    return
+                session = await stack.enter_async_context(self.store.session())
+                # With what the other apps read and wrote (an app-global key of theirs too), in
+                # one statement in key order, as every locker takes them: lockers queue, and
+                # never hold one of those while waiting for a hot key another holds.
+                current = await session.lock(set(hot) | unit.seen.keys() | unit.written)
+                changed = sorted(key for key, version in unit.seen.items() if current[key] != version)
+                if changed:  # they read something another worker changed since: run it all again, knowing that
+                    raise VersionConflict(
+                        f"{len(changed)} key(s) changed since read, first {changed[0][1]!r} of app {changed[0][0]!r}",
+                        keys=frozenset(changed),
+                    )
+                snapshot.forget([key for key in hot if snapshot.versions.get(key) != current[key]])
+                unit.loader = session  # what the hot apps read now is read, and locked, in the session
+                sessions.append(session)
+
+            result = await run(unit, Passes(frozenset(app_id for app_id, _ in hot), take_locks))
+            await take_locks()
             with self.hooks.commit():
-                new_versions = await session.commit(unit, *advances())
+                new_versions = await sessions[0].commit(unit, *advances())
         snapshot.absorb(unit, new_versions)
         self.room_readers |= unit.room_readers
         return result, unit
@@ -242,7 +271,8 @@ class Dispatcher:
         app-global counter): their batches take turns in one unit, reading each other's
         writes. Conflicts with other workers run the unit again, locked after the first; the
         keys they conflicted on join ``hot``, which (kept by the caller from unit to unit) are
-        locked before the handlers run, so that they run once. Returns each committed part's
+        locked before the handlers of the apps that own them run, so that those run once, and
+        after the other apps' runs (see ``_attempt_hot``). Returns each committed part's
         result by its index in ``parts``; a part left out failed a handler that must back off
         before its next try, and must be dispatched on its own (with its ``failures``), so
         that its wait holds up no other partition.
@@ -255,14 +285,14 @@ class Dispatcher:
         remaining, conflicts, hot = list(range(len(parts))), 0, set() if hot is None else hot
         while remaining:
             hold = conflicts > 0 or bool(hot)
+            advances = lambda: advances_of([parts[i] for i in remaining])  # after the run, which may cut parts
             try:
-                results, _ = await self._attempt(
-                    lambda unit: self._run_parts(unit, parts, remaining),
-                    snapshot,
-                    hold,
-                    lambda: advances_of([parts[i] for i in remaining]),
-                    hot,
-                )
+                if hot and not self.store.is_sqlite:
+                    results, _ = await self._attempt_hot(
+                        lambda unit, passes: self._run_parts(unit, parts, remaining, passes), snapshot, advances, hot
+                    )
+                else:
+                    results, _ = await self._attempt(lambda unit: self._run_parts(unit, parts, remaining), snapshot, hold, advances)
             except Backoff as exc:
                 remaining.remove(exc.part)
                 continue
@@ -283,16 +313,22 @@ class Dispatcher:
             return results
         return {}
 
-    async def _run_parts(self, unit: UnitOfWork, parts: Sequence[Part], indexes: Sequence[int]) -> dict[int, BatchResult]:
+    async def _run_parts(
+        self, unit: UnitOfWork, parts: Sequence[Part], indexes: Sequence[int], passes: Passes | None = None
+    ) -> dict[int, BatchResult]:
         done = await unit.already_processed([marker for i in indexes for marker in self._markers(parts[i].decoded)])
         await self._prefetch(unit, [item for i in indexes for _, item in parts[i].decoded])
         results: dict[int, BatchResult] = {}
+        staged: dict[int, list[tuple[int, OutboxMessage]]] = {}  # each part's outbox, by the index of the event that staged it
+        later = passes.later if passes is not None else None
         for index in indexes:
             part = parts[index]
             part.upto = len(part.records)
-            before = len(unit.outbox)
+            before, tags = len(unit.outbox), list[int]()
             try:
-                results[index] = await self._run(unit, part.decoded, part.next_offset, part.failures, done=done, alone=False)
+                results[index] = await self._run(
+                    unit, part.decoded, part.next_offset, part.failures, done=done, alone=False, later=later, tags=tags
+                )
             except Backoff as exc:
                 if exc.result is None or not exc.done:
                     exc.part = index
@@ -300,10 +336,48 @@ class Dispatcher:
                 part.upto = exc.done
                 results[index] = exc.result
                 results[index].next_offset = part.next_offset
-            if part.fence is not None:
-                unit.outbox[before:] = [replace(m, source_partition=part.fence.partition) for m in unit.outbox[before:]]
-            results[index].staged_outbox = len(unit.outbox) - before
+            staged[index] = list(zip(tags, unit.outbox[before:], strict=True))
+            del unit.outbox[before:]
+        if passes is not None:
+            await passes.between()
+            for index in indexes:
+                part = parts[index]
+                before, tags = len(unit.outbox), list[int]()
+                try:
+                    second = await self._run(
+                        unit,
+                        part.decoded[: part.upto],
+                        part.next_offset,
+                        part.failures,
+                        done=done,
+                        alone=False,
+                        later=later,
+                        second=True,
+                        tags=tags,
+                    )
+                except Backoff as exc:
+                    # Its other apps have run past this event, and cannot be undone alone: the
+                    # part leaves the unit whole, and runs again on its own after its wait.
+                    exc.part, exc.done, exc.result = index, 0, None
+                    raise
+                results[index].add(second)
+                staged[index] += zip(tags, unit.outbox[before:], strict=True)
+                del unit.outbox[before:]
+        for index in indexes:
+            # In event order, and each event's in app order, as one pass would have staged them.
+            messages = [m for _, m in sorted(staged[index], key=lambda tagged: (tagged[0], self._rank(tagged[1].app_id)))]
+            fence = parts[index].fence
+            if fence is not None:
+                messages = [replace(m, source_partition=fence.partition) for m in messages]
+            unit.outbox += messages
+            results[index].staged_outbox = len(messages)
         return results
+
+    def _rank(self, app_id: str | None) -> int:
+        ranks = self._ranks
+        if ranks is None:
+            ranks = self._ranks = {app.id: rank for rank, app in enumerate(self.apps)}
+        return ranks.get(app_id, -1) if app_id is not None else -1
 
     async def _prefetch(self, unit: UnitOfWork, items: Sequence[Event | DecodeError]) -> None:
         # One read for the rooms of the whole batch instead of one per room on its first
@@ -383,7 +457,16 @@ class Dispatcher:
         *,
         done: set[Marker] | None = None,
         alone: bool = True,
+        later: frozenset[str] | None = None,
+        second: bool = False,
+        tags: list[int] | None = None,
     ) -> BatchResult:
+        """One pass of ``decoded`` through the apps, or two (see ``_attempt_hot``).
+
+        With ``later``, the first pass runs the apps not in it (and counts each event, and
+        dead-letters the undecodable), the ``second`` the apps in it. ``tags`` gets the
+        index of the event that staged each outbox record, in order.
+        """
         result = BatchResult(next_offset)
         if done is None:
             done = await unit.already_processed(self._markers(decoded))
@@ -395,38 +478,43 @@ class Dispatcher:
         context = current_event.set(None)
         try:
             for index, (record, item) in enumerate(decoded):
+                staged = len(unit.outbox)
                 if isinstance(item, DecodeError):
-                    with bound_contextvars(offset=record.offset):
-                        log.warning("record_invalid", reason=item.reason)
-                    unit.publish(dead_letter(record, self.topics.dead_letter, item.reason, stage="decode"))
-                    result.dead_lettered += 1
-                    continue
-                takers = self._takers(item)
-                if not takers:
-                    result.skipped += 1
-                    result.outcomes.update((app.id, "skipped") for app in self.apps)
-                    continue
-                current_event.set((item.record.offset, item.id))
-                with tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id):
-                    outcomes = await run.event(takers, item, done, index, result)
-                # Only once the event went through: one that backs off is counted by its next run.
-                if len(takers) < len(self.apps):
-                    result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
-                self._tally(result, outcomes)
+                    if not second:
+                        with bound_contextvars(offset=record.offset):
+                            log.warning("record_invalid", reason=item.reason)
+                        unit.publish(dead_letter(record, self.topics.dead_letter, item.reason, stage="decode"))
+                        result.dead_lettered += 1
+                elif not (takers := self._takers(item)):
+                    if not second:
+                        result.skipped += 1
+                        result.outcomes.update((app.id, "skipped") for app in self.apps)
+                else:
+                    running = takers if later is None else [app for app in takers if (app.id in later) == second]
+                    current_event.set((item.record.offset, item.id))
+                    with tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id):
+                        outcomes = await run.event(running, item, done, index, result)
+                    # Only once the event went through: one that backs off is counted by its next run.
+                    if len(takers) < len(self.apps) and not second:
+                        result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
+                    self._tally(result, outcomes, event=not second)
+                if tags is not None:
+                    tags += [index] * (len(unit.outbox) - staged)
         finally:
             current_event.reset(context)
             run.report()
         return result
 
     @staticmethod
-    def _tally(result: BatchResult, outcomes: Sequence[tuple[str, str]]) -> None:
+    def _tally(result: BatchResult, outcomes: Sequence[tuple[str, str]], *, event: bool = True) -> None:
         for app_id, outcome in outcomes:
             result.outcomes[app_id, outcome] += 1
             if outcome == "duplicate":
                 result.duplicates += 1
             else:
                 result.per_app[app_id] = result.per_app.get(app_id, 0) + 1
-        result.processed += 1
+        if event:  # not the second pass's runs of an event the first pass counted
+            result.processed += 1
 
 
 __all__ = ["ConflictsExhausted", "Dispatcher", "HandlerFailures", "Part", "Topics"]
