@@ -36,6 +36,8 @@ def text_problem(value: str, limit: int) -> str | None:
     """
     if len(value) > limit:
         return f"is {len(value)} characters long, over the limit of {limit}"
+    if value.isascii() and "\x00" not in value:
+        return None  # the common case, checked without encoding a copy
     if "\x00" in value:
         return f"holds a NUL character at {value.index(chr(0))}"
     try:

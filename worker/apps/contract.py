@@ -172,6 +172,11 @@ class App:
         return event_type in (cls.event_types if cls.event_types is not None else cls.defined_event_types())
 
 
+@functools.cache
+def _field_names(model: type[Any]) -> frozenset[str]:
+    return frozenset(model.model_fields)
+
+
 class _SettingsMapping:
     """Mapping access to a settings model (``settings["limit"]``, ``dict(settings)``), mixed into its frozen copy."""
 
@@ -182,7 +187,8 @@ class _SettingsMapping:
         return [*type(self).model_fields, *(self.model_extra or {})]  # type: ignore[attr-defined]
 
     def __getitem__(self, name: str) -> Any:
-        if name not in self.keys():
+        # Asked by handlers on every event: look the name up, rather than list every key.
+        if name not in _field_names(type(self)) and name not in (self.model_extra or {}):  # type: ignore[arg-type,attr-defined]
             raise KeyError(name)
         return getattr(self, name)
 

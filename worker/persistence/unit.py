@@ -233,11 +233,16 @@ class UnitOfWork:
                 found.append(record)
         if not self.created_by_association:
             return found
-        created = self.created_by_association.get((app_id, guard_association(wanted)))
-        if not created:
-            return found
+        # A record created here with all of ``wanted`` is in the index of each: look through
+        # the smallest (one user's in a room, not the room's), and at none if one is empty.
+        created: set[str] = set()
+        for position, association in enumerate(wanted):
+            ids = self.created_by_association.get((app_id, association))
+            if not ids:
+                return found
+            if not position or len(ids) < len(created):
+                created = ids
         from_database = set(self.queries[query])
-        # Through the guard's index: it has the fewest records (a room's, not every unread one).
         for record_id in sorted(created):
             record = self.staged.get((app_id, record_id))
             if record is not None and wanted_set.issubset(record.associations) and record_id not in from_database:
