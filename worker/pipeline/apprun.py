@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
+from structlog.contextvars import bound_contextvars
 
 from worker import tracing
 from worker.apps.contract import App, Read
@@ -25,8 +26,9 @@ from worker.apps.modify import Modify
 from worker.apps.persistence import PersistenceReader, PersistenceWriter
 from worker.apps.readers import Directory
 from worker.config import ProcessingSettings
-from worker.errors import FencedError, PersistenceError, UnawaitedCallError, VersionConflict
-from worker.events import Event
+from worker.errors import DecodeError, FencedError, PersistenceError, UnawaitedCallError, VersionConflict
+from worker.events import Event, RawRecord
+from worker.logs import current_event
 from worker.persistence.keys import Marker
 from worker.persistence.unit import UnitOfWork
 from worker.pipeline.bounded import bounded
@@ -36,6 +38,9 @@ from worker.pipeline.retry import backoff
 from worker.pipeline.tally import BatchResult
 
 log = structlog.get_logger("worker.dispatch")
+
+# A batch's records, each with its event or why it is none.
+Decoded = Sequence[tuple[RawRecord, Event | DecodeError]]
 
 # Handler run durations go to the hooks at most this often (and at the end of each batch),
 # not once per run: counting is per batch, and a long batch still shows progress.
@@ -94,6 +99,51 @@ class Surroundings:
     own_user_id: str | None  # the loop guard: its messages skip apps that do not opt in
 
 
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """Which apps one run of a batch's events runs: all, or one of a locked unit's two passes.
+
+    With ``later`` (the apps that own a hot key; see ``Dispatcher._attempt_hot``), the first
+    pass runs the others, counts each event and dead-letters the undecodable; the ``second``
+    runs those in ``later``. ``tags``, when given, gets the index of the event that staged
+    each outbox record, in order, so that two passes' records can be put in event order.
+    """
+
+    later: frozenset[str] | None = None
+    second: bool = False
+    tags: list[int] | None = None
+
+    def runs(self, takers: list[App]) -> list[App]:
+        """Those of an event's ``takers`` this pass runs."""
+        return takers if self.later is None else [app for app in takers if (app.id in self.later) == self.second]
+
+
+class Takers:
+    """The enabled apps, and which of them take each event type (asked once per type)."""
+
+    def __init__(self, apps: Sequence[App]) -> None:
+        self.apps = list(apps)
+        self._taking: dict[str, list[App]] = {}
+        self._ranks = {app.id: rank for rank, app in enumerate(self.apps)}
+
+    def of(self, event: Event) -> list[App]:
+        """The apps that see ``event``: those taking its type (none for system messages and other types)."""
+        if event.interface is None:
+            return []
+        found = self._taking.get(event.type)
+        if found is None:
+            found = self._taking[event.type] = [app for app in self.apps if app.takes(event.type)]
+        return found
+
+    def markers(self, decoded: Decoded) -> list[Marker]:
+        """The processed-event marker of each app that sees each event of ``decoded``."""
+        return [(app.id, item.source, item.id) for _, item in decoded if isinstance(item, Event) for app in self.of(item)]
+
+    def rank(self, app_id: str | None) -> int:
+        """The app's place among the enabled apps (-1: none, a record's dead letter)."""
+        return self._ranks.get(app_id, -1) if app_id is not None else -1
+
+
 @dataclass(slots=True)
 class BatchRun:
     """One run of a batch's events through the apps: its unit, accessors and handler timings.
@@ -109,6 +159,39 @@ class BatchRun:
     accessors: dict[str, tuple[PersistenceReader, PersistenceWriter]] = field(default_factory=dict)  # per app, made once per run
     durations: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     reported_at: float = field(default_factory=time.perf_counter)
+
+    async def events(self, decoded: Decoded, takers: Takers, done: set[Marker], result: BatchResult, passing: Pass) -> None:
+        """Every event of ``decoded`` through the apps of ``passing`` that take it, in order; tallied in ``result``."""
+        unit, apps = self.unit, takers.apps
+        # One log context for the batch: each line logged while an event runs gets its offset
+        # and id from current_event, set per event instead of binding structlog's per event.
+        context = current_event.set(None)
+        try:
+            for index, (record, item) in enumerate(decoded):
+                staged = len(unit.outbox)
+                if isinstance(item, DecodeError):
+                    if not passing.second:
+                        with bound_contextvars(offset=record.offset):
+                            log.warning("record_invalid", reason=item.reason)
+                        unit.publish(dead_letter(record, self.around.topics.dead_letter, item.reason, stage="decode"))
+                        result.dead_lettered += 1
+                elif not (taking := takers.of(item)):
+                    if not passing.second:
+                        result.skipped += 1
+                        result.outcomes.update((app.id, "skipped") for app in apps)
+                else:
+                    current_event.set((item.record.offset, item.id))
+                    with tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id):
+                        outcomes = await self.event(passing.runs(taking), item, done, index, result)
+                    # Only once the event went through: one that backs off is counted by its next run.
+                    if len(taking) < len(apps) and not passing.second:
+                        result.outcomes.update((app.id, "skipped") for app in apps if app not in taking)
+                    _tally(result, outcomes, event=not passing.second)
+                if passing.tags is not None:
+                    passing.tags.extend([index] * (len(unit.outbox) - staged))
+        finally:
+            current_event.reset(context)
+            self.report()
 
     async def event(self, takers: Sequence[App], event: Event, done: set[Marker], index: int, result: BatchResult) -> list[tuple[str, str]]:
         """Every app in ``takers`` on one event; returns (app id, outcome) of each.
@@ -244,6 +327,17 @@ class BatchRun:
         self.reported_at = time.perf_counter()
 
 
+def _tally(result: BatchResult, outcomes: Sequence[tuple[str, str]], *, event: bool) -> None:
+    for app_id, outcome in outcomes:
+        result.outcomes[app_id, outcome] += 1
+        if outcome == "duplicate":
+            result.duplicates += 1
+        else:
+            result.per_app[app_id] = result.per_app.get(app_id, 0) + 1
+    if event:  # not the second pass's runs of an event the first pass counted
+        result.processed += 1
+
+
 def _check_awaited(unit: UnitOfWork, app_id: str) -> None:
     missed = unit.take_unawaited()
     if missed:
@@ -252,4 +346,4 @@ def _check_awaited(unit: UnitOfWork, app_id: str) -> None:
         )
 
 
-__all__ = ["Backoff", "BatchRun", "HandlerFailures", "Surroundings", "Topics"]
+__all__ = ["Backoff", "BatchRun", "Decoded", "HandlerFailures", "Pass", "Surroundings", "Takers", "Topics"]

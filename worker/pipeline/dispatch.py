@@ -21,23 +21,21 @@ from typing import TypeVar
 import structlog
 from structlog.contextvars import bound_contextvars
 
-from worker import tracing
 from worker.apps.contract import App
 from worker.apps.http import Http
 from worker.apps.readers import Directory
 from worker.config import ProcessingSettings
 from worker.errors import DataError, DecodeError, InvalidDataError, VersionConflict, WorkerError
 from worker.events import Event, RawRecord
-from worker.logs import current_event
 from worker.persistence.keys import ROOM_PREFIX, Key, Marker
 from worker.persistence.records import OutboxMessage
 from worker.persistence.snapshot import Snapshot
 from worker.persistence.store import Fence, LockedSession, Store
 from worker.persistence.unit import UnitOfWork
-from worker.pipeline.apprun import Backoff, BatchRun, HandlerFailures, Surroundings, Topics
+from worker.pipeline.apprun import Backoff, BatchRun, Decoded, HandlerFailures, Pass, Surroundings, Takers, Topics
 from worker.pipeline.dead_letters import dead_letter
 from worker.pipeline.hooks import Hooks, contained
-from worker.pipeline.parts import Advances, Decoded, Part, advances_of, decode_or_reason
+from worker.pipeline.parts import Advances, Part, advances_of, decode_or_reason
 from worker.pipeline.retry import backoff
 from worker.pipeline.tally import BatchResult
 
@@ -85,8 +83,7 @@ class Dispatcher:
         self.directory = directory or Directory()
         # Apps seen reading all of a room's records: their next batches' rooms are read ahead.
         self.room_readers: set[str] = set()
-        self._taking: dict[str, list[App]] = {}  # the apps that take each event type, asked once
-        self._ranks: dict[str, int] | None = None  # each app's place in ``apps``
+        self.takers = Takers(self.apps)
 
     async def dispatch(
         self,
@@ -316,19 +313,16 @@ class Dispatcher:
     async def _run_parts(
         self, unit: UnitOfWork, parts: Sequence[Part], indexes: Sequence[int], passes: Passes | None = None
     ) -> dict[int, BatchResult]:
-        done = await unit.already_processed([marker for i in indexes for marker in self._markers(parts[i].decoded)])
+        done = await unit.already_processed([marker for i in indexes for marker in self.takers.markers(parts[i].decoded)])
         await self._prefetch(unit, [item for i in indexes for _, item in parts[i].decoded])
         results: dict[int, BatchResult] = {}
         staged: dict[int, list[tuple[int, OutboxMessage]]] = {}  # each part's outbox, by the index of the event that staged it
-        later = passes.later if passes is not None else None
         for index in indexes:
             part = parts[index]
             part.upto = len(part.records)
-            before, tags = len(unit.outbox), list[int]()
+            before, first = len(unit.outbox), Pass(passes.later if passes else None, tags=[])
             try:
-                results[index] = await self._run(
-                    unit, part.decoded, part.next_offset, part.failures, done=done, alone=False, later=later, tags=tags
-                )
+                results[index] = await self._run(unit, part.decoded, part.next_offset, part.failures, done=done, alone=False, passing=first)
             except Backoff as exc:
                 if exc.result is None or not exc.done:
                     exc.part = index
@@ -336,48 +330,34 @@ class Dispatcher:
                 part.upto = exc.done
                 results[index] = exc.result
                 results[index].next_offset = part.next_offset
-            staged[index] = list(zip(tags, unit.outbox[before:], strict=True))
+            staged[index] = list(zip(first.tags or [], unit.outbox[before:], strict=True))
             del unit.outbox[before:]
         if passes is not None:
             await passes.between()
             for index in indexes:
                 part = parts[index]
-                before, tags = len(unit.outbox), list[int]()
+                before, second = len(unit.outbox), Pass(passes.later, second=True, tags=[])
                 try:
-                    second = await self._run(
-                        unit,
-                        part.decoded[: part.upto],
-                        part.next_offset,
-                        part.failures,
-                        done=done,
-                        alone=False,
-                        later=later,
-                        second=True,
-                        tags=tags,
+                    ran = await self._run(
+                        unit, part.decoded[: part.upto], part.next_offset, part.failures, done=done, alone=False, passing=second
                     )
                 except Backoff as exc:
                     # Its other apps have run past this event, and cannot be undone alone: the
                     # part leaves the unit whole, and runs again on its own after its wait.
                     exc.part, exc.done, exc.result = index, 0, None
                     raise
-                results[index].add(second)
-                staged[index] += zip(tags, unit.outbox[before:], strict=True)
+                results[index].add(ran)
+                staged[index] += zip(second.tags or [], unit.outbox[before:], strict=True)
                 del unit.outbox[before:]
         for index in indexes:
             # In event order, and each event's in app order, as one pass would have staged them.
-            messages = [m for _, m in sorted(staged[index], key=lambda tagged: (tagged[0], self._rank(tagged[1].app_id)))]
+            messages = [m for _, m in sorted(staged[index], key=lambda tagged: (tagged[0], self.takers.rank(tagged[1].app_id)))]
             fence = parts[index].fence
             if fence is not None:
                 messages = [replace(m, source_partition=fence.partition) for m in messages]
             unit.outbox += messages
             results[index].staged_outbox = len(messages)
         return results
-
-    def _rank(self, app_id: str | None) -> int:
-        ranks = self._ranks
-        if ranks is None:
-            ranks = self._ranks = {app.id: rank for rank, app in enumerate(self.apps)}
-        return ranks.get(app_id, -1) if app_id is not None else -1
 
     async def _prefetch(self, unit: UnitOfWork, items: Sequence[Event | DecodeError]) -> None:
         # One read for the rooms of the whole batch instead of one per room on its first
@@ -436,18 +416,6 @@ class Dispatcher:
 
     # -- one run of a batch's events ---------------------------------------------------------
 
-    def _takers(self, event: Event) -> list[App]:
-        """The apps that see ``event``: those taking its type (none for system messages and other types)."""
-        if event.interface is None:
-            return []
-        found = self._taking.get(event.type)
-        if found is None:
-            found = self._taking[event.type] = [app for app in self.apps if app.takes(event.type)]
-        return found
-
-    def _markers(self, decoded: Decoded) -> list[Marker]:
-        return [(app.id, item.source, item.id) for _, item in decoded if isinstance(item, Event) for app in self._takers(item)]
-
     async def _run(
         self,
         unit: UnitOfWork,
@@ -457,64 +425,16 @@ class Dispatcher:
         *,
         done: set[Marker] | None = None,
         alone: bool = True,
-        later: frozenset[str] | None = None,
-        second: bool = False,
-        tags: list[int] | None = None,
+        passing: Pass | None = None,
     ) -> BatchResult:
-        """One pass of ``decoded`` through the apps, or two (see ``_attempt_hot``).
-
-        With ``later``, the first pass runs the apps not in it (and counts each event, and
-        dead-letters the undecodable), the ``second`` the apps in it. ``tags`` gets the
-        index of the event that staged each outbox record, in order.
-        """
+        """Run ``decoded`` through the apps (those of ``passing``) in ``unit``; what it did."""
         result = BatchResult(next_offset)
         if done is None:
-            done = await unit.already_processed(self._markers(decoded))
+            done = await unit.already_processed(self.takers.markers(decoded))
             await self._prefetch(unit, [item for _, item in decoded])
         around = Surroundings(self.http, self.topics, self.settings, self.hooks, self.directory, self.own_user_id)
-        run = BatchRun(unit, failures, alone, around)
-        # One log context for the batch: each line logged while an event runs gets its offset
-        # and id from current_event, set per event instead of binding structlog's per event.
-        context = current_event.set(None)
-        try:
-            for index, (record, item) in enumerate(decoded):
-                staged = len(unit.outbox)
-                if isinstance(item, DecodeError):
-                    if not second:
-                        with bound_contextvars(offset=record.offset):
-                            log.warning("record_invalid", reason=item.reason)
-                        unit.publish(dead_letter(record, self.topics.dead_letter, item.reason, stage="decode"))
-                        result.dead_lettered += 1
-                elif not (takers := self._takers(item)):
-                    if not second:
-                        result.skipped += 1
-                        result.outcomes.update((app.id, "skipped") for app in self.apps)
-                else:
-                    running = takers if later is None else [app for app in takers if (app.id in later) == second]
-                    current_event.set((item.record.offset, item.id))
-                    with tracing.span("rc_worker.event", offset=item.record.offset, event_id=item.id):
-                        outcomes = await run.event(running, item, done, index, result)
-                    # Only once the event went through: one that backs off is counted by its next run.
-                    if len(takers) < len(self.apps) and not second:
-                        result.outcomes.update((app.id, "skipped") for app in self.apps if app not in takers)
-                    self._tally(result, outcomes, event=not second)
-                if tags is not None:
-                    tags += [index] * (len(unit.outbox) - staged)
-        finally:
-            current_event.reset(context)
-            run.report()
+        await BatchRun(unit, failures, alone, around).events(decoded, self.takers, done, result, passing or Pass())
         return result
-
-    @staticmethod
-    def _tally(result: BatchResult, outcomes: Sequence[tuple[str, str]], *, event: bool = True) -> None:
-        for app_id, outcome in outcomes:
-            result.outcomes[app_id, outcome] += 1
-            if outcome == "duplicate":
-                result.duplicates += 1
-            else:
-                result.per_app[app_id] = result.per_app.get(app_id, 0) + 1
-        if event:  # not the second pass's runs of an event the first pass counted
-            result.processed += 1
 
 
 __all__ = ["ConflictsExhausted", "Dispatcher", "HandlerFailures", "Part", "Topics"]

@@ -14,8 +14,6 @@ from worker.events import Event, RawRecord, decode
 from worker.persistence.writes import Fence
 from worker.pipeline.apprun import HandlerFailures
 
-Decoded = Sequence[tuple[RawRecord, Event | DecodeError]]
-
 
 @dataclass(slots=True)
 class Part:
