@@ -92,6 +92,49 @@ class TestPublisherCrashWindows:
         assert await _published(topics) == collections.Counter()
 
 
+class TestRounds:
+    async def test_partitions_asking_together_publish_in_one_round_and_each_hears_its_own_count(
+        self, topics: TopicSet, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The lanes of one shared unit: one read, one record of attempts under every fence, one send; every row once."""
+        settings = topics.kafka_settings()
+        async with store_for(sqlite_url) as store, Producer(settings) as producer, Reader(settings) as reader:
+            claims = await store.claim(topics.group_id, topics.topic, [0, 1, 2], "worker")
+            for partition, count in ((0, 2), (1, 3), (2, 4)):
+                await _stage(store, claims[partition].fence, topics.commands_topic, count)
+            rounds: list[int] = []
+            record = store.record_attempts
+
+            async def counted(fences: object, attempts: object) -> None:
+                rounds.append(len(fences) if isinstance(fences, list) else 1)
+                await record(fences, attempts)  # type: ignore[arg-type]
+
+            monkeypatch.setattr(store, "record_attempts", counted)
+            publisher = OutboxPublisher(store, producer, reader)
+            sent = await asyncio.gather(*(publisher.publish(claims[p].fence) for p in (0, 1, 2)))
+            assert sent == [2, 3, 4]
+            assert rounds == [3]
+            assert await store.pending_outbox(topics.topic, [0, 1, 2], 100) == []
+        assert sum((await _published(topics)).values()) == 9
+
+    async def test_a_fenced_partition_in_a_round_fails_alone_and_the_others_publish(self, topics: TopicSet, sqlite_url: str) -> None:
+        """The shared round fails on the stale fence; each partition then publishes alone and learns its own outcome."""
+        from worker.errors import FencedError
+
+        settings = topics.kafka_settings()
+        async with store_for(sqlite_url) as store, Producer(settings) as producer, Reader(settings) as reader:
+            claims = await store.claim(topics.group_id, topics.topic, [0, 1], "worker")
+            for partition in (0, 1):
+                await _stage(store, claims[partition].fence, topics.commands_topic, 2)
+            await store.claim(topics.group_id, topics.topic, [1], "another worker")
+            publisher = OutboxPublisher(store, producer, reader)
+            found = await asyncio.gather(*(publisher.publish(claims[p].fence) for p in (0, 1)), return_exceptions=True)
+            assert found[0] == 2
+            assert isinstance(found[1], FencedError)
+            assert [p.source_partition for p in await store.pending_outbox(topics.topic, [0, 1], 100)] == [1, 1]
+        assert sum((await _published(topics)).values()) == 2
+
+
 # One command per event, so the commands topic must end with exactly as many as there are events.
 TAGGER_SOURCE = """
 from worker import App

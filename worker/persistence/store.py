@@ -66,6 +66,7 @@ class PendingMessage:
     message: OutboxMessage
     target_partition: int | None = None
     attempt_offset: int | None = None
+    source_partition: int | None = None  # the partition whose event staged it
 
 
 class _Loads:
@@ -275,11 +276,12 @@ class Store(_Loads):
 
     # -- outbox --------------------------------------------------------------------------
 
-    async def pending_outbox(self, topic: str, partition: int, limit: int) -> list[PendingMessage]:
-        """The oldest unpublished outbox rows staged by ``partition`` of ``topic``."""
+    async def pending_outbox(self, topic: str, partition: int | Sequence[int], limit: int) -> list[PendingMessage]:
+        """The oldest unpublished outbox rows staged by ``partition`` (or partitions) of ``topic``."""
+        partitions = [partition] if isinstance(partition, int) else list(partition)
         query = (
             select(outbox)
-            .where(outbox.c.source_topic == topic, outbox.c.source_partition == partition, outbox.c.published_at.is_(None))
+            .where(outbox.c.source_topic == topic, outbox.c.source_partition.in_(partitions), outbox.c.published_at.is_(None))
             .order_by(outbox.c.id)
             .limit(limit)
         )
@@ -292,15 +294,17 @@ class Store(_Loads):
                 OutboxMessage(row.app_id, row.topic, row.key, row.value, decode_headers(row.headers)),
                 row.target_partition,
                 row.attempt_offset,
+                row.source_partition,
             )
             for row in rows
         ]
 
-    async def record_attempts(self, fence: Fence, attempts: Sequence[tuple[int, int, int]]) -> None:
-        """Record ``(row id, target partition, its end offset now)`` before sending, if still the owner."""
+    async def record_attempts(self, fence: Fence | Sequence[Fence], attempts: Sequence[tuple[int, int, int]]) -> None:
+        """Record ``(row id, target partition, its end offset now)`` before sending, if still the owner (of every partition)."""
         with translate("recording outbox attempts"):
             async with self.transaction() as conn:
-                await self._writes.advance(conn, fence, None)
+                for owned in [fence] if isinstance(fence, Fence) else fence:
+                    await self._writes.advance(conn, owned, None)
                 await conn.execute(
                     update(outbox)
                     .where(outbox.c.id == bindparam("b_id"))
