@@ -160,6 +160,35 @@ class TestReplayEqualsLive:
         # The range is pinned in the group: the same replay again finds nothing left to do.
         assert asyncio.run(replay(live.topics, url, start=Start(), group=group)).records == 0
 
+    async def test_a_group_replay_takes_a_batch_of_every_partition_per_round(
+        self, live: Live, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Its units hold several partitions' batches, as a worker's do, not one partition's batch each."""
+        from worker.pipeline.dispatch import Dispatcher
+
+        units: list[int] = []
+        together = Dispatcher.dispatch_together
+
+        async def counted(self: Dispatcher, parts: Any, *args: Any) -> Any:
+            units.append(len(parts))
+            return await together(self, parts, *args)
+
+        monkeypatch.setattr(Dispatcher, "dispatch_together", counted)
+        url = f"sqlite+aiosqlite:///{tmp_path / 'grouped.db'}"
+        config = settings_for(live.topics, url)
+        # A batch far smaller than a partition's records: one fetch drains one partition only.
+        config = config.model_copy(update={"kafka": config.kafka.model_copy(update={"max_batch_records": 20})})
+        store = state_store(url)
+        try:
+            summary = await Replay(
+                config, load_apps(("message-count",), {}), store, start=Start(), group=f"replay-{uuid.uuid4().hex[:8]}"
+            ).run()
+        finally:
+            await store.close()
+        assert summary.records == live.records
+        assert await state(url) == await state(live.url)
+        assert max(units) == 6  # before: 1, every unit one partition's batch
+
     def test_workers_two_split_the_partitions_among_processes_and_match_live(self, live: Live, tmp_path: Path) -> None:
         """--workers 2 runs two processes of one replay group; the summary adds them up and the state equals live's."""
         url = f"sqlite+aiosqlite:///{tmp_path / 'two.db'}"

@@ -16,7 +16,7 @@ class Buffered:
         self.buffers = {p: [RawRecord("t", p, offset, 0, None, b"{}", ()) for offset in range(n)] for p, n in counts.items()}
         self.waits: list[int] = []
 
-    async def fetch(self, partitions: Iterable[int], timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
+    async def fetch_from(self, partitions: Iterable[int], timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
         self.waits.append(timeout_ms)
         found: dict[int, list[RawRecord]] = {}
         for partition in partitions:

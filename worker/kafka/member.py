@@ -100,6 +100,15 @@ class Consumer:
             self._check_coordinator()
         return found
 
+    async def fetch_from(self, partitions: Iterable[int], timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
+        """The next records of ``partitions`` (assigned ones) only, by partition in offset order; as PartitionReader.fetch."""
+        wanted = [TopicPartition(self.topic, p) for p in partitions]
+        if not wanted:
+            return {}
+        with translate("fetching records"):
+            batches = await self._consumer.getmany(*wanted, timeout_ms=timeout_ms, max_records=max_records)
+        return {tp.partition: [raw_record(r) for r in records] for tp, records in batches.items() if records}
+
     def _check_coordinator(self) -> None:
         # A coordinator is briefly unknown at start-up and when it moves: only an absence
         # longer than a heartbeat session is reported.

@@ -131,7 +131,7 @@ class PartitionReader:
         for tp in tps:
             self._consumer.seek(tp, positions[tp.partition])
 
-    async def fetch(self, partitions: Iterable[int], timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
+    async def fetch_from(self, partitions: Iterable[int], timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
         """The next records of ``partitions`` (assigned ones), by partition in offset order."""
         with translate(f"fetching from {self.topic}"):
             batches = await self._consumer.getmany(*self._tps(partitions), timeout_ms=timeout_ms, max_records=max_records)

@@ -213,7 +213,7 @@ async def read_spans(reader: PartitionReader, spans: dict[int, Span], fetch_time
         reader.assign({partition: span.start})
         position, stall = span.start, Stall(STALL_TIMEOUT_S)
         while position < span.end:
-            fetched = await reader.fetch([partition], fetch_timeout_ms, max_records)
+            fetched = await reader.fetch_from([partition], fetch_timeout_ms, max_records)
             for record in fetched.get(partition, []):
                 if record.offset < span.end:
                     yield record

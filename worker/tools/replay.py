@@ -17,7 +17,8 @@ import asyncio
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from typing import Protocol
 
 import orjson
 import structlog
@@ -198,7 +199,8 @@ class Replay:
         worked: set[int] = set()
         stall = _Stall(self.kafka.topic)
         while any(positions[p] < ends[p] for p in ends):
-            fetched = await consumer.fetch(self.kafka.fetch_timeout_ms, self.kafka.max_batch_records)
+            remaining = [p for p in ends if positions[p] < ends[p]]
+            fetched = await gather(consumer, remaining, self.kafka.fetch_timeout_ms, self.kafka.max_batch_records)
             async with lock:
                 owned = {p: ends[p] for p in fetched if p in ends}
                 batches = _within(fetched, owned)
@@ -266,7 +268,15 @@ class _Stall:
             )
 
 
-async def gather(reader: PartitionReader, partitions: Collection[int], timeout_ms: int, batch: int) -> dict[int, list[RawRecord]]:
+class Fetches(Protocol):
+    """What a replay reads records from: a PartitionReader (one process) or the replay group's consumer."""
+
+    async def fetch_from(self, partitions: Iterable[int], timeout_ms: int, max_records: int) -> dict[int, list[RawRecord]]:
+        """The next records of ``partitions``, by partition in offset order."""
+        ...
+
+
+async def gather(reader: Fetches, partitions: Collection[int], timeout_ms: int, batch: int) -> dict[int, list[RawRecord]]:
     """Up to a batch of each partition's records: what the first to have some brings, then what the others hold already.
 
     One fetch of ``batch`` records in all drained one partition at a time (the consumer's
@@ -274,10 +284,10 @@ async def gather(reader: PartitionReader, partitions: Collection[int], timeout_m
     smaller than a live worker's, and the replay ran slower per event than one worker. The
     further fetches do not wait: they take what the consumer has buffered.
     """
-    fetched = await reader.fetch(partitions, timeout_ms, batch)
+    fetched = await reader.fetch_from(partitions, timeout_ms, batch)
     for partition in partitions:
         if partition not in fetched:
-            fetched.update(await reader.fetch([partition], 0, batch))
+            fetched.update(await reader.fetch_from([partition], 0, batch))
     return fetched
 
 

@@ -116,7 +116,7 @@ async def explore(kafka: KafkaSettings, partition: int, offset: int | None, time
         if start < stop:
             reader.assign({partition: start})
             for _ in range(MAX_FETCHES):
-                fetched = await reader.fetch([partition], kafka.fetch_timeout_ms, stop - start)
+                fetched = await reader.fetch_from([partition], kafka.fetch_timeout_ms, stop - start)
                 records += [r for r in fetched.get(partition, []) if r.offset < stop]
                 if await reader.position(partition) >= stop:
                     break
