@@ -350,8 +350,10 @@ class Dispatcher:
                 staged[index] += zip(second.tags or [], unit.outbox[before:], strict=True)
                 del unit.outbox[before:]
         for index in indexes:
-            # In event order, and each event's in app order, as one pass would have staged them.
-            messages = [m for _, m in sorted(staged[index], key=lambda tagged: (tagged[0], self.takers.rank(tagged[1].app_id)))]
+            tagged = staged[index]
+            if passes is not None:  # in event order, and each event's in app order, as one pass stages them
+                tagged.sort(key=lambda item: (item[0], self.takers.rank(item[1].app_id)))
+            messages = [m for _, m in tagged]
             fence = parts[index].fence
             if fence is not None:
                 messages = [replace(m, source_partition=fence.partition) for m in messages]
