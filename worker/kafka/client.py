@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -121,6 +121,11 @@ def raw_record(record: Any) -> RawRecord:
     # Kafka allows a header without a value (null); to us it is an empty one.
     headers = tuple((name, value if value is not None else b"") for name, value in record.headers or ())
     return RawRecord(record.topic, record.partition, record.offset, record.timestamp, record.key, record.value, headers)
+
+
+def raw_batches(batches: Mapping[Any, Sequence[Any]]) -> dict[int, list[RawRecord]]:
+    """Aiokafka's getmany result as the worker's records by partition, partitions without records left out."""
+    return {tp.partition: [raw_record(r) for r in records] for tp, records in batches.items() if records}
 
 
 def record_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes]]) -> int:

@@ -12,7 +12,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from worker.config import KafkaSettings
 from worker.errors import BrokerError
 from worker.events import RawRecord
-from worker.kafka.client import client_options, close_client, close_quietly, group_state, raw_record, translate
+from worker.kafka.client import client_options, close_client, close_quietly, group_state, raw_batches, translate
 
 log = structlog.get_logger("worker.kafka")
 
@@ -95,7 +95,7 @@ class Consumer:
         """
         with translate("fetching records"):
             batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        found = {tp.partition: [raw_record(r) for r in records] for tp, records in batches.items() if records}
+        found = raw_batches(batches)
         if not found:
             self._check_coordinator()
         return found
@@ -107,7 +107,7 @@ class Consumer:
             return {}
         with translate("fetching records"):
             batches = await self._consumer.getmany(*wanted, timeout_ms=timeout_ms, max_records=max_records)
-        return {tp.partition: [raw_record(r) for r in records] for tp, records in batches.items() if records}
+        return raw_batches(batches)
 
     def _check_coordinator(self) -> None:
         # A coordinator is briefly unknown at start-up and when it moves: only an absence

@@ -11,7 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from worker.config import KafkaSettings
 from worker.events import RawRecord
 from worker.kafka.admin import admin
-from worker.kafka.client import client_options, raw_record, start_bounded, translate
+from worker.kafka.client import client_options, raw_batches, raw_record, start_bounded, translate
 
 log = structlog.get_logger("worker.kafka")
 
@@ -135,7 +135,7 @@ class PartitionReader:
         """The next records of ``partitions`` (assigned ones), by partition in offset order."""
         with translate(f"fetching from {self.topic}"):
             batches = await self._consumer.getmany(*self._tps(partitions), timeout_ms=timeout_ms, max_records=max_records)
-        return {tp.partition: [raw_record(r) for r in records] for tp, records in batches.items() if records}
+        return raw_batches(batches)
 
     async def position(self, partition: int) -> int:
         """The offset the next fetch of ``partition`` starts at."""

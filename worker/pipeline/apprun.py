@@ -167,8 +167,9 @@ class BatchRun:
         # and id from current_event, set per event instead of binding structlog's per event.
         context = current_event.set(None)
         try:
+            tags = passing.tags
             for index, (record, item) in enumerate(decoded):
-                staged = len(unit.outbox)
+                staged = len(unit.outbox) if tags is not None else 0
                 if isinstance(item, DecodeError):
                     if not passing.second:
                         with bound_contextvars(offset=record.offset):
@@ -187,8 +188,8 @@ class BatchRun:
                     if len(taking) < len(apps) and not passing.second:
                         result.outcomes.update((app.id, "skipped") for app in apps if app not in taking)
                     _tally(result, outcomes, event=not passing.second)
-                if passing.tags is not None:
-                    passing.tags.extend([index] * (len(unit.outbox) - staged))
+                if tags is not None:
+                    tags.extend([index] * (len(unit.outbox) - staged))
         finally:
             current_event.reset(context)
             self.report()

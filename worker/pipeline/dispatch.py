@@ -316,11 +316,13 @@ class Dispatcher:
         done = await unit.already_processed([marker for i in indexes for marker in self.takers.markers(parts[i].decoded)])
         await self._prefetch(unit, [item for i in indexes for _, item in parts[i].decoded])
         results: dict[int, BatchResult] = {}
-        staged: dict[int, list[tuple[int, OutboxMessage]]] = {}  # each part's outbox, by the index of the event that staged it
+        # Each part's outbox records, and with two passes the index of the event that staged each.
+        staged: dict[int, list[OutboxMessage]] = {}
+        tags: dict[int, list[int]] = {}
         for index in indexes:
             part = parts[index]
             part.upto = len(part.records)
-            before, first = len(unit.outbox), Pass(passes.later if passes else None, tags=[])
+            before, first = len(unit.outbox), Pass(passes.later, tags=[]) if passes is not None else Pass()
             try:
                 results[index] = await self._run(unit, part.decoded, part.next_offset, part.failures, done=done, alone=False, passing=first)
             except Backoff as exc:
@@ -330,7 +332,7 @@ class Dispatcher:
                 part.upto = exc.done
                 results[index] = exc.result
                 results[index].next_offset = part.next_offset
-            staged[index] = list(zip(first.tags or [], unit.outbox[before:], strict=True))
+            staged[index], tags[index] = unit.outbox[before:], first.tags or []
             del unit.outbox[before:]
         if passes is not None:
             await passes.between()
@@ -347,13 +349,14 @@ class Dispatcher:
                     exc.part, exc.done, exc.result = index, 0, None
                     raise
                 results[index].add(ran)
-                staged[index] += zip(second.tags or [], unit.outbox[before:], strict=True)
+                staged[index] += unit.outbox[before:]
+                tags[index] += second.tags or []
                 del unit.outbox[before:]
+                # In event order, and each event's in app order, as one pass stages them.
+                order = sorted(zip(tags[index], staged[index], strict=True), key=lambda item: (item[0], self.takers.rank(item[1].app_id)))
+                staged[index] = [m for _, m in order]
         for index in indexes:
-            tagged = staged[index]
-            if passes is not None:  # in event order, and each event's in app order, as one pass stages them
-                tagged.sort(key=lambda item: (item[0], self.takers.rank(item[1].app_id)))
-            messages = [m for _, m in tagged]
+            messages = staged[index]
             fence = parts[index].fence
             if fence is not None:
                 messages = [replace(m, source_partition=fence.partition) for m in messages]
